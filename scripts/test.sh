@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Weir's test command: installs what the tests need (PostgreSQL 15 server and client, build
+# tools), builds, and runs every test target.
+#
+#   bash scripts/test.sh                        # everything
+#   bash scripts/test.sh --test harness_selftest # cargo test arguments are passed on
+#   bash scripts/test.sh -- some_test_name       # ... and so is everything after `--`
+#   bash scripts/test.sh --deps-only            # only install missing system packages
+#
+# WEIR_TEST_THREADS sets how many tests run at once (default 4: each test may start its own
+# PostgreSQL cluster and Weir, and the machines have 2 cores).
+#
+# Non-interactive and idempotent: safe under CI=true with no stdin, as root or not.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+# --- system packages -------------------------------------------------------------------------
+
+have_pg_server() {
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
+}
+
+dpkg_installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+# Debian packages that are missing, by checking what each one provides.
+missing_packages() {
+    have_pg_server || echo postgresql
+    { command -v psql && command -v pgbench; } >/dev/null 2>&1 || echo postgresql-client
+    command -v clang >/dev/null 2>&1 || echo clang
+    command -v pkg-config >/dev/null 2>&1 || echo pkg-config
+    { command -v cc && command -v c++ && command -v make; } >/dev/null 2>&1 || echo build-essential
+    command -v python3 >/dev/null 2>&1 || echo python3
+    if command -v dpkg-query >/dev/null 2>&1; then
+        dpkg_installed libclang-dev || echo libclang-dev
+        dpkg_installed python3-pip || echo python3-pip
+    fi
+}
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo -n "$@"
+    else
+        return 1
+    fi
+}
+
+install_system_packages() {
+    local missing
+    missing=$(missing_packages | tr '\n' ' ')
+    if [ -z "${missing// /}" ]; then
+        log "system packages: all present"
+        return 0
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        log "WARNING: missing packages ($missing) and no apt-get; install them by hand"
+        return 0
+    fi
+    log "installing missing system packages: $missing"
+    export DEBIAN_FRONTEND=noninteractive
+    # shellcheck disable=SC2086 # $missing is a list of package names
+    if ! { as_root apt-get update -qq &&
+        as_root apt-get install -y -qq --no-install-recommends $missing </dev/null; }; then
+        log "WARNING: could not install $missing (not root and no passwordless sudo?)"
+        return 0
+    fi
+}
+
+# The harness runs PostgreSQL as the `postgres` OS user when it runs as root (initdb refuses
+# root); the postgresql package normally creates that user.
+ensure_postgres_user() {
+    if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
+        log "creating the postgres OS user"
+        useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+    fi
+}
+
+install_system_packages
+ensure_postgres_user
+have_pg_server || log "WARNING: no /usr/lib/postgresql/*/bin/initdb; PostgreSQL tests will fail"
+
+if [ "${1:-}" = "--deps-only" ]; then
+    exit 0
+fi
+
+# --- build and test --------------------------------------------------------------------------
+
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "error: cargo not found. Install Rust (https://rustup.rs) and make sure cargo is on PATH." >&2
+    exit 127
+fi
+
+# Split our arguments into cargo's (before `--`) and the test binaries' (after it).
+cargo_args=()
+test_args=()
+seen_separator=0
+for arg in "$@"; do
+    if [ "$seen_separator" -eq 0 ] && [ "$arg" = "--" ]; then
+        seen_separator=1
+    elif [ "$seen_separator" -eq 0 ]; then
+        cargo_args+=("$arg")
+    else
+        test_args+=("$arg")
+    fi
+done
+
+# Run all targets unless the caller picked some.
+targets=(--all-targets)
+for arg in "${cargo_args[@]+"${cargo_args[@]}"}"; do
+    case "$arg" in
+    --lib | --bins | --bin | --bin=* | --tests | --test | --test=* | --benches | --bench | \
+        --bench=* | --examples | --example | --example=* | --doc | --all-targets)
+        targets=()
+        ;;
+    esac
+done
+
+threads="${WEIR_TEST_THREADS:-4}"
+
+log "cargo build --bins"
+cargo build --bins
+
+log "cargo test ${targets[*]+"${targets[*]}"} ${cargo_args[*]+"${cargo_args[*]}"} -- --test-threads=$threads ${test_args[*]+"${test_args[*]}"}"
+status=0
+cargo test "${targets[@]+"${targets[@]}"}" "${cargo_args[@]+"${cargo_args[@]}"}" \
+    -- --test-threads="$threads" "${test_args[@]+"${test_args[@]}"}" || status=$?
+if [ "$status" -ne 0 ]; then
+    log "cargo test failed with status $status"
+fi
+exit "$status"

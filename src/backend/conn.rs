@@ -1,0 +1,180 @@
+//! One server connection: its socket, what PostgreSQL told us about it, and
+//! the session state Weir must reconcile before lending it to a client.
+
+use super::login::{login, Credentials, LoginError};
+use super::params::ParamSet;
+use super::pool::Slot;
+use crate::config::Address;
+use crate::net::{read_message, Stream};
+use crate::wire::{self, build, tag, ErrorFields};
+use bytes::BytesMut;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Weir's id for a server connection (distinct from PostgreSQL's backend pid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ServerId(pub u64);
+
+#[derive(Debug, Error)]
+pub enum ConnectError {
+    #[error("server connect timeout")]
+    Timeout,
+    #[error("could not connect to server {0}: {1}")]
+    Connect(Address, std::io::Error),
+    #[error(transparent)]
+    Login(#[from] LoginError),
+}
+
+/// Everything needed to open one server connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub address: Address,
+    pub dbname: String,
+    pub params: Vec<(String, String)>,
+    pub connect_timeout: Duration,
+}
+
+pub struct ServerConn {
+    pub id: ServerId,
+    pub stream: Stream,
+    /// Bytes read from the server not yet handled (kept with the connection so
+    /// its allocation is reused).
+    pub buf: BytesMut,
+    pub address: Address,
+    pub backend_pid: i32,
+    pub backend_secret: i32,
+    /// Session parameters as the server currently has them.
+    pub params: ParamSet,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// Holds the pool slot; dropping the connection frees it.
+    pub(super) slot: Option<Slot>,
+}
+
+impl std::fmt::Debug for ServerConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServerConn({} pid={} {})", self.id.0, self.backend_pid, self.address)
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A server error from an internal query, passed to the client that caused it.
+#[derive(Debug, Error)]
+pub enum ExecError {
+    #[error("{}", .0.message)]
+    Server(ErrorFields),
+    #[error("server connection lost: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ServerConn {
+    /// Opens and logs in a new server connection.
+    pub async fn connect(target: &Target, creds: &Credentials) -> Result<ServerConn, ConnectError> {
+        let work = async {
+            let addr = (target.address.host.as_str(), target.address.port);
+            let tcp = TcpStream::connect(addr)
+                .await
+                .map_err(|e| ConnectError::Connect(target.address.clone(), e))?;
+            let _ = tcp.set_nodelay(true);
+            let _ = socket2::SockRef::from(&tcp).set_keepalive(true);
+            let mut stream = Stream::Tcp(tcp);
+            let mut buf = BytesMut::with_capacity(16 * 1024);
+            let mut startup: Vec<(&str, &str)> = vec![
+                ("user", creds.user.as_str()),
+                ("database", target.dbname.as_str()),
+            ];
+            startup.extend(target.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            let result = login(&mut stream, &mut buf, &startup, creds).await?;
+            let now = Instant::now();
+            Ok(ServerConn {
+                id: ServerId(NEXT_ID.fetch_add(1, Ordering::Relaxed)),
+                stream,
+                buf,
+                address: target.address.clone(),
+                backend_pid: result.backend_pid,
+                backend_secret: result.backend_secret,
+                params: ParamSet::from_reported(&result.params),
+                created: now,
+                last_used: now,
+                slot: None,
+            })
+        };
+        match tokio::time::timeout(target.connect_timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError::Timeout),
+        }
+    }
+
+    /// True when the socket has neither closed nor sent anything unexpected
+    /// since it went idle (a terminated backend sends FATAL then EOF).
+    pub fn is_alive(&self) -> bool {
+        let mut probe = [0u8; 1];
+        let r = match &self.stream {
+            Stream::Tcp(s) => s.try_read(&mut probe),
+            Stream::Unix(s) => s.try_read(&mut probe),
+        };
+        matches!(r, Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Runs a simple query Weir issues itself; swallows its results and
+    /// records any ParameterStatus. Returns the final transaction status.
+    pub async fn exec(&mut self, sql: &str) -> Result<u8, ExecError> {
+        self.stream.write_all(&build::query(sql)).await?;
+        self.drain_until_ready().await
+    }
+
+    /// Reads and discards until ReadyForQuery; keeps the first error.
+    pub async fn drain_until_ready(&mut self) -> Result<u8, ExecError> {
+        let mut error = None;
+        loop {
+            let msg = read_message(&mut self.stream, &mut self.buf)
+                .await?
+                .ok_or_else(|| ExecError::Io(std::io::ErrorKind::UnexpectedEof.into()))?;
+            match msg[0] {
+                tag::READY_FOR_QUERY => {
+                    let status = *msg.get(5).ok_or_else(|| ExecError::Protocol("short ReadyForQuery".into()))?;
+                    return match error {
+                        Some(e) => Err(ExecError::Server(e)),
+                        None => Ok(status),
+                    };
+                }
+                tag::ERROR_RESPONSE if error.is_none() => error = Some(wire::error_fields(&msg)),
+                tag::PARAMETER_STATUS => {
+                    if let Some((k, v)) = wire::parameter_status(&msg) {
+                        self.params.set_reported(k, v);
+                    }
+                }
+                tag::COPY_IN_RESPONSE => {
+                    self.stream.write_all(&copy_fail("internal query cannot COPY")).await?;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn copy_fail(reason: &str) -> BytesMut {
+    use bytes::BufMut;
+    let mut b = BytesMut::new();
+    b.put_u8(b'f');
+    b.put_i32((4 + reason.len() + 1) as i32);
+    b.put_slice(reason.as_bytes());
+    b.put_u8(0);
+    b
+}
+
+impl Drop for ServerConn {
+    fn drop(&mut self) {
+        // Say goodbye so PostgreSQL does not log an unexpected EOF; best effort,
+        // never blocks.
+        if let Stream::Tcp(s) = &self.stream {
+            let _ = s.try_write(&build::terminate());
+        }
+    }
+}

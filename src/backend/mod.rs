@@ -1,0 +1,11 @@
+//! Server side: connections to PostgreSQL, their login, and the pools that
+//! lend them to clients.
+
+pub mod conn;
+pub mod login;
+mod maintenance;
+pub mod params;
+pub mod pool;
+
+pub use conn::{ServerConn, Target};
+pub use pool::{CheckoutError, Pool, PoolSettings};

@@ -1,0 +1,239 @@
+//! Session parameters (GUCs) as a server has them and as a client expects them,
+//! and the statement that turns one into the other on checkout.
+
+/// Parameters PostgreSQL reports with ParameterStatus that a client may change
+/// and so must be carried across server connections (lower-case names).
+pub const TRACKED_REPORTED: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "intervalstyle",
+    "timezone",
+    "standard_conforming_strings",
+];
+
+/// True for a reported parameter that follows the client across servers.
+pub fn is_tracked(name: &str) -> bool {
+    TRACKED_REPORTED.iter().any(|k| k.eq_ignore_ascii_case(name))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    key: String,
+    name: String,
+    value: String,
+    /// Came from ParameterStatus (PostgreSQL reports changes to it).
+    reported: bool,
+}
+
+/// A small ordered map of parameters, keyed case-insensitively.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParamSet {
+    entries: Vec<Entry>,
+}
+
+impl ParamSet {
+    pub fn from_reported(list: &[(String, String)]) -> ParamSet {
+        let mut p = ParamSet::default();
+        for (k, v) in list {
+            p.set_reported(k, v);
+        }
+        p
+    }
+
+    fn find(&self, key: &str) -> Option<usize> {
+        self.entries.iter().position(|e| e.key.eq_ignore_ascii_case(key))
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.find(key).map(|i| self.entries[i].value.as_str())
+    }
+
+    fn put(&mut self, name: &str, value: &str, reported: bool) {
+        match self.find(name) {
+            Some(i) => {
+                let e = &mut self.entries[i];
+                if e.value != value {
+                    e.value.clear();
+                    e.value.push_str(value);
+                }
+                e.reported |= reported;
+                if reported {
+                    e.name = name.to_string();
+                }
+            }
+            None => self.entries.push(Entry {
+                key: name.to_ascii_lowercase(),
+                name: name.to_string(),
+                value: value.to_string(),
+                reported,
+            }),
+        }
+    }
+
+    /// Records a value PostgreSQL reported (ParameterStatus).
+    pub fn set_reported(&mut self, name: &str, value: &str) {
+        self.put(name, value, true)
+    }
+
+    /// Records a value set by a SET that PostgreSQL does not report.
+    pub fn set(&mut self, name: &str, value: &str) {
+        self.put(name, value, false)
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        if let Some(i) = self.find(name) {
+            self.entries.remove(i);
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.entries.iter().map(|e| (e.name.as_str(), e.value.as_str()))
+    }
+
+    /// The subset a new client inherits as its defaults: the tracked reported
+    /// parameters of a fresh server connection.
+    pub fn tracked_defaults(&self) -> ParamSet {
+        ParamSet {
+            entries: self
+                .entries
+                .iter()
+                .filter(|e| TRACKED_REPORTED.contains(&e.key.as_str()))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// The statement that makes a server with parameters `self` match what
+    /// `wanted` expects, or `None` when they already match. Keys that are set
+    /// on the server but unknown to the client are reset to their defaults.
+    pub fn sync_statement(&self, wanted: &ParamSet) -> Option<(String, Vec<String>)> {
+        let mut sets = Vec::new();
+        let mut changed = Vec::new();
+        for e in &wanted.entries {
+            if self.get(&e.key) != Some(e.value.as_str()) {
+                sets.push(format!(
+                    "pg_catalog.set_config({}, {}, false)",
+                    quote_literal(&e.key),
+                    quote_literal(&e.value)
+                ));
+                changed.push(e.key.clone());
+            }
+        }
+        let mut resets = Vec::new();
+        for e in &self.entries {
+            if !e.reported && wanted.find(&e.key).is_none() {
+                resets.push(format!("RESET {}", quote_ident(&e.key)));
+                changed.push(e.key.clone());
+            }
+        }
+        if changed.is_empty() {
+            return None;
+        }
+        let mut sql = String::new();
+        if !sets.is_empty() {
+            sql.push_str("SELECT ");
+            sql.push_str(&sets.join(", "));
+        }
+        for r in resets {
+            if !sql.is_empty() {
+                sql.push_str("; ");
+            }
+            sql.push_str(&r);
+        }
+        Some((sql, changed))
+    }
+
+    /// After a sync: non-reported keys now hold the client's values; reported
+    /// keys were updated from ParameterStatus. The client adopts the server's
+    /// spelling of reported values (e.g. `utf8` → `UTF8`) so later checkouts
+    /// compare equal.
+    pub fn after_sync(&mut self, wanted: &mut ParamSet, changed: &[String]) {
+        for key in changed {
+            match wanted.find(key) {
+                Some(i) => {
+                    let e = wanted.entries[i].clone();
+                    if TRACKED_REPORTED.contains(&e.key.as_str()) && self.get(key).is_some() {
+                        let v = self.get(key).unwrap_or_default().to_string();
+                        wanted.entries[i].value = v;
+                    } else {
+                        self.put(&e.name, &e.value, false);
+                    }
+                }
+                None => self.remove(key),
+            }
+        }
+    }
+}
+
+/// An SQL string literal that is correct whatever `standard_conforming_strings` is.
+pub fn quote_literal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 3);
+    out.push_str("E'");
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// A double-quoted SQL identifier.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(pairs: &[(&str, &str)]) -> ParamSet {
+        let mut p = ParamSet::default();
+        for (k, v) in pairs {
+            p.set_reported(k, v);
+        }
+        p
+    }
+
+    #[test]
+    fn no_statement_when_equal() {
+        let s = set(&[("TimeZone", "UTC"), ("server_version", "15")]);
+        let w = set(&[("timezone", "UTC")]);
+        assert_eq!(s.sync_statement(&w), None);
+    }
+
+    #[test]
+    fn sets_differences_with_quoting() {
+        let s = set(&[("TimeZone", "UTC")]);
+        let w = set(&[("TimeZone", "Europe/O'Brien\\")]);
+        let (sql, changed) = s.sync_statement(&w).unwrap();
+        assert_eq!(
+            sql,
+            "SELECT pg_catalog.set_config(E'timezone', E'Europe/O''Brien\\\\', false)"
+        );
+        assert_eq!(changed, vec!["timezone"]);
+    }
+
+    #[test]
+    fn resets_unreported_keys_the_client_does_not_want() {
+        let mut s = set(&[("TimeZone", "UTC")]);
+        s.set("search_path", "a");
+        let w = set(&[("TimeZone", "UTC")]);
+        let (sql, _) = s.sync_statement(&w).unwrap();
+        assert_eq!(sql, "RESET \"search_path\"");
+    }
+
+    #[test]
+    fn client_adopts_canonical_spelling() {
+        let mut s = set(&[("client_encoding", "SQL_ASCII")]);
+        let mut w = set(&[("client_encoding", "utf8")]);
+        let (_, changed) = s.sync_statement(&w).unwrap();
+        s.set_reported("client_encoding", "UTF8");
+        s.after_sync(&mut w, &changed);
+        assert_eq!(w.get("client_encoding"), Some("UTF8"));
+        assert_eq!(s.sync_statement(&w), None);
+    }
+}

@@ -1,0 +1,107 @@
+//! The live pools built from one `Config`. Reload builds a new cluster and
+//! moves over every pool whose settings did not change, so its connections
+//! and waiting clients carry on; changed pools are retired.
+
+use crate::backend::login::Credentials;
+use crate::backend::{Pool, PoolSettings, Target};
+use crate::config::{Config, Database, Secret};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub struct Cluster {
+    pub config: Arc<Config>,
+    pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
+}
+
+impl Cluster {
+    pub fn new(config: Arc<Config>) -> Cluster {
+        Cluster {
+            config,
+            pools: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Builds the cluster for a reloaded config, keeping unchanged pools.
+    pub fn reload(old: &Cluster, config: Arc<Config>) -> Cluster {
+        let new = Cluster::new(config);
+        let old_pools = std::mem::take(&mut *old.pools.lock());
+        let mut kept = HashMap::new();
+        for ((db, user), pool) in old_pools {
+            let same = new
+                .config
+                .database(&db)
+                .map(|d| new.settings(&d, &user) == pool.settings)
+                .unwrap_or(false);
+            if same {
+                kept.insert((db, user), pool);
+            } else {
+                tracing::info!(%db, %user, "pool settings changed; retiring old pool");
+                pool.retire();
+            }
+        }
+        *new.pools.lock() = kept;
+        new
+    }
+
+    /// The pool for a client of `db` logged in as `user`, created on first use.
+    pub fn pool(&self, db: &Database, user: &str) -> Arc<Pool> {
+        let pool_user = db.user.clone().unwrap_or_else(|| user.to_string());
+        let key = (db.name.clone(), pool_user);
+        if let Some(p) = self.pools.lock().get(&key) {
+            return p.clone();
+        }
+        let settings = self.settings(db, user);
+        let mut pools = self.pools.lock();
+        pools
+            .entry(key)
+            .or_insert_with(|| Pool::new(settings))
+            .clone()
+    }
+
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        self.pools.lock().values().cloned().collect()
+    }
+
+    /// Pool settings for (database, client user), following PgBouncer: a
+    /// database with `user=` forces that login for every client.
+    pub fn settings(&self, db: &Database, client_user: &str) -> PoolSettings {
+        let g = &self.config.general;
+        let login_user = db.user.clone().unwrap_or_else(|| client_user.to_string());
+        let user_cfg = self.config.users.get(&login_user);
+        let secret = match (&db.user, &db.password) {
+            (Some(_), Some(p)) => Some(Secret::parse(p)),
+            _ => user_cfg.and_then(|u| u.secret.clone()),
+        };
+        let client_cfg = self.config.users.get(client_user);
+        PoolSettings {
+            database: db.name.clone(),
+            user: login_user.clone(),
+            target: Target {
+                address: db.address.clone(),
+                dbname: db.dbname.clone(),
+                params: db.server_params.clone(),
+                connect_timeout: g.server_connect_timeout,
+            },
+            creds: Credentials {
+                user: login_user,
+                secret,
+                scram_client_key: None,
+            },
+            mode: client_cfg
+                .and_then(|u| u.pool_mode)
+                .or(db.pool_mode)
+                .unwrap_or(g.pool_mode),
+            pool_size: db
+                .pool_size
+                .or(client_cfg.and_then(|u| u.pool_size))
+                .unwrap_or(g.default_pool_size),
+            reserve_size: db.reserve_pool_size,
+            min_pool_size: db.min_pool_size,
+            reserve_timeout: g.reserve_pool_timeout,
+            query_wait_timeout: g.query_wait_timeout,
+            server_lifetime: g.server_lifetime,
+            server_idle_timeout: g.server_idle_timeout,
+        }
+    }
+}

@@ -1,0 +1,693 @@
+//! Typed configuration with PgBouncer's key names, units and defaults.
+//!
+//! `weir.toml` is read with serde into the raw document types below, then
+//! validated into an immutable [`Config`]. Every error names the file, the key
+//! and (where it can be found) the line.
+
+pub mod duration;
+pub mod secret;
+pub mod userlist;
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+
+pub use secret::Secret;
+
+/// A configuration problem, always tied to the file it came from.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}{}: {key}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Invalid {
+        file: String,
+        key: String,
+        line: Option<usize>,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    Session,
+    Transaction,
+    Statement,
+}
+
+impl fmt::Display for PoolMode {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
+            PoolMode::Statement => "statement",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthType {
+    #[serde(rename = "trust")]
+    Trust,
+    #[serde(rename = "any")]
+    Any,
+    #[serde(rename = "plain")]
+    Plain,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "cert")]
+    Cert,
+    #[serde(rename = "hba")]
+    Hba,
+}
+
+impl fmt::Display for AuthType {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            AuthType::Trust => "trust",
+            AuthType::Any => "any",
+            AuthType::Plain => "plain",
+            AuthType::Md5 => "md5",
+            AuthType::ScramSha256 => "scram-sha-256",
+            AuthType::Cert => "cert",
+            AuthType::Hba => "hba",
+        })
+    }
+}
+
+/// A list given either as a TOML array or as PgBouncer's comma-separated string.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NameList(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for NameList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(NameList(match Either::deserialize(d)? {
+            Either::One(s) => s
+                .split(',')
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty())
+                .collect(),
+            Either::Many(v) => v,
+        }))
+    }
+}
+
+impl NameList {
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.iter().any(|n| n == name)
+    }
+}
+
+fn d<T: Into<f64>>(secs: T) -> Duration {
+    Duration::from_secs_f64(secs.into())
+}
+
+/// The `[weir]` section (PgBouncer's `[pgbouncer]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct General {
+    pub listen_addr: String,
+    pub listen_port: u16,
+    pub unix_socket_dir: String,
+    pub pool_mode: PoolMode,
+    pub max_client_conn: usize,
+    pub default_pool_size: usize,
+    pub min_pool_size: usize,
+    pub reserve_pool_size: usize,
+    #[serde(deserialize_with = "duration::de")]
+    pub reserve_pool_timeout: Duration,
+    pub max_db_connections: usize,
+    pub max_user_connections: usize,
+    #[serde(deserialize_with = "duration::de")]
+    pub query_wait_timeout: Duration,
+    #[serde(deserialize_with = "duration::de")]
+    pub query_timeout: Duration,
+    #[serde(deserialize_with = "duration::de")]
+    pub server_lifetime: Duration,
+    #[serde(deserialize_with = "duration::de")]
+    pub server_idle_timeout: Duration,
+    #[serde(deserialize_with = "duration::de")]
+    pub server_connect_timeout: Duration,
+    #[serde(deserialize_with = "duration::de")]
+    pub server_login_retry: Duration,
+    #[serde(deserialize_with = "duration::de")]
+    pub client_login_timeout: Duration,
+    #[serde(deserialize_with = "duration::de")]
+    pub client_idle_timeout: Duration,
+    #[serde(deserialize_with = "duration::de")]
+    pub idle_transaction_timeout: Duration,
+    #[serde(deserialize_with = "duration::de")]
+    pub server_check_delay: Duration,
+    pub server_check_query: String,
+    pub server_reset_query: String,
+    pub server_reset_query_always: bool,
+    #[serde(deserialize_with = "duration::de")]
+    pub shutdown_timeout: Duration,
+    pub max_prepared_statements: usize,
+    pub auth_type: AuthType,
+    pub auth_file: Option<String>,
+    pub admin_users: NameList,
+    pub stats_users: NameList,
+    pub stats_addr: String,
+    pub stats_port: Option<u16>,
+    pub ignore_startup_parameters: NameList,
+    pub application_name_add_host: bool,
+    pub so_reuseport: bool,
+    pub tcp_keepalive: bool,
+    pub log_connections: bool,
+    pub log_disconnections: bool,
+    pub log_pooler_errors: bool,
+    pub server_round_robin: bool,
+}
+
+impl Default for General {
+    fn default() -> Self {
+        General {
+            listen_addr: "127.0.0.1".into(),
+            listen_port: 6432,
+            unix_socket_dir: "/tmp".into(),
+            pool_mode: PoolMode::Transaction,
+            max_client_conn: 1000,
+            default_pool_size: 20,
+            min_pool_size: 0,
+            reserve_pool_size: 5,
+            reserve_pool_timeout: d(5),
+            max_db_connections: 0,
+            max_user_connections: 0,
+            query_wait_timeout: d(120),
+            query_timeout: d(0),
+            server_lifetime: d(3600),
+            server_idle_timeout: d(600),
+            server_connect_timeout: d(15),
+            server_login_retry: d(15),
+            client_login_timeout: d(60),
+            client_idle_timeout: d(0),
+            idle_transaction_timeout: d(0),
+            server_check_delay: d(30),
+            server_check_query: "select 1".into(),
+            server_reset_query: "DISCARD ALL".into(),
+            server_reset_query_always: false,
+            shutdown_timeout: d(0),
+            max_prepared_statements: 200,
+            auth_type: AuthType::ScramSha256,
+            auth_file: None,
+            admin_users: NameList::default(),
+            stats_users: NameList::default(),
+            stats_addr: "127.0.0.1".into(),
+            stats_port: None,
+            ignore_startup_parameters: NameList::default(),
+            application_name_add_host: false,
+            so_reuseport: false,
+            tcp_keepalive: true,
+            log_connections: true,
+            log_disconnections: true,
+            log_pooler_errors: true,
+            server_round_robin: false,
+        }
+    }
+}
+
+/// A `[users.NAME]` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UserSection {
+    pub password: Option<String>,
+    pub pool_mode: Option<PoolMode>,
+    pub pool_size: Option<usize>,
+    pub max_user_connections: Option<usize>,
+}
+
+/// One shard of a sharded database (used by the sharding router).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ShardSection {
+    pub primary: String,
+    #[serde(default)]
+    pub replicas: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ShardedTable {
+    pub table: String,
+    pub column: String,
+    #[serde(rename = "type")]
+    pub key_type: String,
+}
+
+/// A `[databases.NAME]` section: PgBouncer's connection-string keys.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSection {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub dbname: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub auth_user: Option<String>,
+    pub pool_size: Option<usize>,
+    pub min_pool_size: Option<usize>,
+    pub reserve_pool_size: Option<usize>,
+    pub pool_mode: Option<PoolMode>,
+    pub max_db_connections: Option<usize>,
+    pub client_encoding: Option<String>,
+    pub datestyle: Option<String>,
+    pub timezone: Option<String>,
+    pub application_name: Option<String>,
+    pub connect_query: Option<String>,
+    pub shards: Vec<ShardSection>,
+    pub sharded_tables: Vec<ShardedTable>,
+    pub read_from_replicas: bool,
+}
+
+/// The whole document as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Document {
+    #[serde(alias = "pgbouncer")]
+    pub weir: General,
+    pub users: BTreeMap<String, UserSection>,
+    pub databases: BTreeMap<String, DatabaseSection>,
+}
+
+/// A user Weir knows, with the secret clients must prove and the per-user limits.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub name: String,
+    pub secret: Option<Secret>,
+    pub pool_mode: Option<PoolMode>,
+    pub pool_size: Option<usize>,
+    pub max_user_connections: usize,
+}
+
+/// A backend address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Address {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// A database clients can connect to, resolved with defaults applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Database {
+    pub name: String,
+    pub address: Address,
+    pub dbname: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub pool_size: Option<usize>,
+    pub min_pool_size: usize,
+    pub reserve_pool_size: usize,
+    pub pool_mode: Option<PoolMode>,
+    pub max_db_connections: usize,
+    /// Startup parameters forced on server connections (client_encoding, …).
+    pub server_params: Vec<(String, String)>,
+    pub connect_query: Option<String>,
+    pub shards: Vec<ShardSection>,
+    pub sharded_tables: Vec<ShardedTable>,
+    pub read_from_replicas: bool,
+}
+
+/// The effective, validated configuration. Immutable; reload builds a new one.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub general: General,
+    pub users: BTreeMap<String, User>,
+    pub databases: BTreeMap<String, Database>,
+}
+
+impl Config {
+    /// Loads and validates a config file (TOML).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let doc: Document = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            file: file.clone(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        Config::from_document(path, &text, doc)
+    }
+
+    /// Parses TOML text as if read from `path` (used by tests and `--check`).
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let doc: Document = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: path.display().to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        Config::from_document(path, text, doc)
+    }
+
+    fn from_document(path: &Path, text: &str, doc: Document) -> Result<Config, ConfigError> {
+        let v = Validator { path, text };
+        v.general(&doc.weir)?;
+        let mut users = BTreeMap::new();
+        if let Some(auth_file) = &doc.weir.auth_file {
+            let auth_path = resolve(path, auth_file);
+            for (name, password) in userlist::load(&auth_path)? {
+                let secret = Secret::parse(&password);
+                users.insert(name.clone(), User::new(name, Some(secret)));
+            }
+        }
+        for (name, section) in &doc.users {
+            let user = users
+                .entry(name.clone())
+                .or_insert_with(|| User::new(name.clone(), None));
+            if let Some(p) = &section.password {
+                user.secret = Some(Secret::parse(p));
+            }
+            user.pool_mode = section.pool_mode.or(user.pool_mode);
+            user.pool_size = section.pool_size.or(user.pool_size);
+            user.max_user_connections = section.max_user_connections.unwrap_or(0);
+        }
+        let mut databases = BTreeMap::new();
+        for (name, section) in &doc.databases {
+            databases.insert(name.clone(), v.database(name, section, &doc.weir)?);
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            general: doc.weir,
+            users,
+            databases,
+        })
+    }
+
+    /// The database section for a client's database name, or the `*` fallback.
+    pub fn database(&self, name: &str) -> Option<Database> {
+        if let Some(db) = self.databases.get(name) {
+            return Some(db.clone());
+        }
+        let mut fallback = self.databases.get("*")?.clone();
+        fallback.name = name.to_string();
+        fallback.dbname = name.to_string();
+        Some(fallback)
+    }
+
+    /// Renders the effective config (for `weir --check`).
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(out, "# effective configuration of {}", self.path.display());
+        let _ = writeln!(out, "{:#?}", self.general);
+        for u in self.users.values() {
+            let _ = writeln!(
+                out,
+                "user {}: secret={} pool_mode={:?} pool_size={:?}",
+                u.name,
+                u.secret.as_ref().map(Secret::kind).unwrap_or("none"),
+                u.pool_mode,
+                u.pool_size
+            );
+        }
+        for db in self.databases.values() {
+            let _ = writeln!(
+                out,
+                "database {}: {} dbname={} user={:?} pool_size={} reserve={} mode={}",
+                db.name,
+                db.address,
+                db.dbname,
+                db.user,
+                db.pool_size.unwrap_or(self.general.default_pool_size),
+                db.reserve_pool_size,
+                db.pool_mode.unwrap_or(self.general.pool_mode)
+            );
+        }
+        out
+    }
+}
+
+impl User {
+    fn new(name: String, secret: Option<Secret>) -> User {
+        User {
+            name,
+            secret,
+            pool_mode: None,
+            pool_size: None,
+            max_user_connections: 0,
+        }
+    }
+}
+
+/// Resolves a path given in a config file relative to that file's directory.
+pub fn resolve(config_path: &Path, p: &str) -> PathBuf {
+    let candidate = Path::new(p);
+    if candidate.is_absolute() {
+        candidate.to_path_buf()
+    } else {
+        config_path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(candidate)
+    }
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Validator<'_> {
+    fn err(&self, section: &str, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.path.display().to_string(),
+            key: if section.is_empty() {
+                key.to_string()
+            } else {
+                format!("{section}.{key}")
+            },
+            line: find_line(self.text, section, key),
+            message: message.into(),
+        }
+    }
+
+    fn general(&self, g: &General) -> Result<(), ConfigError> {
+        if g.listen_port == 0 {
+            return Err(self.err("weir", "listen_port", "must be between 1 and 65535"));
+        }
+        if g.default_pool_size == 0 {
+            return Err(self.err("weir", "default_pool_size", "must be at least 1"));
+        }
+        if g.max_client_conn == 0 {
+            return Err(self.err("weir", "max_client_conn", "must be at least 1"));
+        }
+        if g.min_pool_size > g.default_pool_size {
+            return Err(self.err(
+                "weir",
+                "min_pool_size",
+                format!(
+                    "min_pool_size ({}) exceeds default_pool_size ({})",
+                    g.min_pool_size, g.default_pool_size
+                ),
+            ));
+        }
+        if matches!(g.auth_type, AuthType::Cert | AuthType::Hba) {
+            return Err(self.err(
+                "weir",
+                "auth_type",
+                format!("auth_type {} is not supported yet", g.auth_type),
+            ));
+        }
+        Ok(())
+    }
+
+    fn database(
+        &self,
+        name: &str,
+        s: &DatabaseSection,
+        g: &General,
+    ) -> Result<Database, ConfigError> {
+        let section = format!("databases.{name}");
+        if s.shards.is_empty() && s.host.is_none() && name != "*" {
+            // PgBouncer connects over the Unix socket when host is absent; Weir
+            // uses localhost TCP, which is what that means on one machine.
+        }
+        if !s.shards.is_empty() && s.host.is_some() {
+            return Err(self.err(&section, "host", "a sharded database takes shards, not host"));
+        }
+        for (i, shard) in s.shards.iter().enumerate() {
+            for addr in std::iter::once(&shard.primary).chain(&shard.replicas) {
+                parse_address(addr).map_err(|m| self.err(&section, &format!("shards[{i}]"), m))?;
+            }
+        }
+        if let Some(0) = s.pool_size {
+            return Err(self.err(&section, "pool_size", "must be at least 1"));
+        }
+        let mut server_params = Vec::new();
+        for (key, value) in [
+            ("client_encoding", &s.client_encoding),
+            ("datestyle", &s.datestyle),
+            ("timezone", &s.timezone),
+            ("application_name", &s.application_name),
+        ] {
+            if let Some(v) = value {
+                server_params.push((key.to_string(), v.clone()));
+            }
+        }
+        let address = match s.shards.first() {
+            Some(shard) => parse_address(&shard.primary).map_err(|m| self.err(&section, "shards", m))?,
+            None => Address {
+                host: s.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
+                port: s.port.unwrap_or(5432),
+            },
+        };
+        Ok(Database {
+            name: name.to_string(),
+            address,
+            dbname: s.dbname.clone().unwrap_or_else(|| name.to_string()),
+            user: s.user.clone(),
+            password: s.password.clone(),
+            pool_size: s.pool_size,
+            min_pool_size: s.min_pool_size.unwrap_or(g.min_pool_size),
+            reserve_pool_size: s.reserve_pool_size.unwrap_or(g.reserve_pool_size),
+            pool_mode: s.pool_mode,
+            max_db_connections: s.max_db_connections.unwrap_or(g.max_db_connections),
+            server_params,
+            connect_query: s.connect_query.clone(),
+            shards: s.shards.clone(),
+            sharded_tables: s.sharded_tables.clone(),
+            read_from_replicas: s.read_from_replicas,
+        })
+    }
+}
+
+/// Parses `host:port` (port defaults to 5432).
+pub fn parse_address(text: &str) -> Result<Address, String> {
+    match text.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() => Ok(Address {
+            host: host.trim_matches(['[', ']']).to_string(),
+            port: port
+                .parse()
+                .map_err(|_| format!("invalid port in address {text:?}"))?,
+        }),
+        _ if !text.is_empty() => Ok(Address {
+            host: text.to_string(),
+            port: 5432,
+        }),
+        _ => Err("empty address".into()),
+    }
+}
+
+/// Finds the 1-based line where `key` is set inside `[section]` of a TOML text.
+fn find_line(text: &str, section: &str, key: &str) -> Option<usize> {
+    let mut in_section = section.is_empty();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            let name = t.trim_matches(['[', ']']).trim().replace('"', "");
+            in_section = name == section || (section == "weir" && name == "pgbouncer");
+            continue;
+        }
+        if in_section {
+            if let Some((k, _)) = t.split_once('=') {
+                if k.trim() == key {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(Path::new("/tmp/weir.toml"), text)
+    }
+
+    #[test]
+    fn defaults_match_pgbouncer_except_reserve() {
+        let c = load("").unwrap();
+        assert_eq!(c.general.listen_port, 6432);
+        assert_eq!(c.general.default_pool_size, 20);
+        assert_eq!(c.general.reserve_pool_size, 5);
+        assert_eq!(c.general.reserve_pool_timeout, Duration::from_secs(5));
+        assert_eq!(c.general.query_wait_timeout, Duration::from_secs(120));
+        assert_eq!(c.general.pool_mode, PoolMode::Transaction);
+    }
+
+    #[test]
+    fn reads_the_reference_shape() {
+        let c = load(
+            r#"
+[weir]
+listen_port = 7000
+reserve_pool_timeout = "250ms"
+admin_users = ["admin"]
+stats_users = "a, b"
+
+[users.app]
+password = "secret"
+
+[databases.app]
+host = "127.0.0.1"
+port = 5433
+
+[databases.shop]
+shards = [ { primary = "127.0.0.1:5433", replicas = ["127.0.0.1:5434"] } ]
+sharded_tables = [ { table = "orders", column = "customer_id", type = "bigint" } ]
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.general.listen_port, 7000);
+        assert_eq!(c.general.reserve_pool_timeout, Duration::from_millis(250));
+        assert_eq!(c.general.stats_users.0, vec!["a", "b"]);
+        assert_eq!(c.databases["app"].dbname, "app");
+        assert_eq!(c.databases["app"].address.port, 5433);
+        assert_eq!(c.databases["shop"].address.port, 5433);
+        assert!(matches!(c.users["app"].secret, Some(Secret::Plain(_))));
+    }
+
+    #[test]
+    fn unknown_key_names_the_line() {
+        let e = load("[weir]\nlisten_port = 1\nbogus_key = 3\n").unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("/tmp/weir.toml"), "{s}");
+        assert!(s.contains("line 3"), "{s}");
+        assert!(s.contains("bogus_key"), "{s}");
+    }
+
+    #[test]
+    fn semantic_error_names_key_and_line() {
+        let e = load("[weir]\n\ndefault_pool_size = 0\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/tmp/weir.toml:3: weir.default_pool_size: must be at least 1"
+        );
+    }
+
+    #[test]
+    fn star_database_is_a_fallback() {
+        let c = load("[databases.\"*\"]\nport = 5999\n").unwrap();
+        let db = c.database("anything").unwrap();
+        assert_eq!(db.dbname, "anything");
+        assert_eq!(db.address.port, 5999);
+    }
+}

@@ -1,0 +1,8 @@
+//! Client side: the listener, one session task per client (startup, auth,
+//! then relaying transactions to pooled servers), and cancel routing.
+
+pub mod cancel;
+pub mod listener;
+mod relay;
+mod session;
+mod startup;

@@ -1,0 +1,475 @@
+//! One client connection from login to goodbye: authenticate, then for each
+//! transaction borrow a server from the pool, relay, and give it back clean.
+
+use super::cancel::{self, BackendKey, CancelEntry, FrontendKey};
+use super::relay::{self, Dir, Event, Progress};
+use super::startup::{self, Start};
+use crate::auth::{self, AuthError};
+use crate::backend::conn::ExecError;
+use crate::backend::params::ParamSet;
+use crate::backend::{CheckoutError, Pool, ServerConn};
+use crate::cluster::Cluster;
+use crate::config::{Database, PoolMode};
+use crate::net::Stream;
+use crate::wire::{self, build, tag};
+use crate::{App, Shutdown};
+use bytes::{Buf, BufMut, BytesMut};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Bound on Weir's own clean-up queries (ROLLBACK, reset) on a server.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(super) async fn run(app: Arc<App>, mut stream: Stream, peer: String) {
+    let mut buf = BytesMut::with_capacity(8192);
+    let cluster = app.cluster();
+    let limit = cluster.config.general.client_login_timeout;
+    let attempt = login(&app, &cluster, &mut stream, &mut buf, &peer);
+    let session = if limit.is_zero() {
+        attempt.await
+    } else {
+        match tokio::time::timeout(limit, attempt).await {
+            Ok(s) => s,
+            Err(_) => {
+                tracing::info!(%peer, "client_login_timeout");
+                fatal(&mut stream, "08P01", "client_login_timeout (server down or wrong password?)").await;
+                None
+            }
+        }
+    };
+    let Some(parts) = session else { return };
+    let mut session = Session {
+        app: app.clone(),
+        client: stream,
+        cbuf: buf,
+        peer,
+        user: parts.user,
+        db: parts.db,
+        pool: parts.pool,
+        generation: parts.generation,
+        wanted: parts.wanted,
+        key: parts.key,
+        cancel: parts.cancel,
+    };
+    session.serve().await;
+    app.cancels.unregister(session.key);
+    if cluster.config.general.log_disconnections {
+        tracing::info!(peer = %session.peer, user = %session.user, db = %session.db.name, "client closed");
+    }
+}
+
+/// Sends a FATAL error; the caller then closes the connection.
+pub(super) async fn fatal(stream: &mut Stream, code: &str, message: &str) {
+    let _ = stream.write_all(&build::error("FATAL", code, message)).await;
+    let _ = stream.flush().await;
+}
+
+struct LoggedIn {
+    user: String,
+    db: Database,
+    pool: Arc<Pool>,
+    generation: u64,
+    wanted: ParamSet,
+    key: FrontendKey,
+    cancel: Arc<CancelEntry>,
+}
+
+async fn login(
+    app: &Arc<App>,
+    cluster: &Arc<Cluster>,
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    peer: &str,
+) -> Option<LoggedIn> {
+    let generation = app.generation();
+    let params = match startup::read(stream, buf).await {
+        Ok(Start::Login(p)) => p,
+        Ok(Start::Cancel(key)) => {
+            match app.cancels.lookup(key) {
+                Some(target) => cancel::forward(target).await,
+                None => tracing::debug!(%peer, "cancel request for unknown or idle client"),
+            }
+            return None;
+        }
+        Ok(Start::Refused(Some((code, msg)))) => {
+            fatal(stream, code, &msg).await;
+            return None;
+        }
+        Ok(Start::Refused(None)) | Err(_) => return None,
+    };
+    let g = &cluster.config.general;
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let Some(user) = get("user").filter(|u| !u.is_empty()) else {
+        fatal(stream, "28000", "no PostgreSQL user name specified in startup packet").await;
+        return None;
+    };
+    let dbname = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
+        fatal(stream, "08P01", "replication connections are not supported by Weir").await;
+        return None;
+    }
+    if app.clients.load(Ordering::Acquire) > g.max_client_conn {
+        tracing::warn!(%peer, %user, db = %dbname, "no more connections allowed (max_client_conn)");
+        fatal(stream, "08P01", "no more connections allowed (max_client_conn)").await;
+        return None;
+    }
+    if app.shutdown_state() != Shutdown::Running {
+        fatal(stream, "57P01", "Weir is shutting down").await;
+        return None;
+    }
+    let Some(db) = cluster.config.database(&dbname) else {
+        tracing::info!(%peer, %user, db = %dbname, "no such database");
+        fatal(stream, "3D000", &format!("no such database: {dbname}")).await;
+        return None;
+    };
+    let secret = cluster.config.users.get(&user).and_then(|u| u.secret.as_ref());
+    let proof = match auth::authenticate(stream, buf, g.auth_type, &user, secret).await {
+        Ok(p) => p,
+        Err(AuthError::Closed) | Err(AuthError::Io(_)) => return None,
+        Err(e) => {
+            tracing::warn!(%peer, %user, db = %dbname, error = %e, "client authentication failed");
+            fatal(stream, e.code(), &e.to_string()).await;
+            return None;
+        }
+    };
+    let pool = cluster.pool(&db, &user);
+    if let Some(key) = proof.scram_client_key {
+        pool.set_scram_key(key);
+    }
+    let defaults = match pool.defaults() {
+        Some(d) => d,
+        None => match pool.checkout().await {
+            Ok(conn) => {
+                let d = conn.params.clone();
+                pool.checkin(conn);
+                d
+            }
+            Err(e) => {
+                let (code, msg) = checkout_error(&e);
+                fatal(stream, &code, &msg).await;
+                return None;
+            }
+        },
+    };
+    let mut wanted = defaults.tracked_defaults();
+    for (k, v) in &params {
+        match k.as_str() {
+            "user" | "database" | "replication" => {}
+            "options" => match startup::parse_options(v) {
+                Ok(list) => list.iter().for_each(|(k, v)| wanted.set(k, v)),
+                Err(msg) => {
+                    fatal(stream, "08P01", &msg).await;
+                    return None;
+                }
+            },
+            k if g.ignore_startup_parameters.contains(k) => {}
+            k => wanted.set(k, v),
+        }
+    }
+    let (key, cancel) = app.cancels.register();
+    let mut out = BytesMut::with_capacity(512);
+    out.put(build::auth(0, &[]));
+    for (name, value) in defaults.iter() {
+        let value = wanted.get(name).unwrap_or(value);
+        out.put(build::parameter_status(name, value));
+    }
+    out.put(build::backend_key_data(key.pid, key.secret));
+    out.put(build::ready_for_query(b'I'));
+    if stream.write_all(&out).await.is_err() {
+        app.cancels.unregister(key);
+        return None;
+    }
+    if g.log_connections {
+        tracing::info!(%peer, %user, db = %dbname, "login");
+    }
+    Some(LoggedIn {
+        user,
+        db,
+        pool,
+        generation,
+        wanted,
+        key,
+        cancel,
+    })
+}
+
+fn checkout_error(e: &CheckoutError) -> (String, String) {
+    use crate::backend::conn::ConnectError;
+    use crate::backend::login::LoginError;
+    match e {
+        CheckoutError::WaitTimeout => ("08P01".into(), "query_wait_timeout".into()),
+        CheckoutError::Connect(ConnectError::Login(LoginError::Server(f))) => (f.code.clone(), f.message.clone()),
+        CheckoutError::Connect(other) => ("08P01".into(), format!("server login failed: {other}")),
+    }
+}
+
+struct Session {
+    app: Arc<App>,
+    client: Stream,
+    cbuf: BytesMut,
+    peer: String,
+    user: String,
+    db: Database,
+    pool: Arc<Pool>,
+    generation: u64,
+    wanted: ParamSet,
+    key: FrontendKey,
+    cancel: Arc<CancelEntry>,
+}
+
+enum Work {
+    Message,
+    Closed,
+}
+
+enum After {
+    Continue,
+    Stop,
+}
+
+impl Session {
+    async fn serve(&mut self) {
+        loop {
+            match self.wait_for_work().await {
+                Work::Message => {}
+                Work::Closed => return,
+            }
+            let server = match self.checkout().await {
+                Ok(Some(s)) => s,
+                Ok(None) => return,
+                Err(e) => {
+                    let (code, msg) = checkout_error(&e);
+                    if self.app.cluster().config.general.log_pooler_errors {
+                        tracing::warn!(peer = %self.peer, user = %self.user, db = %self.db.name, error = %msg, "pooler error");
+                    }
+                    fatal(&mut self.client, &code, &msg).await;
+                    return;
+                }
+            };
+            self.app.active.fetch_add(1, Ordering::AcqRel);
+            let after = self.transaction(server).await;
+            self.cancel.detach();
+            self.app.active.fetch_sub(1, Ordering::AcqRel);
+            if let After::Stop = after {
+                return;
+            }
+        }
+    }
+
+    /// Waits until the client has started a message (or leaves).
+    async fn wait_for_work(&mut self) -> Work {
+        let mut shutdown = self.app.shutdown.subscribe();
+        let idle_limit = self.app.cluster().config.general.client_idle_timeout;
+        loop {
+            match wire::header(&self.cbuf) {
+                Ok(Some(h)) if h.tag == tag::TERMINATE => return Work::Closed,
+                Ok(Some(_)) => return Work::Message,
+                Ok(None) => {}
+                Err(e) => {
+                    fatal(&mut self.client, "08P01", &format!("protocol error: {e}")).await;
+                    return Work::Closed;
+                }
+            }
+            if *shutdown.borrow_and_update() != Shutdown::Running {
+                fatal(&mut self.client, "57P01", "Weir is shutting down").await;
+                return Work::Closed;
+            }
+            let idle = async {
+                if idle_limit.is_zero() {
+                    std::future::pending::<()>().await
+                } else {
+                    tokio::time::sleep(idle_limit).await
+                }
+            };
+            tokio::select! {
+                n = self.client.read_buf(&mut self.cbuf) => match n {
+                    Ok(0) | Err(_) => return Work::Closed,
+                    Ok(_) => {}
+                },
+                _ = shutdown.changed() => {}
+                _ = idle => {
+                    fatal(&mut self.client, "08P01", "client_idle_timeout").await;
+                    return Work::Closed;
+                }
+            }
+        }
+    }
+
+    /// Looks the pool up again after a reload, then borrows a server,
+    /// noticing if the client leaves while it waits.
+    async fn checkout(&mut self) -> Result<Option<ServerConn>, CheckoutError> {
+        if self.generation != self.app.generation() {
+            let cluster = self.app.cluster();
+            self.generation = self.app.generation();
+            if let Some(db) = cluster.config.database(&self.db.name) {
+                self.db = db;
+                self.pool = cluster.pool(&self.db, &self.user);
+            }
+        }
+        let pool = self.pool.clone();
+        let wait = pool.checkout();
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                r = &mut wait => return r.map(Some),
+                n = self.client.read_buf(&mut self.cbuf), if self.cbuf.len() < 1 << 20 => match n {
+                    Ok(0) | Err(_) => return Ok(None),
+                    Ok(_) => {}
+                },
+            }
+        }
+    }
+
+    fn mode(&self) -> PoolMode {
+        self.pool.settings.mode
+    }
+
+    /// Relays one transaction (or, in session mode, the rest of the session).
+    async fn transaction(&mut self, mut server: ServerConn) -> After {
+        self.cancel.attach(BackendKey {
+            address: server.address.clone(),
+            pid: server.backend_pid,
+            secret: server.backend_secret,
+        });
+        if let Err(after) = self.apply_params(&mut server).await {
+            return after;
+        }
+        let general = self.app.cluster().config.general.clone();
+        let mut up = Dir::default();
+        let mut down = Dir::default();
+        let mut progress = Progress::default();
+        loop {
+            if let Err(e) = relay::scan_client(&self.cbuf, &mut up, &mut progress) {
+                fatal(&mut self.client, "08P01", &format!("protocol error: {e}")).await;
+                self.abandon(server, &progress, &up).await;
+                return After::Stop;
+            }
+            if progress.terminated && progress.at_rest(&up) {
+                self.abandon(server, &progress, &up).await;
+                return After::Stop;
+            }
+            let waiting_in_tx = progress.inflight == 0 && progress.tx != b'I' && up.ready == 0;
+            let step = relay::step(
+                &mut self.client,
+                &mut self.cbuf,
+                &mut up,
+                !progress.terminated,
+                &mut server,
+                &mut down,
+            );
+            let event = if waiting_in_tx && !general.idle_transaction_timeout.is_zero() {
+                match tokio::time::timeout(general.idle_transaction_timeout, step).await {
+                    Ok(ev) => ev,
+                    Err(_) => {
+                        fatal(&mut self.client, "25P03", "idle transaction timeout").await;
+                        self.abandon(server, &progress, &up).await;
+                        return After::Stop;
+                    }
+                }
+            } else {
+                step.await
+            };
+            match event {
+                Event::ClientData => {}
+                Event::ServerData => {
+                    let idle = match relay::scan_server(
+                        &server.buf,
+                        &mut down,
+                        &mut progress,
+                        &mut server.params,
+                        &mut self.wanted,
+                    ) {
+                        Ok(idle) => idle,
+                        Err(e) => {
+                            tracing::warn!(error = %e, ?server, "protocol error from server");
+                            fatal(&mut self.client, "08P01", "server conn crashed?").await;
+                            return After::Stop;
+                        }
+                    };
+                    if idle && progress.tx == b'I' && progress.at_rest(&up) && self.mode() != PoolMode::Session {
+                        return self.finish(server, &mut down).await;
+                    }
+                }
+                Event::ClientGone(e) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "client connection lost");
+                    self.abandon(server, &progress, &up).await;
+                    return After::Stop;
+                }
+                Event::ServerGone(e) => {
+                    tracing::warn!(error = %e, ?server, peer = %self.peer, "server connection lost");
+                    let _ = self.client.write_all(&server.buf[..down.ready]).await;
+                    fatal(&mut self.client, "08P01", "server conn crashed?").await;
+                    return After::Stop;
+                }
+            }
+        }
+    }
+
+    /// Brings the server's session parameters in line with this client's.
+    async fn apply_params(&mut self, server: &mut ServerConn) -> Result<(), After> {
+        let Some((sql, changed)) = server.params.sync_statement(&self.wanted) else {
+            return Ok(());
+        };
+        match server.exec(&sql).await {
+            Ok(_) => {
+                server.params.after_sync(&mut self.wanted, &changed);
+                Ok(())
+            }
+            Err(ExecError::Server(e)) => {
+                fatal(&mut self.client, &e.code, &e.message).await;
+                Err(After::Stop)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "server failed while applying session parameters");
+                fatal(&mut self.client, "08P01", "server conn crashed?").await;
+                Err(After::Stop)
+            }
+        }
+    }
+
+    /// The transaction ended: pass the last bytes on and return the server.
+    async fn finish(&mut self, mut server: ServerConn, down: &mut Dir) -> After {
+        let result = self.client.write_all(&server.buf[..down.ready]).await;
+        server.buf.advance(down.ready);
+        server.buf.clear();
+        self.release(server, false).await;
+        match result {
+            Ok(()) => After::Continue,
+            Err(_) => After::Stop,
+        }
+    }
+
+    /// The client is leaving (or broke the protocol) while it holds `server`:
+    /// keep the server only if it can be brought back to a clean idle state.
+    async fn abandon(&mut self, mut server: ServerConn, progress: &Progress, up: &Dir) {
+        if !progress.at_rest(up) {
+            tracing::debug!(?server, "client left mid-query; closing server connection");
+            return;
+        }
+        server.buf.clear();
+        if progress.tx != b'I' {
+            match tokio::time::timeout(CLEANUP_TIMEOUT, server.exec("ROLLBACK")).await {
+                Ok(Ok(b'I')) => {}
+                _ => return,
+            }
+        }
+        self.release(server, true).await;
+    }
+
+    /// Returns an idle server, running the reset query where PgBouncer would.
+    async fn release(&mut self, mut server: ServerConn, session_end: bool) {
+        let general = self.app.cluster().config.general.clone();
+        let reset = &general.server_reset_query;
+        let wants_reset = !reset.is_empty()
+            && ((self.mode() == PoolMode::Session && session_end) || general.server_reset_query_always);
+        if wants_reset {
+            match tokio::time::timeout(CLEANUP_TIMEOUT, server.exec(reset)).await {
+                Ok(Ok(b'I')) => {}
+                _ => return,
+            }
+        }
+        self.pool.checkin(server);
+    }
+}

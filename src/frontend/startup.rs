@@ -1,0 +1,116 @@
+//! The first phase of a client connection: SSLRequest/GSSENCRequest answered
+//! `N`, CancelRequest routed, StartupMessage parsed into who and what.
+
+use super::cancel::FrontendKey;
+use crate::net::{read_startup, Stream};
+use crate::wire::startup::{self, StartupPacket};
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+
+pub(super) enum Start {
+    Login(Vec<(String, String)>),
+    Cancel(FrontendKey),
+    /// Closed before a startup packet, or a protocol Weir refuses (message given).
+    Refused(Option<(&'static str, String)>),
+}
+
+pub(super) async fn read(stream: &mut Stream, buf: &mut BytesMut) -> std::io::Result<Start> {
+    loop {
+        let Some(packet) = read_startup(stream, buf).await? else {
+            return Ok(Start::Refused(None));
+        };
+        let parsed = match startup::parse(&packet) {
+            Ok(p) => p,
+            Err(e) => return Ok(Start::Refused(Some(("08P01", format!("invalid startup packet: {e}"))))),
+        };
+        match parsed {
+            StartupPacket::Ssl | StartupPacket::GssEnc => {
+                // TLS is not configured: decline, the client continues in plaintext.
+                stream.write_all(b"N").await?;
+            }
+            StartupPacket::Cancel { pid, secret } => return Ok(Start::Cancel(FrontendKey { pid, secret })),
+            StartupPacket::Startup { params } => return Ok(Start::Login(params)),
+            StartupPacket::UnsupportedVersion(v) => {
+                return Ok(Start::Refused(Some((
+                    "0A000",
+                    format!(
+                        "unsupported frontend protocol {}.{}: server supports 3.0 to 3.0",
+                        v >> 16,
+                        v & 0xffff
+                    ),
+                ))))
+            }
+        }
+    }
+}
+
+/// Splits PostgreSQL's `options` startup parameter (`-c name=value`,
+/// `--name=value`) into parameters.
+pub(super) fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    let mut words = split_words(options).into_iter();
+    while let Some(w) = words.next() {
+        let setting = if w == "-c" {
+            words.next().ok_or_else(|| "missing setting after -c".to_string())?
+        } else if let Some(rest) = w.strip_prefix("-c") {
+            rest.to_string()
+        } else if let Some(rest) = w.strip_prefix("--") {
+            rest.to_string()
+        } else {
+            return Err(format!("unsupported options startup parameter: {w}"));
+        };
+        let (k, v) = setting
+            .split_once('=')
+            .ok_or_else(|| format!("invalid setting in options: {setting}"))?;
+        out.push((k.replace('-', "_"), v.to_string()));
+    }
+    Ok(out)
+}
+
+/// Splits on unescaped whitespace; a backslash escapes the next character.
+fn split_words(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            c if c.is_whitespace() => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_options() {
+        assert_eq!(
+            parse_options("-c search_path=a,b -cstatement_timeout=5s --work-mem=4MB").unwrap(),
+            vec![
+                ("search_path".into(), "a,b".into()),
+                ("statement_timeout".into(), "5s".into()),
+                ("work_mem".into(), "4MB".into())
+            ]
+        );
+        assert_eq!(
+            parse_options("-c application_name=a\\ b").unwrap(),
+            vec![("application_name".into(), "a b".into())]
+        );
+        assert!(parse_options("-x").is_err());
+    }
+}

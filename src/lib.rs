@@ -1,0 +1,82 @@
+//! Weir: a PgBouncer-compatible, transaction-mode PostgreSQL connection pooler.
+//!
+//! `run` starts everything from a loaded [`config::Config`], so tests can run
+//! Weir in-process as well as through the `weir` binary.
+
+pub mod auth;
+pub mod backend;
+pub mod cluster;
+pub mod config;
+pub mod frontend;
+pub mod net;
+pub mod wire;
+
+use cluster::Cluster;
+use config::Config;
+use frontend::cancel::CancelRegistry;
+use parking_lot::RwLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// How far a shutdown has gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    Running,
+    /// SIGINT: finish in-flight transactions, then leave.
+    Graceful,
+    /// SIGTERM: leave now.
+    Immediate,
+}
+
+/// State shared by every task of one Weir process.
+pub struct App {
+    cluster: RwLock<Arc<Cluster>>,
+    generation: AtomicU64,
+    pub cancels: CancelRegistry,
+    /// Connected clients (for max_client_conn).
+    pub clients: AtomicUsize,
+    /// Clients currently holding a server connection.
+    pub active: AtomicUsize,
+    pub shutdown: watch::Sender<Shutdown>,
+}
+
+impl App {
+    pub fn new(config: Config) -> Arc<App> {
+        let (shutdown, _) = watch::channel(Shutdown::Running);
+        Arc::new(App {
+            cluster: RwLock::new(Arc::new(Cluster::new(Arc::new(config)))),
+            generation: AtomicU64::new(0),
+            cancels: CancelRegistry::default(),
+            clients: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            shutdown,
+        })
+    }
+
+    pub fn cluster(&self) -> Arc<Cluster> {
+        self.cluster.read().clone()
+    }
+
+    /// Bumped on every reload so sessions know to look their pool up again.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Swaps in a new config; unchanged pools keep their connections.
+    pub fn reload(&self, config: Config) {
+        let mut guard = self.cluster.write();
+        let new = Cluster::reload(&guard, Arc::new(config));
+        *guard = Arc::new(new);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn shutdown_state(&self) -> Shutdown {
+        *self.shutdown.borrow()
+    }
+}
+
+/// Runs Weir until shutdown. Signals are handled by the caller (main).
+pub async fn run(app: Arc<App>) -> std::io::Result<()> {
+    frontend::listener::serve(app).await
+}
