@@ -42,6 +42,7 @@ pub(super) async fn run(app: Arc<App>, mut stream: Stream, peer: String) {
     let Some(parts) = session else { return };
     let mut session = Session {
         app: app.clone(),
+        cluster: cluster.clone(),
         client: stream,
         cbuf: buf,
         peer,
@@ -207,6 +208,8 @@ fn checkout_error(e: &CheckoutError) -> (String, String) {
 
 struct Session {
     app: Arc<App>,
+    /// The cluster this session's pool belongs to (refreshed after a reload).
+    cluster: Arc<Cluster>,
     client: Stream,
     cbuf: BytesMut,
     peer: String,
@@ -241,7 +244,7 @@ impl Session {
                 Ok(None) => return,
                 Err(e) => {
                     let (code, msg) = checkout_error(&e);
-                    if self.app.cluster().config.general.log_pooler_errors {
+                    if self.cluster.config.general.log_pooler_errors {
                         tracing::warn!(peer = %self.peer, user = %self.user, db = %self.db.name, error = %msg, "pooler error");
                     }
                     fatal(&mut self.client, &code, &msg).await;
@@ -261,7 +264,7 @@ impl Session {
     /// Waits until the client has started a message (or leaves).
     async fn wait_for_work(&mut self) -> Work {
         let mut shutdown = self.app.shutdown.subscribe();
-        let idle_limit = self.app.cluster().config.general.client_idle_timeout;
+        let idle_limit = self.cluster.config.general.client_idle_timeout;
         loop {
             match wire::header(&self.cbuf) {
                 Ok(Some(h)) if h.tag == tag::TERMINATE => return Work::Closed,
@@ -301,11 +304,11 @@ impl Session {
     /// noticing if the client leaves while it waits.
     async fn checkout(&mut self) -> Result<Option<ServerConn>, CheckoutError> {
         if self.generation != self.app.generation() {
-            let cluster = self.app.cluster();
             self.generation = self.app.generation();
-            if let Some(db) = cluster.config.database(&self.db.name) {
+            self.cluster = self.app.cluster();
+            if let Some(db) = self.cluster.config.database(&self.db.name) {
                 self.db = db;
-                self.pool = cluster.pool(&self.db, &self.user);
+                self.pool = self.cluster.pool(&self.db, &self.user);
             }
         }
         let pool = self.pool.clone();
@@ -336,7 +339,7 @@ impl Session {
         if let Err(after) = self.apply_params(&mut server).await {
             return after;
         }
-        let general = self.app.cluster().config.general.clone();
+        let idle_tx_limit = self.cluster.config.general.idle_transaction_timeout;
         let mut up = Dir::default();
         let mut down = Dir::default();
         let mut progress = Progress::default();
@@ -359,8 +362,8 @@ impl Session {
                 &mut server,
                 &mut down,
             );
-            let event = if waiting_in_tx && !general.idle_transaction_timeout.is_zero() {
-                match tokio::time::timeout(general.idle_transaction_timeout, step).await {
+            let event = if waiting_in_tx && !idle_tx_limit.is_zero() {
+                match tokio::time::timeout(idle_tx_limit, step).await {
                     Ok(ev) => ev,
                     Err(_) => {
                         fatal(&mut self.client, "25P03", "idle transaction timeout").await;
@@ -460,12 +463,12 @@ impl Session {
 
     /// Returns an idle server, running the reset query where PgBouncer would.
     async fn release(&mut self, mut server: ServerConn, session_end: bool) {
-        let general = self.app.cluster().config.general.clone();
-        let reset = &general.server_reset_query;
-        let wants_reset = !reset.is_empty()
+        let general = &self.cluster.config.general;
+        let wants_reset = !general.server_reset_query.is_empty()
             && ((self.mode() == PoolMode::Session && session_end) || general.server_reset_query_always);
         if wants_reset {
-            match tokio::time::timeout(CLEANUP_TIMEOUT, server.exec(reset)).await {
+            let reset = general.server_reset_query.clone();
+            match tokio::time::timeout(CLEANUP_TIMEOUT, server.exec(&reset)).await {
                 Ok(Ok(b'I')) => {}
                 _ => return,
             }
