@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod config;
 pub mod frontend;
 pub mod net;
+pub mod router;
 pub mod wire;
 
 use cluster::Cluster;
@@ -34,6 +35,8 @@ pub struct App {
     cluster: RwLock<Arc<Cluster>>,
     generation: AtomicU64,
     pub cancels: CancelRegistry,
+    /// Weir-wide prepared statements (query text and types → `weir_<n>`).
+    pub statements: backend::prepared::Registry,
     /// Connected clients (for max_client_conn).
     pub clients: AtomicUsize,
     /// Clients currently holding a server connection.
@@ -48,6 +51,7 @@ impl App {
             cluster: RwLock::new(Arc::new(Cluster::new(Arc::new(config)))),
             generation: AtomicU64::new(0),
             cancels: CancelRegistry::default(),
+            statements: backend::prepared::Registry::default(),
             clients: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
             shutdown,

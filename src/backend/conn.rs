@@ -4,6 +4,7 @@
 use super::login::{login, Credentials, LoginError};
 use super::params::ParamSet;
 use super::pool::Slot;
+use super::prepared::ServerStatements;
 use crate::config::Address;
 use crate::net::{read_message, Stream};
 use crate::wire::{self, build, tag, ErrorFields};
@@ -48,6 +49,8 @@ pub struct ServerConn {
     pub backend_secret: i32,
     /// Session parameters as the server currently has them.
     pub params: ParamSet,
+    /// Weir-wide prepared statements this server holds.
+    pub prepared: ServerStatements,
     pub created: Instant,
     pub last_used: Instant,
     /// Holds the pool slot; dropping the connection frees it.
@@ -100,6 +103,7 @@ impl ServerConn {
                 backend_pid: result.backend_pid,
                 backend_secret: result.backend_secret,
                 params: ParamSet::from_reported(&result.params),
+                prepared: ServerStatements::default(),
                 created: now,
                 last_used: now,
                 slot: None,
@@ -129,8 +133,20 @@ impl ServerConn {
         self.drain_until_ready().await
     }
 
+    /// Runs a one-row query Weir issues itself and returns that row's values.
+    pub async fn query_row(&mut self, sql: &str) -> Result<Vec<Option<String>>, ExecError> {
+        self.stream.write_all(&build::query(sql)).await?;
+        let mut row = Vec::new();
+        self.drain(Some(&mut row)).await?;
+        Ok(row)
+    }
+
     /// Reads and discards until ReadyForQuery; keeps the first error.
     pub async fn drain_until_ready(&mut self) -> Result<u8, ExecError> {
+        self.drain(None).await
+    }
+
+    async fn drain(&mut self, mut row: Option<&mut Vec<Option<String>>>) -> Result<u8, ExecError> {
         let mut error = None;
         loop {
             let msg = read_message(&mut self.stream, &mut self.buf)
@@ -150,6 +166,13 @@ impl ServerConn {
                         self.params.set_reported(k, v);
                     }
                 }
+                b'D' => {
+                    if let Some(out) = row.as_deref_mut() {
+                        if out.is_empty() {
+                            *out = data_row(&msg).ok_or_else(|| ExecError::Protocol("bad DataRow".into()))?;
+                        }
+                    }
+                }
                 tag::COPY_IN_RESPONSE => {
                     self.stream.write_all(&copy_fail("internal query cannot COPY")).await?;
                 }
@@ -157,6 +180,26 @@ impl ServerConn {
             }
         }
     }
+}
+
+/// Text values of a DataRow.
+fn data_row(msg: &[u8]) -> Option<Vec<Option<String>>> {
+    let b = wire::body(msg);
+    let n = i16::from_be_bytes([*b.first()?, *b.get(1)?]);
+    let mut pos = 2;
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = i32::from_be_bytes(b.get(pos..pos + 4)?.try_into().ok()?);
+        pos += 4;
+        if len < 0 {
+            out.push(None);
+        } else {
+            let v = b.get(pos..pos + len as usize)?;
+            out.push(Some(String::from_utf8_lossy(v).into_owned()));
+            pos += len as usize;
+        }
+    }
+    Some(out)
 }
 
 fn copy_fail(reason: &str) -> BytesMut {

@@ -6,6 +6,7 @@ pub mod login;
 mod maintenance;
 pub mod params;
 pub mod pool;
+pub mod prepared;
 
 pub use conn::{ServerConn, Target};
 pub use pool::{CheckoutError, Pool, PoolSettings};

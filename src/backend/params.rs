@@ -81,6 +81,11 @@ impl ParamSet {
         self.put(name, value, false)
     }
 
+    /// True when `name` is held here from a SET rather than from ParameterStatus.
+    pub fn is_unreported(&self, name: &str) -> bool {
+        self.find(name).is_some_and(|i| !self.entries[i].reported)
+    }
+
     pub fn remove(&mut self, name: &str) {
         if let Some(i) = self.find(name) {
             self.entries.remove(i);

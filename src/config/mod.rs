@@ -5,6 +5,7 @@
 //! and (where it can be found) the line.
 
 pub mod duration;
+pub mod ini;
 pub mod secret;
 pub mod userlist;
 
@@ -338,11 +339,16 @@ pub struct Config {
     pub general: General,
     pub users: BTreeMap<String, User>,
     pub databases: BTreeMap<String, Database>,
+    /// Settings the loader accepted but did not use (pgbouncer.ini import).
+    pub warnings: Vec<String>,
 }
 
 impl Config {
-    /// Loads and validates a config file (TOML).
+    /// Loads and validates a config file: `*.ini` is PgBouncer's format, anything else TOML.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        if path.extension().is_some_and(|ext| ext == "ini") {
+            return ini::load(path);
+        }
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             file: file.clone(),
@@ -395,6 +401,7 @@ impl Config {
             general: doc.weir,
             users,
             databases,
+            warnings: Vec::new(),
         })
     }
 

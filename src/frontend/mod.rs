@@ -5,4 +5,6 @@ pub mod cancel;
 pub mod listener;
 mod relay;
 mod session;
+pub mod sqlscan;
 mod startup;
+pub mod tracker;

@@ -6,11 +6,15 @@
 //! client that pipelines while the server streams results can never deadlock
 //! the two buffers against each other.
 
+use super::sqlscan::{self, Seen};
+use super::tracker::{Expect, Tracker, Verdict};
 use crate::backend::params::ParamSet;
+use crate::backend::prepared::{self, ClientStatements, Registry, ServerStatements, Stmt};
 use crate::backend::ServerConn;
 use crate::net::Stream;
-use crate::wire::{self, tag, WireError};
-use bytes::{Buf, BytesMut};
+use crate::wire::{self, build, tag, WireError};
+use bytes::{Buf, Bytes, BytesMut};
+use std::sync::Arc;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
@@ -69,9 +73,40 @@ pub(super) enum Event {
     ServerGone(io::Error),
 }
 
-/// Scans client bytes beyond `dir.ready`, updating `progress`. Stops at a
-/// Terminate, which is never forwarded.
-pub(super) fn scan_client(buf: &BytesMut, dir: &mut Dir, progress: &mut Progress) -> Result<(), WireError> {
+/// What scanning client messages may consult and change besides the bytes.
+pub(super) struct ClientCtx<'a> {
+    pub stmts: &'a mut ClientStatements,
+    pub registry: &'a Registry,
+    pub server: &'a mut ServerStatements,
+    /// `max_prepared_statements`; 0 passes named statements through untouched.
+    pub capacity: usize,
+    pub tracker: &'a mut Tracker,
+    pub seen: &'a mut Seen,
+    /// After Weir answered a message with an error: drop messages until Sync,
+    /// as PostgreSQL would skip them.
+    pub skip_to_sync: bool,
+}
+
+fn splice(buf: &mut BytesMut, at: usize, remove: usize, insert: &[u8]) {
+    if insert.len() == remove {
+        buf[at..at + remove].copy_from_slice(insert);
+        return;
+    }
+    let tail = buf.split_off(at + remove);
+    buf.truncate(at);
+    buf.extend_from_slice(insert);
+    buf.extend_from_slice(&tail);
+}
+
+/// Scans client bytes beyond `dir.ready`, updating `progress`, rewriting
+/// named-statement messages for the server. Stops at a Terminate, which is
+/// never forwarded.
+pub(super) fn scan_client(
+    buf: &mut BytesMut,
+    dir: &mut Dir,
+    progress: &mut Progress,
+    ctx: &mut ClientCtx<'_>,
+) -> Result<(), WireError> {
     loop {
         if dir.pass > 0 {
             let n = dir.pass.min(buf.len() - dir.ready);
@@ -88,14 +123,55 @@ pub(super) fn scan_client(buf: &BytesMut, dir: &mut Dir, progress: &mut Progress
         let Some(h) = wire::header(&buf[dir.ready..])? else {
             return Ok(());
         };
+        let complete = buf.len() - dir.ready >= h.total;
+        let at = dir.ready;
+        if ctx.skip_to_sync && h.tag != tag::SYNC && h.tag != tag::TERMINATE {
+            if !complete {
+                return Ok(());
+            }
+            splice(buf, at, h.total, &[]);
+            continue;
+        }
         match h.tag {
-            tag::QUERY | tag::FUNCTION_CALL => progress.inflight += 1,
+            tag::QUERY => {
+                if !complete && h.total <= STREAM_OVER {
+                    return Ok(());
+                }
+                progress.inflight += 1;
+                ctx.tracker.push(Expect::Simple);
+                if complete {
+                    if let Some((sql, _)) = wire::cstr(wire::body(&buf[at..at + h.total]), 0) {
+                        sqlscan::observe(sql, ctx.seen);
+                        apply_statement_effects(ctx);
+                    }
+                }
+            }
+            tag::FUNCTION_CALL => {
+                progress.inflight += 1;
+                ctx.tracker.push(Expect::Simple);
+            }
             tag::SYNC => {
                 progress.inflight += 1;
                 progress.unsynced = false;
+                ctx.skip_to_sync = false;
+                ctx.tracker.push(Expect::Sync);
             }
-            tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => {
-                progress.unsynced = true
+            tag::EXECUTE => {
+                progress.unsynced = true;
+                ctx.tracker.push(Expect::Execute);
+            }
+            tag::FLUSH => progress.unsynced = true,
+            tag::PARSE | tag::BIND | tag::DESCRIBE | tag::CLOSE => {
+                if !complete {
+                    return Ok(());
+                }
+                progress.unsynced = true;
+                let msg = &buf[at..at + h.total];
+                if let Some(replacement) = rewrite_extended(h.tag, msg, ctx)? {
+                    splice(buf, at, h.total, &replacement);
+                    dir.ready += replacement.len();
+                    continue;
+                }
             }
             tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL | tag::PASSWORD => {}
             tag::TERMINATE => {
@@ -109,14 +185,131 @@ pub(super) fn scan_client(buf: &BytesMut, dir: &mut Dir, progress: &mut Progress
     }
 }
 
-/// Scans server bytes beyond `dir.ready`: tracks ReadyForQuery and records
-/// ParameterStatus on both the server's and the client's parameter sets.
-/// Returns true when a ReadyForQuery left nothing in flight.
+/// Follows SQL that changes prepared statements on the server.
+fn apply_statement_effects(ctx: &mut ClientCtx<'_>) {
+    if ctx.seen.dealloc_all {
+        // DEALLOCATE ALL / DISCARD ALL drop Weir's statements too.
+        ctx.server.clear();
+        ctx.stmts.clear();
+    }
+}
+
+/// Handles Parse/Bind/Describe/Close. `Ok(None)` forwards the message as is;
+/// `Ok(Some(bytes))` replaces it (possibly with nothing, when Weir answers).
+fn rewrite_extended(t: u8, msg: &[u8], ctx: &mut ClientCtx<'_>) -> Result<Option<BytesMut>, WireError> {
+    let named = ctx.capacity > 0;
+    match t {
+        tag::PARSE => {
+            let (name, rest) = prepared::parse_parts(msg).ok_or(WireError::Malformed("Parse"))?;
+            if let Some(q) = prepared::parse_query(rest) {
+                sqlscan::observe(q, ctx.seen);
+                apply_statement_effects(ctx);
+            }
+            if name.is_empty() || !named {
+                ctx.tracker.push(Expect::Parse(None));
+                return Ok(None);
+            }
+            if ctx.stmts.get(name).is_some() {
+                let err = build::error(
+                    "ERROR",
+                    "42P05",
+                    &format!("prepared statement \"{name}\" already exists"),
+                );
+                ctx.tracker.push(Expect::Fake(err.freeze()));
+                ctx.skip_to_sync = true;
+                return Ok(Some(BytesMut::new()));
+            }
+            let stmt = ctx.registry.intern(rest);
+            ctx.stmts.insert(name, stmt.clone());
+            if ctx.server.contains(stmt.id) {
+                ctx.server.touch(stmt.id);
+                ctx.tracker
+                    .push(Expect::Fake(Bytes::from_static(prepared::PARSE_COMPLETE)));
+                return Ok(Some(BytesMut::new()));
+            }
+            let mut out = BytesMut::with_capacity(stmt.parse.len() + 32);
+            make_room(&stmt, ctx, &mut out);
+            out.extend_from_slice(&stmt.parse);
+            ctx.tracker.push(Expect::Parse(Some(stmt)));
+            Ok(Some(out))
+        }
+        tag::BIND => {
+            let (portal, sname, rest) = prepared::bind_parts(msg).ok_or(WireError::Malformed("Bind"))?;
+            let stmt = match ctx.stmts.get(sname) {
+                Some(s) if named && !sname.is_empty() => s.clone(),
+                _ => {
+                    ctx.tracker.push(Expect::Bind(None));
+                    return Ok(None);
+                }
+            };
+            let mut out = BytesMut::with_capacity(msg.len() + 16);
+            ensure_on_server(&stmt, ctx, &mut out);
+            prepared::put_bind(&mut out, portal, &stmt.name, rest);
+            ctx.tracker.push(Expect::Bind(Some(stmt)));
+            Ok(Some(out))
+        }
+        tag::DESCRIBE => {
+            let (kind, name) = prepared::target_parts(msg).ok_or(WireError::Malformed("Describe"))?;
+            ctx.tracker.push(Expect::Describe);
+            let stmt = match ctx.stmts.get(name) {
+                Some(s) if named && kind == b'S' && !name.is_empty() => s.clone(),
+                _ => return Ok(None),
+            };
+            // The Describe entry must follow any prepended Parse.
+            ctx.tracker.pop_back();
+            let mut out = BytesMut::with_capacity(64);
+            ensure_on_server(&stmt, ctx, &mut out);
+            prepared::put_target(&mut out, tag::DESCRIBE, b'S', &stmt.name);
+            ctx.tracker.push(Expect::Describe);
+            Ok(Some(out))
+        }
+        _ => {
+            let (kind, name) = prepared::target_parts(msg).ok_or(WireError::Malformed("Close"))?;
+            if named && kind == b'S' && !name.is_empty() {
+                // Closing a statement another client may share is Weir's to answer.
+                ctx.stmts.remove(name);
+                ctx.tracker
+                    .push(Expect::Fake(Bytes::from_static(prepared::CLOSE_COMPLETE)));
+                return Ok(Some(BytesMut::new()));
+            }
+            ctx.tracker.push(Expect::Close);
+            Ok(None)
+        }
+    }
+}
+
+/// Prepends what the server needs before `stmt` can be used: closing a
+/// statement to make room (LRU) or a stale copy, then the Parse itself.
+fn ensure_on_server(stmt: &Arc<Stmt>, ctx: &mut ClientCtx<'_>, out: &mut BytesMut) {
+    if ctx.server.contains(stmt.id) {
+        ctx.server.touch(stmt.id);
+        return;
+    }
+    make_room(stmt, ctx, out);
+    out.extend_from_slice(&stmt.parse);
+    ctx.tracker.push(Expect::SwallowParse(stmt.clone()));
+}
+
+fn make_room(stmt: &Arc<Stmt>, ctx: &mut ClientCtx<'_>, out: &mut BytesMut) {
+    if ctx.server.take_stale(stmt.id) {
+        prepared::put_target(out, tag::CLOSE, b'S', &stmt.name);
+        ctx.tracker.push(Expect::SwallowClose(stmt.clone()));
+    }
+    if let Some(evicted) = ctx.server.insert(stmt.clone(), ctx.capacity) {
+        prepared::put_target(out, tag::CLOSE, b'S', &evicted.name);
+        ctx.tracker.push(Expect::SwallowClose(evicted));
+    }
+}
+
+/// Scans server bytes beyond `dir.ready`: tracks ReadyForQuery, records
+/// ParameterStatus on both the server's and the client's parameter sets, and
+/// applies the tracker's verdicts (drop what Weir added, insert what Weir
+/// answers). Returns true when a ReadyForQuery left nothing in flight.
 pub(super) fn scan_server(
-    buf: &BytesMut,
+    buf: &mut BytesMut,
     dir: &mut Dir,
     progress: &mut Progress,
-    server_params: &mut ParamSet,
+    server: &mut ServerState<'_>,
     client_params: &mut ParamSet,
 ) -> Result<bool, WireError> {
     let mut idle = false;
@@ -130,18 +323,21 @@ pub(super) fn scan_server(
             dir.pass -= n;
             continue;
         }
+        insert_fakes(buf, dir, server.tracker);
         let Some(h) = wire::header(&buf[dir.ready..])? else {
             return Ok(idle);
         };
         let available = buf.len() - dir.ready;
         if available < h.total {
-            if h.total > STREAM_OVER && h.tag != tag::READY_FOR_QUERY && h.tag != tag::PARAMETER_STATUS {
+            if h.total > STREAM_OVER && !matches!(h.tag, b'Z' | b'S' | b'E' | b'1' | b'2' | b'3' | b'T' | b'n' | b'C' | b'I' | b's') {
                 dir.pass = h.total;
                 continue;
             }
             return Ok(idle);
         }
         let msg = &buf[dir.ready..dir.ready + h.total];
+        let error = (h.tag == tag::ERROR_RESPONSE).then(|| wire::error_fields(msg).message);
+        let verdict = server.tracker.on_server(h.tag, error.as_deref(), server.prepared);
         match h.tag {
             tag::READY_FOR_QUERY => {
                 progress.tx = *msg.get(5).ok_or(WireError::Malformed("ReadyForQuery"))?;
@@ -150,7 +346,7 @@ pub(super) fn scan_server(
             }
             tag::PARAMETER_STATUS => {
                 if let Some((k, v)) = wire::parameter_status(msg) {
-                    server_params.set_reported(k, v);
+                    server.params.set_reported(k, v);
                     if crate::backend::params::is_tracked(k) {
                         client_params.set_reported(k, v);
                     }
@@ -159,7 +355,31 @@ pub(super) fn scan_server(
             }
             _ => idle = false,
         }
-        dir.ready += h.total;
+        if verdict == Verdict::Drop {
+            splice(buf, dir.ready, h.total, &[]);
+        } else {
+            dir.ready += h.total;
+        }
+    }
+}
+
+/// The parts of a server connection scanning its output touches.
+pub(super) struct ServerState<'a> {
+    pub params: &'a mut ParamSet,
+    pub prepared: &'a mut ServerStatements,
+    pub tracker: &'a mut Tracker,
+}
+
+/// Puts the responses Weir gives itself at the current message boundary.
+pub(super) fn insert_fakes(buf: &mut BytesMut, dir: &mut Dir, tracker: &mut Tracker) {
+    if dir.pass > 0 || !tracker.front_is_fake() {
+        return;
+    }
+    let mut fakes = Vec::new();
+    tracker.take_fakes(&mut fakes);
+    for f in fakes {
+        splice(buf, dir.ready, 0, &f);
+        dir.ready += f.len();
     }
 }
 
@@ -233,76 +453,163 @@ mod tests {
     use super::*;
     use crate::wire::build;
 
+    struct Fixture {
+        stmts: ClientStatements,
+        registry: Registry,
+        server: ServerStatements,
+        tracker: Tracker,
+        seen: Seen,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Fixture {
+                stmts: ClientStatements::default(),
+                registry: Registry::default(),
+                server: ServerStatements::default(),
+                tracker: Tracker::default(),
+                seen: Seen::default(),
+            }
+        }
+        fn scan(&mut self, buf: &mut BytesMut, dir: &mut Dir, p: &mut Progress) -> Result<(), WireError> {
+            let mut ctx = ClientCtx {
+                stmts: &mut self.stmts,
+                registry: &self.registry,
+                server: &mut self.server,
+                capacity: 2,
+                tracker: &mut self.tracker,
+                seen: &mut self.seen,
+                skip_to_sync: false,
+            };
+            scan_client(buf, dir, p, &mut ctx)
+        }
+    }
+
+    fn parse(name: &str, q: &str) -> Vec<u8> {
+        let mut b = vec![b'P'];
+        let len = 4 + name.len() + 1 + q.len() + 1 + 2;
+        b.extend_from_slice(&(len as i32).to_be_bytes());
+        b.extend_from_slice(name.as_bytes());
+        b.push(0);
+        b.extend_from_slice(q.as_bytes());
+        b.push(0);
+        b.extend_from_slice(&[0, 0]);
+        b
+    }
+
+    fn bind(stmt: &str) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        prepared::put_bind(&mut out, "", stmt, &[0, 0, 0, 0, 0, 0]);
+        out.to_vec()
+    }
+
     #[test]
     fn counts_queries_and_syncs() {
+        let mut f = Fixture::new();
         let mut buf = BytesMut::new();
         buf.extend_from_slice(&build::query("select 1"));
-        buf.extend_from_slice(b"P\0\0\0\x08\0\0\0\0");
+        buf.extend_from_slice(&parse("", "select 1"));
         let mut dir = Dir::default();
         let mut p = Progress::default();
-        scan_client(&buf, &mut dir, &mut p).unwrap();
+        f.scan(&mut buf, &mut dir, &mut p).unwrap();
         assert_eq!(p.inflight, 1);
         assert!(p.unsynced);
         assert_eq!(dir.ready, buf.len());
         buf.extend_from_slice(b"S\0\0\0\x04");
-        scan_client(&buf, &mut dir, &mut p).unwrap();
+        f.scan(&mut buf, &mut dir, &mut p).unwrap();
         assert_eq!(p.inflight, 2);
         assert!(!p.unsynced);
     }
 
     #[test]
     fn terminate_is_not_forwarded() {
+        let mut f = Fixture::new();
         let mut buf = BytesMut::new();
         buf.extend_from_slice(&build::query("select 1"));
         let qlen = buf.len();
         buf.extend_from_slice(&build::terminate());
         let mut dir = Dir::default();
         let mut p = Progress::default();
-        scan_client(&buf, &mut dir, &mut p).unwrap();
+        f.scan(&mut buf, &mut dir, &mut p).unwrap();
         assert!(p.terminated);
         assert_eq!(dir.ready, qlen);
     }
 
     #[test]
-    fn partial_client_message_passes_through_as_it_arrives() {
-        let q = build::query("select 12345");
+    fn large_query_streams_through_as_it_arrives() {
+        let mut f = Fixture::new();
+        let q = build::query(&"x".repeat(STREAM_OVER + 10));
         let mut buf = BytesMut::from(&q[..7]);
         let mut dir = Dir::default();
         let mut p = Progress::default();
-        scan_client(&buf, &mut dir, &mut p).unwrap();
+        f.scan(&mut buf, &mut dir, &mut p).unwrap();
         assert_eq!(dir.ready, 7);
         assert_eq!(dir.pass, q.len() - 7);
         buf.extend_from_slice(&q[7..]);
-        scan_client(&buf, &mut dir, &mut p).unwrap();
+        f.scan(&mut buf, &mut dir, &mut p).unwrap();
         assert_eq!(dir.ready, q.len());
         assert_eq!(dir.pass, 0);
     }
 
     #[test]
-    fn ready_for_query_ends_the_exchange() {
+    fn named_parse_is_renamed_and_bind_follows() {
+        let mut f = Fixture::new();
         let mut buf = BytesMut::new();
-        buf.extend_from_slice(b"C\0\0\0\x0dSELECT 1\0");
-        buf.extend_from_slice(&build::parameter_status("TimeZone", "UTC"));
-        buf.extend_from_slice(&build::ready_for_query(b'T'));
+        buf.extend_from_slice(&parse("s1", "select 1"));
+        buf.extend_from_slice(&bind("s1"));
+        buf.extend_from_slice(b"S\0\0\0\x04");
         let mut dir = Dir::default();
-        let mut p = Progress {
-            inflight: 1,
-            ..Progress::default()
-        };
-        let mut sp = ParamSet::default();
-        let mut cp = ParamSet::default();
-        assert!(scan_server(&buf, &mut dir, &mut p, &mut sp, &mut cp).unwrap());
-        assert_eq!(p.tx, b'T');
-        assert_eq!(sp.get("timezone"), Some("UTC"));
-        assert_eq!(cp.get("TimeZone"), Some("UTC"));
+        let mut p = Progress::default();
+        f.scan(&mut buf, &mut dir, &mut p).unwrap();
         assert_eq!(dir.ready, buf.len());
+        let (name, _) = prepared::parse_parts(&buf).unwrap();
+        assert_eq!(name, "weir_1");
+        let h = wire::header(&buf).unwrap().unwrap();
+        let (_, stmt, _) = prepared::bind_parts(&buf[h.total..]).unwrap();
+        assert_eq!(stmt, "weir_1");
+    }
+
+    #[test]
+    fn bind_on_a_server_without_the_statement_prepends_parse() {
+        let mut f = Fixture::new();
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&parse("s1", "select 1"));
+        let mut dir = Dir::default();
+        let mut p = Progress::default();
+        f.scan(&mut buf, &mut dir, &mut p).unwrap();
+        // A different server: nothing prepared there.
+        f.server = ServerStatements::default();
+        f.tracker.clear();
+        let mut buf = BytesMut::from(&bind("s1")[..]);
+        let mut dir = Dir::default();
+        f.scan(&mut buf, &mut dir, &mut p).unwrap();
+        assert_eq!(buf[0], b'P');
+        let h = wire::header(&buf).unwrap().unwrap();
+        assert_eq!(buf[h.total], b'B');
+        let mut ignored = ServerStatements::default();
+        assert_eq!(f.tracker.on_server(b'1', None, &mut ignored), Verdict::Drop);
+    }
+
+    #[test]
+    fn close_of_a_statement_is_answered_by_weir() {
+        let mut f = Fixture::new();
+        let mut buf = BytesMut::new();
+        let mut close = BytesMut::new();
+        prepared::put_target(&mut close, b'C', b'S', "s1");
+        buf.extend_from_slice(&close);
+        let mut dir = Dir::default();
+        let mut p = Progress::default();
+        f.scan(&mut buf, &mut dir, &mut p).unwrap();
+        assert!(buf.is_empty());
+        assert!(f.tracker.front_is_fake());
     }
 
     #[test]
     fn bad_client_tag_is_an_error() {
-        let buf = BytesMut::from(&b"?\0\0\0\x04"[..]);
+        let mut f = Fixture::new();
+        let mut buf = BytesMut::from(&b"?\0\0\0\x04"[..]);
         let mut dir = Dir::default();
         let mut p = Progress::default();
-        assert!(scan_client(&buf, &mut dir, &mut p).is_err());
+        assert!(f.scan(&mut buf, &mut dir, &mut p).is_err());
     }
 }

@@ -2,7 +2,11 @@
 //! transaction borrow a server from the pool, relay, and give it back clean.
 
 use super::cancel::{self, BackendKey, CancelEntry, FrontendKey};
-use super::relay::{self, Dir, Event, Progress};
+use super::relay::{self, ClientCtx, Dir, Event, Progress, ServerState};
+use super::sqlscan::Seen;
+use super::tracker::Tracker;
+use crate::backend::params::{is_tracked, quote_literal};
+use crate::backend::prepared::ClientStatements;
 use super::startup::{self, Start};
 use crate::auth::{self, AuthError};
 use crate::backend::conn::ExecError;
@@ -53,6 +57,7 @@ pub(super) async fn run(app: Arc<App>, mut stream: Stream, peer: String) {
         wanted: parts.wanted,
         key: parts.key,
         cancel: parts.cancel,
+        stmts: ClientStatements::default(),
     };
     session.serve().await;
     app.cancels.unregister(session.key);
@@ -220,6 +225,8 @@ struct Session {
     wanted: ParamSet,
     key: FrontendKey,
     cancel: Arc<CancelEntry>,
+    /// This client's protocol-level prepared statements.
+    stmts: ClientStatements,
 }
 
 enum Work {
@@ -340,17 +347,37 @@ impl Session {
             return after;
         }
         let idle_tx_limit = self.cluster.config.general.idle_transaction_timeout;
+        let capacity = self.cluster.config.general.max_prepared_statements;
+        let app = self.app.clone();
         let mut up = Dir::default();
         let mut down = Dir::default();
         let mut progress = Progress::default();
+        let mut tracker = Tracker::default();
+        let mut seen = Seen::default();
+        let mut skip_to_sync = false;
         loop {
-            if let Err(e) = relay::scan_client(&self.cbuf, &mut up, &mut progress) {
+            let scanned = {
+                let mut ctx = ClientCtx {
+                    stmts: &mut self.stmts,
+                    registry: &app.statements,
+                    server: &mut server.prepared,
+                    capacity,
+                    tracker: &mut tracker,
+                    seen: &mut seen,
+                    skip_to_sync,
+                };
+                let r = relay::scan_client(&mut self.cbuf, &mut up, &mut progress, &mut ctx);
+                skip_to_sync = ctx.skip_to_sync;
+                r
+            };
+            if let Err(e) = scanned {
                 fatal(&mut self.client, "08P01", &format!("protocol error: {e}")).await;
-                self.abandon(server, &progress, &up).await;
+                self.abandon(server, &progress, &up, &seen).await;
                 return After::Stop;
             }
+            relay::insert_fakes(&mut server.buf, &mut down, &mut tracker);
             if progress.terminated && progress.at_rest(&up) {
-                self.abandon(server, &progress, &up).await;
+                self.abandon(server, &progress, &up, &seen).await;
                 return After::Stop;
             }
             let waiting_in_tx = progress.inflight == 0 && progress.tx != b'I' && up.ready == 0;
@@ -367,7 +394,7 @@ impl Session {
                     Ok(ev) => ev,
                     Err(_) => {
                         fatal(&mut self.client, "25P03", "idle transaction timeout").await;
-                        self.abandon(server, &progress, &up).await;
+                        self.abandon(server, &progress, &up, &seen).await;
                         return After::Stop;
                     }
                 }
@@ -377,11 +404,16 @@ impl Session {
             match event {
                 Event::ClientData => {}
                 Event::ServerData => {
+                    let mut state = ServerState {
+                        params: &mut server.params,
+                        prepared: &mut server.prepared,
+                        tracker: &mut tracker,
+                    };
                     let idle = match relay::scan_server(
-                        &server.buf,
+                        &mut server.buf,
                         &mut down,
                         &mut progress,
-                        &mut server.params,
+                        &mut state,
                         &mut self.wanted,
                     ) {
                         Ok(idle) => idle,
@@ -392,12 +424,25 @@ impl Session {
                         }
                     };
                     if idle && progress.tx == b'I' && progress.at_rest(&up) && self.mode() != PoolMode::Session {
-                        return self.finish(server, &mut down).await;
+                        return self.finish(server, &mut down, &seen).await;
+                    }
+                    if idle && progress.tx != b'I' && self.mode() == PoolMode::Statement {
+                        // PgBouncer refuses multi-statement transactions here.
+                        let _ = self.client.write_all(&server.buf[..down.ready]).await;
+                        fatal(
+                            &mut self.client,
+                            "08P01",
+                            "transaction blocks not allowed in statement pooling mode",
+                        )
+                        .await;
+                        server.buf.advance(down.ready);
+                        self.abandon(server, &progress, &up, &seen).await;
+                        return After::Stop;
                     }
                 }
                 Event::ClientGone(e) => {
                     tracing::debug!(peer = %self.peer, error = %e, "client connection lost");
-                    self.abandon(server, &progress, &up).await;
+                    self.abandon(server, &progress, &up, &seen).await;
                     return After::Stop;
                 }
                 Event::ServerGone(e) => {
@@ -433,11 +478,13 @@ impl Session {
     }
 
     /// The transaction ended: pass the last bytes on and return the server.
-    async fn finish(&mut self, mut server: ServerConn, down: &mut Dir) -> After {
+    async fn finish(&mut self, mut server: ServerConn, down: &mut Dir, seen: &Seen) -> After {
         let result = self.client.write_all(&server.buf[..down.ready]).await;
         server.buf.advance(down.ready);
         server.buf.clear();
-        self.release(server, false).await;
+        if self.settle(&mut server, seen).await {
+            self.release(server, false).await;
+        }
         match result {
             Ok(()) => After::Continue,
             Err(_) => After::Stop,
@@ -446,7 +493,7 @@ impl Session {
 
     /// The client is leaving (or broke the protocol) while it holds `server`:
     /// keep the server only if it can be brought back to a clean idle state.
-    async fn abandon(&mut self, mut server: ServerConn, progress: &Progress, up: &Dir) {
+    async fn abandon(&mut self, mut server: ServerConn, progress: &Progress, up: &Dir, seen: &Seen) {
         if !progress.at_rest(up) {
             tracing::debug!(?server, "client left mid-query; closing server connection");
             return;
@@ -458,7 +505,78 @@ impl Session {
                 _ => return,
             }
         }
-        self.release(server, true).await;
+        if self.settle(&mut server, seen).await {
+            self.release(server, true).await;
+        }
+    }
+
+    /// After a transaction in transaction/statement mode: remember the
+    /// session parameters the client set, and clean state the next client
+    /// must not inherit. Returns false if the server must be closed instead.
+    async fn settle(&mut self, server: &mut ServerConn, seen: &Seen) -> bool {
+        if seen.is_empty() || self.mode() == PoolMode::Session {
+            return true;
+        }
+        let names = self.changed_params(server, seen);
+        if !names.is_empty() {
+            let sql = format!(
+                "SELECT {}",
+                names
+                    .iter()
+                    .map(|n| format!("pg_catalog.current_setting({}, true)", quote_literal(n)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            match tokio::time::timeout(CLEANUP_TIMEOUT, server.query_row(&sql)).await {
+                Ok(Ok(values)) => {
+                    for (name, value) in names.iter().zip(values) {
+                        match value {
+                            Some(v) => {
+                                self.wanted.set(name, &v);
+                                server.params.set(name, &v);
+                            }
+                            None => {
+                                self.wanted.remove(name);
+                                server.params.remove(name);
+                            }
+                        }
+                    }
+                }
+                _ => return false,
+            }
+        }
+        if seen.dirty.any() {
+            let sql = seen.dirty.cleanup_sql();
+            match tokio::time::timeout(CLEANUP_TIMEOUT, server.exec(&sql)).await {
+                Ok(Ok(b'I')) => {}
+                _ => return false,
+            }
+            if seen.dirty.prepared {
+                server.prepared.clear();
+            }
+        }
+        true
+    }
+
+    /// Parameters whose session value may have changed and that PostgreSQL
+    /// does not report by itself.
+    fn changed_params(&self, server: &ServerConn, seen: &Seen) -> Vec<String> {
+        let mut names: Vec<String> = seen.params.iter().filter(|n| !is_tracked(n)).cloned().collect();
+        if seen.reset_all {
+            for (name, _) in self.wanted.iter().chain(server.params.iter()) {
+                let lower = name.to_ascii_lowercase();
+                if !is_tracked(&lower) && server.params.is_unreported(&lower) && !names.contains(&lower) {
+                    names.push(lower);
+                }
+            }
+            for (name, _) in self.wanted.iter() {
+                let lower = name.to_ascii_lowercase();
+                if !is_tracked(&lower) && !names.contains(&lower) && server.params.get(&lower).is_none() {
+                    names.push(lower);
+                }
+            }
+        }
+        names
     }
 
     /// Returns an idle server, running the reset query where PgBouncer would.

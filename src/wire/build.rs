@@ -184,6 +184,6 @@ mod tests {
     #[test]
     fn startup_layout() {
         let s = startup(&[("user", "u")]);
-        assert_eq!(&s[..], b"\0\0\0\x11\0\x03\0\0user\0u\0\0");
+        assert_eq!(&s[..], b"\0\0\0\x10\0\x03\0\0user\0u\0\0");
     }
 }
