@@ -12,7 +12,11 @@ use weir::config::Config;
 use weir::{App, Shutdown};
 
 #[derive(Parser, Debug)]
-#[command(name = "weir", version, about = "PgBouncer-compatible PostgreSQL connection pooler")]
+#[command(
+    name = "weir",
+    version,
+    about = "PgBouncer-compatible PostgreSQL connection pooler"
+)]
 struct Args {
     /// Config file (weir.toml).
     config: Option<PathBuf>,
@@ -53,6 +57,9 @@ fn main() -> ExitCode {
     if let Some(path) = &args.check {
         return match Config::load(path) {
             Ok(cfg) => {
+                for w in &cfg.warnings {
+                    println!("warning: {w}");
+                }
                 print!("{}", cfg.render());
                 println!("config OK");
                 ExitCode::SUCCESS
@@ -75,7 +82,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start runtime: {e}");
@@ -126,7 +136,7 @@ async fn serve(path: PathBuf, config: Config) -> ExitCode {
     }
 }
 
-fn reload(app: &Arc<App>, path: &PathBuf) {
+fn reload(app: &Arc<App>, path: &std::path::Path) {
     match Config::load(path) {
         Ok(cfg) => {
             app.reload(cfg);

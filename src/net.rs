@@ -28,7 +28,11 @@ impl Stream {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
@@ -37,7 +41,11 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
@@ -76,7 +84,10 @@ fn invalid(e: WireError) -> io::Error {
 
 /// Reads one complete tagged message into a fresh buffer (login phase only).
 /// Returns `None` on a clean EOF before any byte of a message.
-pub async fn read_message<S: AsyncRead + Unpin>(s: &mut S, buf: &mut BytesMut) -> io::Result<Option<BytesMut>> {
+pub async fn read_message<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut BytesMut,
+) -> io::Result<Option<BytesMut>> {
     loop {
         if let Some(h) = wire::header(buf).map_err(invalid)? {
             if buf.len() >= h.total {
@@ -95,7 +106,10 @@ pub async fn read_message<S: AsyncRead + Unpin>(s: &mut S, buf: &mut BytesMut) -
 }
 
 /// Reads one complete untagged startup packet.
-pub async fn read_startup<S: AsyncRead + Unpin>(s: &mut S, buf: &mut BytesMut) -> io::Result<Option<BytesMut>> {
+pub async fn read_startup<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut BytesMut,
+) -> io::Result<Option<BytesMut>> {
     loop {
         if let Some(len) = wire::startup::packet_len(buf).map_err(invalid)? {
             return Ok(Some(buf.split_to(len)));

@@ -99,7 +99,12 @@ fn body_cstr(msg: &[u8]) -> Result<&str, AuthError> {
         .ok_or_else(|| AuthError::Protocol("malformed password message".into()))
 }
 
-async fn cleartext(stream: &mut Stream, buf: &mut BytesMut, user: &str, secret: &Secret) -> Result<Proof, AuthError> {
+async fn cleartext(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    user: &str,
+    secret: &Secret,
+) -> Result<Proof, AuthError> {
     stream.write_all(&build::auth(3, &[])).await?;
     let msg = read_password(stream, buf).await?;
     let given = body_cstr(&msg)?;
@@ -139,7 +144,12 @@ fn pbkdf2(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
     out
 }
 
-async fn md5_exchange(stream: &mut Stream, buf: &mut BytesMut, user: &str, secret: &Secret) -> Result<Proof, AuthError> {
+async fn md5_exchange(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    user: &str,
+    secret: &Secret,
+) -> Result<Proof, AuthError> {
     let mut salt = [0u8; 4];
     rand::thread_rng().fill_bytes(&mut salt);
     stream.write_all(&build::auth(5, &salt)).await?;
@@ -158,8 +168,15 @@ async fn md5_exchange(stream: &mut Stream, buf: &mut BytesMut, user: &str, secre
     }
 }
 
-async fn scram(stream: &mut Stream, buf: &mut BytesMut, user: &str, verifier: Arc<ScramVerifier>) -> Result<Proof, AuthError> {
-    stream.write_all(&build::auth_sasl(&["SCRAM-SHA-256"])).await?;
+async fn scram(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    user: &str,
+    verifier: Arc<ScramVerifier>,
+) -> Result<Proof, AuthError> {
+    stream
+        .write_all(&build::auth_sasl(&["SCRAM-SHA-256"]))
+        .await?;
     let msg = read_password(stream, buf).await?;
     let body = wire::body(&msg);
     let (mechanism, pos) = wire::cstr(body, 0)
@@ -173,7 +190,9 @@ async fn scram(stream: &mut Stream, buf: &mut BytesMut, user: &str, verifier: Ar
         .get(pos + 4..)
         .ok_or_else(|| AuthError::Protocol("malformed SASLInitialResponse".into()))?;
     let (server, first) = scram::ScramServer::start(verifier, data).map_err(|e| match e {
-        scram::ScramFailure::Malformed(m) => AuthError::Protocol(format!("malformed SCRAM message: {m}")),
+        scram::ScramFailure::Malformed(m) => {
+            AuthError::Protocol(format!("malformed SCRAM message: {m}"))
+        }
         scram::ScramFailure::WrongPassword => AuthError::WrongPassword(user.into()),
     })?;
     stream.write_all(&build::auth(11, first.as_bytes())).await?;

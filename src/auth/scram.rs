@@ -27,7 +27,8 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 
 /// A verifier for a plain password, derived once per (user, password) and cached.
 pub async fn verifier_for_plain(user: &str, password: &str) -> Arc<ScramVerifier> {
-    static CACHE: OnceLock<Mutex<HashMap<(String, String), Arc<ScramVerifier>>>> = OnceLock::new();
+    type Cache = Mutex<HashMap<(String, String), Arc<ScramVerifier>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let key = (user.to_string(), password.to_string());
     if let Some(v) = cache.lock().get(&key) {
@@ -64,8 +65,12 @@ pub enum ScramFailure {
 
 impl ScramServer {
     /// Handles client-first-message; returns the exchange and server-first-message.
-    pub fn start(verifier: Arc<ScramVerifier>, client_first: &[u8]) -> Result<(Self, String), ScramFailure> {
-        let text = std::str::from_utf8(client_first).map_err(|_| ScramFailure::Malformed("not UTF-8"))?;
+    pub fn start(
+        verifier: Arc<ScramVerifier>,
+        client_first: &[u8],
+    ) -> Result<(Self, String), ScramFailure> {
+        let text =
+            std::str::from_utf8(client_first).map_err(|_| ScramFailure::Malformed("not UTF-8"))?;
         let bare = match text.get(..3) {
             Some("n,,") | Some("y,,") => &text[3..],
             _ if text.starts_with("p=") => {
@@ -99,7 +104,8 @@ impl ScramServer {
     /// Handles client-final-message; on success returns server-final-message and
     /// the ClientKey the client proved it knows.
     pub fn finish(self, client_final: &[u8]) -> Result<(String, [u8; 32]), ScramFailure> {
-        let text = std::str::from_utf8(client_final).map_err(|_| ScramFailure::Malformed("not UTF-8"))?;
+        let text =
+            std::str::from_utf8(client_final).map_err(|_| ScramFailure::Malformed("not UTF-8"))?;
         let (without_proof, proof_b64) = text
             .rsplit_once(",p=")
             .ok_or(ScramFailure::Malformed("missing proof"))?;
@@ -142,21 +148,30 @@ mod tests {
         let verifier = verifier_for_plain("u", stored_pw).await;
         let mut client = ScramSha256::new(client_pw.as_bytes(), ChannelBinding::unsupported());
         let (server, first) = ScramServer::start(verifier, client.message())?;
-        client.update(first.as_bytes()).expect("server-first accepted");
+        client
+            .update(first.as_bytes())
+            .expect("server-first accepted");
         let (fin, _) = server.finish(client.message())?;
-        client.finish(fin.as_bytes()).expect("server signature verifies");
+        client
+            .finish(fin.as_bytes())
+            .expect("server signature verifies");
         Ok(())
     }
 
     #[tokio::test]
     async fn accepts_right_password_rejects_wrong() {
         assert_eq!(exchange("pw", "pw").await, Ok(()));
-        assert_eq!(exchange("pw", "nope").await, Err(ScramFailure::WrongPassword));
+        assert_eq!(
+            exchange("pw", "nope").await,
+            Err(ScramFailure::WrongPassword)
+        );
     }
 
     #[test]
     fn rejects_malformed_first_message() {
-        let v = Arc::new(ScramVerifier::parse(&postgres_protocol::password::scram_sha_256(b"x")).unwrap());
+        let v = Arc::new(
+            ScramVerifier::parse(&postgres_protocol::password::scram_sha_256(b"x")).unwrap(),
+        );
         assert!(ScramServer::start(v.clone(), b"garbage").is_err());
         assert!(ScramServer::start(v, b"n,,n=,").is_err());
     }

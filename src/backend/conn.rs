@@ -59,7 +59,11 @@ pub struct ServerConn {
 
 impl std::fmt::Debug for ServerConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ServerConn({} pid={} {})", self.id.0, self.backend_pid, self.address)
+        write!(
+            f,
+            "ServerConn({} pid={} {})",
+            self.id.0, self.backend_pid, self.address
+        )
     }
 }
 
@@ -154,7 +158,9 @@ impl ServerConn {
                 .ok_or_else(|| ExecError::Io(std::io::ErrorKind::UnexpectedEof.into()))?;
             match msg[0] {
                 tag::READY_FOR_QUERY => {
-                    let status = *msg.get(5).ok_or_else(|| ExecError::Protocol("short ReadyForQuery".into()))?;
+                    let status = *msg
+                        .get(5)
+                        .ok_or_else(|| ExecError::Protocol("short ReadyForQuery".into()))?;
                     return match error {
                         Some(e) => Err(ExecError::Server(e)),
                         None => Ok(status),
@@ -169,12 +175,15 @@ impl ServerConn {
                 b'D' => {
                     if let Some(out) = row.as_deref_mut() {
                         if out.is_empty() {
-                            *out = data_row(&msg).ok_or_else(|| ExecError::Protocol("bad DataRow".into()))?;
+                            *out = data_row(&msg)
+                                .ok_or_else(|| ExecError::Protocol("bad DataRow".into()))?;
                         }
                     }
                 }
                 tag::COPY_IN_RESPONSE => {
-                    self.stream.write_all(&copy_fail("internal query cannot COPY")).await?;
+                    self.stream
+                        .write_all(&copy_fail("internal query cannot COPY"))
+                        .await?;
                 }
                 _ => {}
             }

@@ -56,9 +56,9 @@ pub async fn login(
     let mut sasl: Option<Sasl> = None;
     let mut result = LoginResult::default();
     loop {
-        let msg = read_message(stream, buf)
-            .await?
-            .ok_or_else(|| LoginError::Protocol("server closed the connection during login".into()))?;
+        let msg = read_message(stream, buf).await?.ok_or_else(|| {
+            LoginError::Protocol("server closed the connection during login".into())
+        })?;
         let body = wire::body(&msg);
         match msg[0] {
             tag::AUTHENTICATION => {
@@ -80,7 +80,12 @@ pub async fn login(
             }
             tag::READY_FOR_QUERY => return Ok(result),
             tag::NOTICE_RESPONSE => {}
-            other => return Err(LoginError::Protocol(format!("unexpected message '{}'", char::from(other)))),
+            other => {
+                return Err(LoginError::Protocol(format!(
+                    "unexpected message '{}'",
+                    char::from(other)
+                )))
+            }
         }
     }
 }
@@ -119,20 +124,23 @@ fn auth_step(
                 Some(Secret::Md5(h)) => h.clone(),
                 _ => return Err(no_password()),
             };
-            Ok(Some(build::password_cstr(&md5::salted_response(&inner, salt))))
+            Ok(Some(build::password_cstr(&md5::salted_response(
+                &inner, salt,
+            ))))
         }
         10 => {
-            let offers_scram = payload
-                .split(|&b| b == 0)
-                .any(|m| m == b"SCRAM-SHA-256");
+            let offers_scram = payload.split(|&b| b == 0).any(|m| m == b"SCRAM-SHA-256");
             if !offers_scram {
                 return Err(LoginError::Unsupported(code));
             }
             let state = match (&creds.secret, creds.scram_client_key) {
-                (Some(Secret::Plain(p)), _) => {
-                    Sasl::Password(ScramSha256::new(p.as_bytes(), ChannelBinding::unsupported()))
+                (Some(Secret::Plain(p)), _) => Sasl::Password(ScramSha256::new(
+                    p.as_bytes(),
+                    ChannelBinding::unsupported(),
+                )),
+                (Some(Secret::Scram(v)), Some(key)) => {
+                    Sasl::PassThrough(PassThrough::new(v.clone(), key))
                 }
-                (Some(Secret::Scram(v)), Some(key)) => Sasl::PassThrough(PassThrough::new(v.clone(), key)),
                 _ => return Err(no_password()),
             };
             let first = match &state {
@@ -145,7 +153,8 @@ fn auth_step(
         11 => {
             let reply = match sasl.as_mut() {
                 Some(Sasl::Password(s)) => {
-                    s.update(payload).map_err(|e| LoginError::Protocol(e.to_string()))?;
+                    s.update(payload)
+                        .map_err(|e| LoginError::Protocol(e.to_string()))?;
                     s.message().to_vec()
                 }
                 Some(Sasl::PassThrough(p)) => p.client_final(payload)?.into_bytes(),
@@ -155,7 +164,9 @@ fn auth_step(
         }
         12 => {
             match sasl.as_mut() {
-                Some(Sasl::Password(s)) => s.finish(payload).map_err(|e| LoginError::Protocol(e.to_string()))?,
+                Some(Sasl::Password(s)) => s
+                    .finish(payload)
+                    .map_err(|e| LoginError::Protocol(e.to_string()))?,
                 Some(Sasl::PassThrough(p)) => p.verify_server(payload)?,
                 None => return Err(LoginError::Protocol("SASL final before start".into())),
             }
@@ -191,7 +202,8 @@ impl PassThrough {
     }
 
     fn client_final(&mut self, server_first: &[u8]) -> Result<String, LoginError> {
-        let text = std::str::from_utf8(server_first).map_err(|_| LoginError::Protocol("bad SCRAM".into()))?;
+        let text = std::str::from_utf8(server_first)
+            .map_err(|_| LoginError::Protocol("bad SCRAM".into()))?;
         let nonce = text
             .split(',')
             .find_map(|a| a.strip_prefix("r="))
@@ -208,7 +220,12 @@ impl PassThrough {
         let without_proof = format!("c=biws,r={nonce}");
         self.auth_message = format!("{},{},{}", self.client_first_bare, text, without_proof);
         let sig = scram::hmac(&self.verifier.stored_key, self.auth_message.as_bytes());
-        let proof: Vec<u8> = self.client_key.iter().zip(sig).map(|(a, b)| a ^ b).collect();
+        let proof: Vec<u8> = self
+            .client_key
+            .iter()
+            .zip(sig)
+            .map(|(a, b)| a ^ b)
+            .collect();
         Ok(format!("{without_proof},p={}", B64.encode(proof)))
     }
 
@@ -218,7 +235,9 @@ impl PassThrough {
         if server_final == want.as_bytes() {
             Ok(())
         } else {
-            Err(LoginError::Protocol("server SCRAM signature mismatch".into()))
+            Err(LoginError::Protocol(
+                "server SCRAM signature mismatch".into(),
+            ))
         }
     }
 }

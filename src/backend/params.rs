@@ -14,7 +14,9 @@ pub const TRACKED_REPORTED: &[&str] = &[
 
 /// True for a reported parameter that follows the client across servers.
 pub fn is_tracked(name: &str) -> bool {
-    TRACKED_REPORTED.iter().any(|k| k.eq_ignore_ascii_case(name))
+    TRACKED_REPORTED
+        .iter()
+        .any(|k| k.eq_ignore_ascii_case(name))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +44,9 @@ impl ParamSet {
     }
 
     fn find(&self, key: &str) -> Option<usize> {
-        self.entries.iter().position(|e| e.key.eq_ignore_ascii_case(key))
+        self.entries
+            .iter()
+            .position(|e| e.key.eq_ignore_ascii_case(key))
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
@@ -93,7 +97,9 @@ impl ParamSet {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.entries.iter().map(|e| (e.name.as_str(), e.value.as_str()))
+        self.entries
+            .iter()
+            .map(|e| (e.name.as_str(), e.value.as_str()))
     }
 
     /// The subset a new client inherits as its defaults: the tracked reported

@@ -72,6 +72,7 @@ struct State {
 }
 
 /// What a waiting client receives: a ready connection, or the right to open one.
+#[allow(clippy::large_enum_variant)] // moved once per hand-off; boxing would allocate
 enum Handoff {
     Conn(ServerConn),
     Slot(Slot),
@@ -147,6 +148,7 @@ impl Pool {
     /// Lends a server connection, waiting in line if the pool is full.
     pub async fn checkout(self: &Arc<Self>) -> Result<ServerConn, CheckoutError> {
         let start = Instant::now();
+        #[allow(clippy::large_enum_variant)]
         enum First {
             Idle(ServerConn),
             Open,
@@ -230,7 +232,11 @@ impl Pool {
         }
     }
 
-    async fn take(self: &Arc<Self>, h: Handoff, start: Instant) -> Result<ServerConn, CheckoutError> {
+    async fn take(
+        self: &Arc<Self>,
+        h: Handoff,
+        start: Instant,
+    ) -> Result<ServerConn, CheckoutError> {
         match h {
             Handoff::Conn(mut conn) if conn.is_alive() => {
                 self.record_wait(start);
@@ -248,7 +254,11 @@ impl Pool {
     }
 
     /// Opens a reserve connection for waiter `id` if the reserve has room.
-    fn try_reserve(self: &Arc<Self>, id: u64, rx: &mut oneshot::Receiver<Handoff>) -> Option<Handoff> {
+    fn try_reserve(
+        self: &Arc<Self>,
+        id: u64,
+        rx: &mut oneshot::Receiver<Handoff>,
+    ) -> Option<Handoff> {
         let mut st = self.state.lock();
         if st.total >= self.settings.pool_size + self.settings.reserve_size {
             return None;
@@ -271,7 +281,11 @@ impl Pool {
         rx.try_recv().ok()
     }
 
-    async fn open(self: &Arc<Self>, slot: Slot, start: Instant) -> Result<ServerConn, CheckoutError> {
+    async fn open(
+        self: &Arc<Self>,
+        slot: Slot,
+        start: Instant,
+    ) -> Result<ServerConn, CheckoutError> {
         let creds = self.credentials();
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         let result = ServerConn::connect(&self.settings.target, &creds).await;
@@ -396,7 +410,11 @@ impl Drop for WaiterGuard<'_> {
         if self.done {
             return;
         }
-        self.pool.state.lock().waiters.retain(|(w, _)| *w != self.id);
+        self.pool
+            .state
+            .lock()
+            .waiters
+            .retain(|(w, _)| *w != self.id);
         if let Ok(Handoff::Conn(conn)) = self.rx.try_recv() {
             self.pool.checkin(conn);
         }

@@ -97,7 +97,11 @@ impl ServerStatements {
     pub fn insert(&mut self, stmt: Arc<Stmt>, capacity: usize) -> Option<Arc<Stmt>> {
         self.tick += 1;
         let evicted = if self.held.len() >= capacity.max(1) && !self.held.contains_key(&stmt.id) {
-            let oldest = self.held.iter().min_by_key(|(_, (t, _))| *t).map(|(id, _)| *id);
+            let oldest = self
+                .held
+                .iter()
+                .min_by_key(|(_, (t, _))| *t)
+                .map(|(id, _)| *id);
             oldest.and_then(|id| self.held.remove(&id)).map(|(_, s)| s)
         } else {
             None

@@ -327,8 +327,13 @@ fn ignored_reason(key: &str) -> Option<&'static str> {
 /// Weir-only `[databases.NAME]` keys that a one-line connection string cannot express.
 const TOML_ONLY_DATABASE_KEYS: &[&str] = &["shards", "sharded_tables"];
 
-/// PgBouncer's older names for connection-string keys.
-const DATABASE_KEY_ALIASES: &[(&str, &str)] = &[("reserve_pool", "reserve_pool_size")];
+/// Maps PgBouncer's older connection-string key names to the current ones.
+fn canonical_database_key(key: String) -> String {
+    match key.as_str() {
+        "reserve_pool" => "reserve_pool_size".to_string(),
+        _ => key,
+    }
+}
 
 /// The section whose settings are being read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -445,71 +450,81 @@ impl<'a> Importer<'a> {
 
     fn database(&mut self, origin: &Origin, name: &str, value: &str) -> Result<(), ConfigError> {
         let section = format!("databases.{name}");
-        let mut table = self.connstring::<DatabaseSection>(origin, &section, value)?;
-        self.first_of_list(origin, &section, &mut table, "port");
-        self.first_of_list(origin, &section, &mut table, "host");
-        if let Some(Value::String(host)) = table.get("host") {
-            if host.starts_with('/') {
-                self.warn(
-                    origin,
-                    format!(
-                        "[databases] {name}: host {host} is a Unix socket directory; \
-                         Weir connects over TCP to 127.0.0.1"
-                    ),
-                );
-                table.remove("host");
-            }
-        }
+        let pairs = parse_connstring(value).map_err(|m| origin.error(&section, m))?;
+        let pairs = pairs
+            .into_iter()
+            .map(|(key, value)| (canonical_database_key(key), value))
+            .filter_map(|(key, value)| self.single_tcp_server(origin, name, key, value))
+            .collect();
+        let table = self.typed_pairs::<DatabaseSection>(origin, &section, pairs)?;
         self.origins.insert(section, origin.clone());
         self.databases.insert(name.to_string(), Value::Table(table));
         Ok(())
     }
 
-    /// PgBouncer 1.20+ load-balances over `host=a,b`; Weir takes the first entry.
-    fn first_of_list(&mut self, origin: &Origin, section: &str, table: &mut Table, key: &str) {
-        let Some(Value::String(list)) = table.get(key) else {
-            return;
+    /// Weir connects to one server over TCP: of PgBouncer 1.20+'s load-balancing lists
+    /// (`host=a,b port=1,2`) it keeps the first entry, and a Unix socket directory
+    /// (`host=/run/postgresql`) is dropped, so Weir's no-host default (127.0.0.1) applies.
+    fn single_tcp_server(
+        &mut self,
+        origin: &Origin,
+        name: &str,
+        key: String,
+        value: String,
+    ) -> Option<(String, String)> {
+        if key != "host" && key != "port" {
+            return Some((key, value));
+        }
+        let value = match value.split_once(',') {
+            Some((first, _)) => {
+                let first = first.trim().to_string();
+                self.warn(
+                    origin,
+                    format!("[databases] {name}: {key} list {value:?} is not supported; using {first:?}"),
+                );
+                first
+            }
+            None => value,
         };
-        let Some((first, _)) = list.split_once(',') else {
-            return;
-        };
-        let first = first.trim().to_string();
-        let name = section.trim_start_matches("databases.");
-        let message = format!(
-            "[databases] {name}: multiple {key}s {list:?} are not supported; using {first:?}"
-        );
-        let typed = typed::<DatabaseSection>(key, &first).unwrap_or(Value::String(first));
-        table.insert(key.to_string(), typed);
-        self.warn(origin, message);
+        if key == "host" && value.starts_with('/') {
+            self.warn(
+                origin,
+                format!(
+                    "[databases] {name}: host {value} is a Unix socket directory; \
+                     Weir connects over TCP to 127.0.0.1"
+                ),
+            );
+            return None;
+        }
+        Some((key, value))
     }
 
     fn user(&mut self, origin: &Origin, name: &str, value: &str) -> Result<(), ConfigError> {
         let section = format!("users.{name}");
-        let table = self.connstring::<UserSection>(origin, &section, value)?;
+        let pairs = parse_connstring(value).map_err(|m| origin.error(&section, m))?;
+        let table = self.typed_pairs::<UserSection>(origin, &section, pairs)?;
         self.origins.insert(section, origin.clone());
         self.users.insert(name.to_string(), Value::Table(table));
         Ok(())
     }
 
-    /// Types each pair of a connection string against the section struct `T`; unknown keys
-    /// are warned about and left out. `host` and `port` may still hold comma lists.
-    fn connstring<T: DeserializeOwned>(
+    /// Types each connection-string pair against the section struct `T`; keys `T` does not
+    /// have are warned about and left out.
+    fn typed_pairs<T: DeserializeOwned>(
         &mut self,
         origin: &Origin,
         section: &str,
-        value: &str,
+        pairs: Vec<(String, String)>,
     ) -> Result<Table, ConfigError> {
         let (kind, name) = section.split_once('.').unwrap_or((section, ""));
-        let pairs = parse_connstring(value).map_err(|m| origin.error(section, m))?;
         let mut table = Table::new();
         for (key, raw) in pairs {
-            let key = DATABASE_KEY_ALIASES
-                .iter()
-                .find(|(old, _)| *old == key)
-                .map_or(key.clone(), |(_, new)| new.to_string());
-            let known = field_names::<T>().contains(&key.as_str())
-                && !TOML_ONLY_DATABASE_KEYS.contains(&key.as_str());
-            if !known {
+            if TOML_ONLY_DATABASE_KEYS.contains(&key.as_str()) {
+                let why = "sharding is configured in weir.toml only";
+                self.warn(origin, format!("[{kind}] {name}: {key}: {why}; ignored"));
+                continue;
+            }
+            if !field_names::<T>().contains(&key.as_str()) {
                 self.warn(
                     origin,
                     format!("[{kind}] {name}: unknown key {key}; ignored"),
@@ -517,13 +532,7 @@ impl<'a> Importer<'a> {
                 continue;
             }
             let full_key = format!("{section}.{key}");
-            let typed = match typed::<T>(&key, &raw) {
-                Ok(v) => v,
-                Err(_) if matches!(key.as_str(), "host" | "port") && raw.contains(',') => {
-                    Value::String(raw)
-                }
-                Err(m) => return Err(origin.error(&full_key, m)),
-            };
+            let typed = typed::<T>(&key, &raw).map_err(|m| origin.error(&full_key, m))?;
             self.origins.insert(full_key, origin.clone());
             table.insert(key, typed);
         }
@@ -800,6 +809,18 @@ frobnicate = 3
     }
 
     #[test]
+    fn reads_old_key_names_and_refuses_sharding_keys() {
+        let c = load("[databases]\nold = reserve_pool=3 shards=x\n").unwrap();
+        assert_eq!(c.databases["old"].reserve_pool_size, 3);
+        assert!(c.databases["old"].shards.is_empty());
+        let w = c.warnings.join("\n");
+        assert!(
+            w.contains("[databases] old: shards: sharding is configured in weir.toml only"),
+            "{w}"
+        );
+    }
+
+    #[test]
     fn connection_string_quoting_follows_libpq_and_pgbouncer() {
         let pairs = parse_connstring(
             r"host=h password='it''s a \'secret\'' dbname = 'a\\b' application_name='' port=1",
@@ -899,8 +920,11 @@ frobnicate = 3
         assert_eq!(c.databases["lb"].address.to_string(), "a:5433");
         assert_eq!(c.databases["sock"].address.to_string(), "127.0.0.1:5499");
         let w = c.warnings.join("\n");
-        assert!(w.contains("[databases] lb: multiple hosts"), "{w}");
-        assert!(w.contains("[databases] lb: multiple ports"), "{w}");
+        assert!(
+            w.contains("[databases] lb: host list \"a,b\" is not supported; using \"a\""),
+            "{w}"
+        );
+        assert!(w.contains("[databases] lb: port list"), "{w}");
         assert!(
             w.contains("[databases] sock: host /var/run/postgresql is a Unix socket"),
             "{w}"

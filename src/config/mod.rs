@@ -535,7 +535,11 @@ impl Validator<'_> {
             // uses localhost TCP, which is what that means on one machine.
         }
         if !s.shards.is_empty() && s.host.is_some() {
-            return Err(self.err(&section, "host", "a sharded database takes shards, not host"));
+            return Err(self.err(
+                &section,
+                "host",
+                "a sharded database takes shards, not host",
+            ));
         }
         for (i, shard) in s.shards.iter().enumerate() {
             for addr in std::iter::once(&shard.primary).chain(&shard.replicas) {
@@ -557,7 +561,9 @@ impl Validator<'_> {
             }
         }
         let address = match s.shards.first() {
-            Some(shard) => parse_address(&shard.primary).map_err(|m| self.err(&section, "shards", m))?,
+            Some(shard) => {
+                parse_address(&shard.primary).map_err(|m| self.err(&section, "shards", m))?
+            }
             None => Address {
                 host: s.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
                 port: s.port.unwrap_or(5432),

@@ -58,10 +58,9 @@ mod tests {
 
     #[test]
     fn parses_pgbouncer_userlist() {
-        let got = parse(
-            "\"app\" \"secret\"\n; comment\n\"we\"\"ird\" \"md5abc\" extra\n\n\"x\" \"\"\n",
-        )
-        .unwrap();
+        let got =
+            parse("\"app\" \"secret\"\n; comment\n\"we\"\"ird\" \"md5abc\" extra\n\n\"x\" \"\"\n")
+                .unwrap();
         assert_eq!(
             got,
             vec![

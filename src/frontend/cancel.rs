@@ -91,9 +91,13 @@ pub async fn forward(key: BackendKey) {
     let addr = (key.address.host.as_str(), key.address.port);
     match TcpStream::connect(addr).await {
         Ok(mut s) => {
-            let _ = s.write_all(&build::cancel_request(key.pid, key.secret)).await;
+            let _ = s
+                .write_all(&build::cancel_request(key.pid, key.secret))
+                .await;
             let _ = s.shutdown().await;
         }
-        Err(e) => tracing::warn!(address = %key.address, error = %e, "cancel request could not reach server"),
+        Err(e) => {
+            tracing::warn!(address = %key.address, error = %e, "cancel request could not reach server")
+        }
     }
 }

@@ -18,7 +18,12 @@ pub fn bind(app: &App) -> std::io::Result<TcpListener> {
     let addr: SocketAddr = format!("{host}:{}", g.listen_port)
         .parse()
         .or_else(|_| format!("[{host}]:{}", g.listen_port).parse())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("listen_addr {host}: {e}")))?;
+        .map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("listen_addr {host}: {e}"),
+            )
+        })?;
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {

@@ -14,10 +14,10 @@ use crate::backend::ServerConn;
 use crate::net::Stream;
 use crate::wire::{self, build, tag, WireError};
 use bytes::{Buf, Bytes, BytesMut};
-use std::sync::Arc;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::AsyncWrite;
 use tokio_util::io::poll_read_buf;
@@ -196,7 +196,11 @@ fn apply_statement_effects(ctx: &mut ClientCtx<'_>) {
 
 /// Handles Parse/Bind/Describe/Close. `Ok(None)` forwards the message as is;
 /// `Ok(Some(bytes))` replaces it (possibly with nothing, when Weir answers).
-fn rewrite_extended(t: u8, msg: &[u8], ctx: &mut ClientCtx<'_>) -> Result<Option<BytesMut>, WireError> {
+fn rewrite_extended(
+    t: u8,
+    msg: &[u8],
+    ctx: &mut ClientCtx<'_>,
+) -> Result<Option<BytesMut>, WireError> {
     let named = ctx.capacity > 0;
     match t {
         tag::PARSE => {
@@ -234,7 +238,8 @@ fn rewrite_extended(t: u8, msg: &[u8], ctx: &mut ClientCtx<'_>) -> Result<Option
             Ok(Some(out))
         }
         tag::BIND => {
-            let (portal, sname, rest) = prepared::bind_parts(msg).ok_or(WireError::Malformed("Bind"))?;
+            let (portal, sname, rest) =
+                prepared::bind_parts(msg).ok_or(WireError::Malformed("Bind"))?;
             let stmt = match ctx.stmts.get(sname) {
                 Some(s) if named && !sname.is_empty() => s.clone(),
                 _ => {
@@ -249,7 +254,8 @@ fn rewrite_extended(t: u8, msg: &[u8], ctx: &mut ClientCtx<'_>) -> Result<Option
             Ok(Some(out))
         }
         tag::DESCRIBE => {
-            let (kind, name) = prepared::target_parts(msg).ok_or(WireError::Malformed("Describe"))?;
+            let (kind, name) =
+                prepared::target_parts(msg).ok_or(WireError::Malformed("Describe"))?;
             ctx.tracker.push(Expect::Describe);
             let stmt = match ctx.stmts.get(name) {
                 Some(s) if named && kind == b'S' && !name.is_empty() => s.clone(),
@@ -329,7 +335,12 @@ pub(super) fn scan_server(
         };
         let available = buf.len() - dir.ready;
         if available < h.total {
-            if h.total > STREAM_OVER && !matches!(h.tag, b'Z' | b'S' | b'E' | b'1' | b'2' | b'3' | b'T' | b'n' | b'C' | b'I' | b's') {
+            if h.total > STREAM_OVER
+                && !matches!(
+                    h.tag,
+                    b'Z' | b'S' | b'E' | b'1' | b'2' | b'3' | b'T' | b'n' | b'C' | b'I' | b's'
+                )
+            {
                 dir.pass = h.total;
                 continue;
             }
@@ -337,7 +348,9 @@ pub(super) fn scan_server(
         }
         let msg = &buf[dir.ready..dir.ready + h.total];
         let error = (h.tag == tag::ERROR_RESPONSE).then(|| wire::error_fields(msg).message);
-        let verdict = server.tracker.on_server(h.tag, error.as_deref(), server.prepared);
+        let verdict = server
+            .tracker
+            .on_server(h.tag, error.as_deref(), server.prepared);
         match h.tag {
             tag::READY_FOR_QUERY => {
                 progress.tx = *msg.get(5).ok_or(WireError::Malformed("ReadyForQuery"))?;
@@ -428,7 +441,9 @@ pub(super) async fn step(
         if down.ready < HIGH_WATER {
             reserve(&mut server.buf);
             match poll_read_buf(Pin::new(&mut server.stream), cx, &mut server.buf) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Event::ServerGone(io::ErrorKind::UnexpectedEof.into())),
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Event::ServerGone(io::ErrorKind::UnexpectedEof.into()))
+                }
                 Poll::Ready(Ok(_)) => return Poll::Ready(Event::ServerData),
                 Poll::Ready(Err(e)) => return Poll::Ready(Event::ServerGone(e)),
                 Poll::Pending => {}
@@ -437,7 +452,9 @@ pub(super) async fn step(
         if client_open && up.ready < HIGH_WATER {
             reserve(cbuf);
             match poll_read_buf(Pin::new(&mut *client), cx, cbuf) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Event::ClientGone(io::ErrorKind::UnexpectedEof.into())),
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Event::ClientGone(io::ErrorKind::UnexpectedEof.into()))
+                }
                 Poll::Ready(Ok(_)) => return Poll::Ready(Event::ClientData),
                 Poll::Ready(Err(e)) => return Poll::Ready(Event::ClientGone(e)),
                 Poll::Pending => {}
@@ -471,7 +488,12 @@ mod tests {
                 seen: Seen::default(),
             }
         }
-        fn scan(&mut self, buf: &mut BytesMut, dir: &mut Dir, p: &mut Progress) -> Result<(), WireError> {
+        fn scan(
+            &mut self,
+            buf: &mut BytesMut,
+            dir: &mut Dir,
+            p: &mut Progress,
+        ) -> Result<(), WireError> {
             let mut ctx = ClientCtx {
                 stmts: &mut self.stmts,
                 registry: &self.registry,

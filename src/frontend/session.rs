@@ -4,13 +4,13 @@
 use super::cancel::{self, BackendKey, CancelEntry, FrontendKey};
 use super::relay::{self, ClientCtx, Dir, Event, Progress, ServerState};
 use super::sqlscan::Seen;
-use super::tracker::Tracker;
-use crate::backend::params::{is_tracked, quote_literal};
-use crate::backend::prepared::ClientStatements;
 use super::startup::{self, Start};
+use super::tracker::Tracker;
 use crate::auth::{self, AuthError};
 use crate::backend::conn::ExecError;
 use crate::backend::params::ParamSet;
+use crate::backend::params::{is_tracked, quote_literal};
+use crate::backend::prepared::ClientStatements;
 use crate::backend::{CheckoutError, Pool, ServerConn};
 use crate::cluster::Cluster;
 use crate::config::{Database, PoolMode};
@@ -38,7 +38,12 @@ pub(super) async fn run(app: Arc<App>, mut stream: Stream, peer: String) {
             Ok(s) => s,
             Err(_) => {
                 tracing::info!(%peer, "client_login_timeout");
-                fatal(&mut stream, "08P01", "client_login_timeout (server down or wrong password?)").await;
+                fatal(
+                    &mut stream,
+                    "08P01",
+                    "client_login_timeout (server down or wrong password?)",
+                )
+                .await;
                 None
             }
         }
@@ -68,7 +73,9 @@ pub(super) async fn run(app: Arc<App>, mut stream: Stream, peer: String) {
 
 /// Sends a FATAL error; the caller then closes the connection.
 pub(super) async fn fatal(stream: &mut Stream, code: &str, message: &str) {
-    let _ = stream.write_all(&build::error("FATAL", code, message)).await;
+    let _ = stream
+        .write_all(&build::error("FATAL", code, message))
+        .await;
     let _ = stream.flush().await;
 }
 
@@ -108,17 +115,34 @@ async fn login(
     let g = &cluster.config.general;
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let Some(user) = get("user").filter(|u| !u.is_empty()) else {
-        fatal(stream, "28000", "no PostgreSQL user name specified in startup packet").await;
+        fatal(
+            stream,
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+        )
+        .await;
         return None;
     };
-    let dbname = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    let dbname = get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
     if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
-        fatal(stream, "08P01", "replication connections are not supported by Weir").await;
+        fatal(
+            stream,
+            "08P01",
+            "replication connections are not supported by Weir",
+        )
+        .await;
         return None;
     }
     if app.clients.load(Ordering::Acquire) > g.max_client_conn {
         tracing::warn!(%peer, %user, db = %dbname, "no more connections allowed (max_client_conn)");
-        fatal(stream, "08P01", "no more connections allowed (max_client_conn)").await;
+        fatal(
+            stream,
+            "08P01",
+            "no more connections allowed (max_client_conn)",
+        )
+        .await;
         return None;
     }
     if app.shutdown_state() != Shutdown::Running {
@@ -130,7 +154,11 @@ async fn login(
         fatal(stream, "3D000", &format!("no such database: {dbname}")).await;
         return None;
     };
-    let secret = cluster.config.users.get(&user).and_then(|u| u.secret.as_ref());
+    let secret = cluster
+        .config
+        .users
+        .get(&user)
+        .and_then(|u| u.secret.as_ref());
     let proof = match auth::authenticate(stream, buf, g.auth_type, &user, secret).await {
         Ok(p) => p,
         Err(AuthError::Closed) | Err(AuthError::Io(_)) => return None,
@@ -206,7 +234,9 @@ fn checkout_error(e: &CheckoutError) -> (String, String) {
     use crate::backend::login::LoginError;
     match e {
         CheckoutError::WaitTimeout => ("08P01".into(), "query_wait_timeout".into()),
-        CheckoutError::Connect(ConnectError::Login(LoginError::Server(f))) => (f.code.clone(), f.message.clone()),
+        CheckoutError::Connect(ConnectError::Login(LoginError::Server(f))) => {
+            (f.code.clone(), f.message.clone())
+        }
         CheckoutError::Connect(other) => ("08P01".into(), format!("server login failed: {other}")),
     }
 }
@@ -423,7 +453,11 @@ impl Session {
                             return After::Stop;
                         }
                     };
-                    if idle && progress.tx == b'I' && progress.at_rest(&up) && self.mode() != PoolMode::Session {
+                    if idle
+                        && progress.tx == b'I'
+                        && progress.at_rest(&up)
+                        && self.mode() != PoolMode::Session
+                    {
                         return self.finish(server, &mut down, &seen).await;
                     }
                     if idle && progress.tx != b'I' && self.mode() == PoolMode::Statement {
@@ -493,7 +527,13 @@ impl Session {
 
     /// The client is leaving (or broke the protocol) while it holds `server`:
     /// keep the server only if it can be brought back to a clean idle state.
-    async fn abandon(&mut self, mut server: ServerConn, progress: &Progress, up: &Dir, seen: &Seen) {
+    async fn abandon(
+        &mut self,
+        mut server: ServerConn,
+        progress: &Progress,
+        up: &Dir,
+        seen: &Seen,
+    ) {
         if !progress.at_rest(up) {
             tracing::debug!(?server, "client left mid-query; closing server connection");
             return;
@@ -561,17 +601,28 @@ impl Session {
     /// Parameters whose session value may have changed and that PostgreSQL
     /// does not report by itself.
     fn changed_params(&self, server: &ServerConn, seen: &Seen) -> Vec<String> {
-        let mut names: Vec<String> = seen.params.iter().filter(|n| !is_tracked(n)).cloned().collect();
+        let mut names: Vec<String> = seen
+            .params
+            .iter()
+            .filter(|n| !is_tracked(n))
+            .cloned()
+            .collect();
         if seen.reset_all {
             for (name, _) in self.wanted.iter().chain(server.params.iter()) {
                 let lower = name.to_ascii_lowercase();
-                if !is_tracked(&lower) && server.params.is_unreported(&lower) && !names.contains(&lower) {
+                if !is_tracked(&lower)
+                    && server.params.is_unreported(&lower)
+                    && !names.contains(&lower)
+                {
                     names.push(lower);
                 }
             }
             for (name, _) in self.wanted.iter() {
                 let lower = name.to_ascii_lowercase();
-                if !is_tracked(&lower) && !names.contains(&lower) && server.params.get(&lower).is_none() {
+                if !is_tracked(&lower)
+                    && !names.contains(&lower)
+                    && server.params.get(&lower).is_none()
+                {
                     names.push(lower);
                 }
             }
@@ -583,7 +634,8 @@ impl Session {
     async fn release(&mut self, mut server: ServerConn, session_end: bool) {
         let general = &self.cluster.config.general;
         let wants_reset = !general.server_reset_query.is_empty()
-            && ((self.mode() == PoolMode::Session && session_end) || general.server_reset_query_always);
+            && ((self.mode() == PoolMode::Session && session_end)
+                || general.server_reset_query_always);
         if wants_reset {
             let reset = general.server_reset_query.clone();
             match tokio::time::timeout(CLEANUP_TIMEOUT, server.exec(&reset)).await {

@@ -128,10 +128,8 @@ fn observe_statement(words: &[String], seen: &mut Seen) {
                 seen.dirty.temp = true;
             }
         }
-        "declare" => {
-            if words.windows(2).any(|p| p[0] == "with" && p[1] == "hold") {
-                seen.dirty.hold_cursor = true;
-            }
+        "declare" if words.windows(2).any(|p| p[0] == "with" && p[1] == "hold") => {
+            seen.dirty.hold_cursor = true;
         }
         _ => {}
     }
@@ -151,7 +149,14 @@ fn contains_ci(hay: &str, needle: &str) -> bool {
 
 /// Statement-initial keywords Weir acts on.
 const INTERESTING: &[&str] = &[
-    "set", "reset", "discard", "deallocate", "prepare", "listen", "create", "declare",
+    "set",
+    "reset",
+    "discard",
+    "deallocate",
+    "prepare",
+    "listen",
+    "create",
+    "declare",
 ];
 
 /// Splits SQL into statements and returns each one's words (lower-cased
@@ -215,7 +220,9 @@ fn statements(sql: &str) -> Vec<Vec<String>> {
                     .position(|&x| !(x.is_ascii_alphanumeric() || x == b'_'))
                     .map(|p| i + 1 + p);
                 match tag_end {
-                    Some(e) if b[e] == b'$' && !b[i + 1..e].first().is_some_and(u8::is_ascii_digit) => {
+                    Some(e)
+                        if b[e] == b'$' && !b[i + 1..e].first().is_some_and(u8::is_ascii_digit) =>
+                    {
                         let tag = &b[i..=e];
                         let body = e + 1;
                         i = b[body..]
@@ -229,11 +236,20 @@ fn statements(sql: &str) -> Vec<Vec<String>> {
             }
             c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
                 let start = i;
-                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] >= 0x80) {
+                while i < b.len()
+                    && (b[i].is_ascii_alphanumeric()
+                        || b[i] == b'_'
+                        || b[i] == b'$'
+                        || b[i] >= 0x80)
+                {
                     i += 1;
                 }
                 // Dotted names (custom GUCs such as myapp.tenant) stay one word.
-                while i < b.len() && b[i] == b'.' && b.get(i + 1).is_some_and(|x| x.is_ascii_alphabetic() || *x == b'_') {
+                while i < b.len()
+                    && b[i] == b'.'
+                    && b.get(i + 1)
+                        .is_some_and(|x| x.is_ascii_alphabetic() || *x == b'_')
+                {
                     i += 1;
                     while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
                         i += 1;
@@ -290,11 +306,16 @@ mod tests {
     #[test]
     fn finds_session_sets() {
         assert_eq!(seen("SET search_path TO a, b").params, vec!["search_path"]);
-        assert_eq!(seen("set session statement_timeout = '5s'").params, vec!["statement_timeout"]);
+        assert_eq!(
+            seen("set session statement_timeout = '5s'").params,
+            vec!["statement_timeout"]
+        );
         assert_eq!(seen("SET TIME ZONE 'UTC'").params, vec!["timezone"]);
         assert_eq!(seen("SET myapp.tenant = 7").params, vec!["myapp.tenant"]);
         assert!(seen("SET LOCAL search_path TO x").params.is_empty());
-        assert!(seen("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE").params.is_empty());
+        assert!(seen("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+            .params
+            .is_empty());
         assert_eq!(seen("RESET work_mem").params, vec!["work_mem"]);
         assert!(seen("RESET ALL").reset_all);
         assert_eq!(seen("select 1; SET role = x;").params, vec!["role"]);
@@ -317,7 +338,11 @@ mod tests {
         assert!(seen("CREATE TEMP TABLE t (x int)").dirty.temp);
         assert!(seen("create temporary table t (x int)").dirty.temp);
         assert!(seen("create global temporary table t (x int)").dirty.temp);
-        assert!(seen("DECLARE c CURSOR WITH HOLD FOR SELECT 1").dirty.hold_cursor);
+        assert!(
+            seen("DECLARE c CURSOR WITH HOLD FOR SELECT 1")
+                .dirty
+                .hold_cursor
+        );
         assert!(!seen("DECLARE c CURSOR FOR SELECT 1").dirty.hold_cursor);
         let d = seen("LISTEN a; PREPARE p AS SELECT 1").dirty;
         assert_eq!(d.cleanup_sql(), "DEALLOCATE ALL; UNLISTEN *");

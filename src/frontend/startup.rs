@@ -21,14 +21,21 @@ pub(super) async fn read(stream: &mut Stream, buf: &mut BytesMut) -> std::io::Re
         };
         let parsed = match startup::parse(&packet) {
             Ok(p) => p,
-            Err(e) => return Ok(Start::Refused(Some(("08P01", format!("invalid startup packet: {e}"))))),
+            Err(e) => {
+                return Ok(Start::Refused(Some((
+                    "08P01",
+                    format!("invalid startup packet: {e}"),
+                ))))
+            }
         };
         match parsed {
             StartupPacket::Ssl | StartupPacket::GssEnc => {
                 // TLS is not configured: decline, the client continues in plaintext.
                 stream.write_all(b"N").await?;
             }
-            StartupPacket::Cancel { pid, secret } => return Ok(Start::Cancel(FrontendKey { pid, secret })),
+            StartupPacket::Cancel { pid, secret } => {
+                return Ok(Start::Cancel(FrontendKey { pid, secret }))
+            }
             StartupPacket::Startup { params } => return Ok(Start::Login(params)),
             StartupPacket::UnsupportedVersion(v) => {
                 return Ok(Start::Refused(Some((
@@ -51,7 +58,9 @@ pub(super) fn parse_options(options: &str) -> Result<Vec<(String, String)>, Stri
     let mut words = split_words(options).into_iter();
     while let Some(w) = words.next() {
         let setting = if w == "-c" {
-            words.next().ok_or_else(|| "missing setting after -c".to_string())?
+            words
+                .next()
+                .ok_or_else(|| "missing setting after -c".to_string())?
         } else if let Some(rest) = w.strip_prefix("-c") {
             rest.to_string()
         } else if let Some(rest) = w.strip_prefix("--") {

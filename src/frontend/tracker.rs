@@ -74,7 +74,12 @@ impl Tracker {
 
     /// Accounts for one server message with tag `tag` (error message text in
     /// `error` for an ErrorResponse).
-    pub fn on_server(&mut self, tag: u8, error: Option<&str>, server: &mut ServerStatements) -> Verdict {
+    pub fn on_server(
+        &mut self,
+        tag: u8,
+        error: Option<&str>,
+        server: &mut ServerStatements,
+    ) -> Verdict {
         match tag {
             b'1' => match self.queue.pop_front() {
                 Some(Expect::SwallowParse(_)) => Verdict::Drop,

@@ -137,7 +137,10 @@ mod tests {
         assert_eq!(header(b"Z\0\0\0").unwrap(), None);
         assert_eq!(
             header(b"Z\0\0\0\x05I").unwrap(),
-            Some(Header { tag: b'Z', total: 6 })
+            Some(Header {
+                tag: b'Z',
+                total: 6
+            })
         );
     }
 

@@ -98,7 +98,10 @@ mod tests {
         assert_eq!(
             parse(&pkt).unwrap(),
             StartupPacket::Startup {
-                params: vec![("user".into(), "app".into()), ("database".into(), "db".into())]
+                params: vec![
+                    ("user".into(), "app".into()),
+                    ("database".into(), "db".into())
+                ]
             }
         );
     }
