@@ -10,6 +10,7 @@ pub mod config;
 pub mod frontend;
 pub mod net;
 pub mod router;
+pub mod stats;
 pub mod wire;
 
 use cluster::Cluster;
@@ -17,6 +18,7 @@ use config::Config;
 use frontend::cancel::CancelRegistry;
 use parking_lot::RwLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -42,11 +44,19 @@ pub struct App {
     /// Clients currently holding a server connection.
     pub active: AtomicUsize,
     pub shutdown: watch::Sender<Shutdown>,
+    /// Logged-in clients, for SHOW CLIENTS and KILL.
+    pub client_list: stats::Registry<stats::ClientInfo>,
+    next_client_id: AtomicU64,
+    /// Where the config came from (RELOAD reads it again).
+    pub config_path: PathBuf,
+    /// Process start, µs since the epoch.
+    pub started: u64,
 }
 
 impl App {
     pub fn new(config: Config) -> Arc<App> {
         let (shutdown, _) = watch::channel(Shutdown::Running);
+        let config_path = config.path.clone();
         Arc::new(App {
             cluster: RwLock::new(Arc::new(Cluster::new(Arc::new(config)))),
             generation: AtomicU64::new(0),
@@ -55,6 +65,10 @@ impl App {
             clients: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
             shutdown,
+            client_list: stats::Registry::default(),
+            next_client_id: AtomicU64::new(1),
+            config_path,
+            started: stats::now_us(),
         })
     }
 
@@ -73,6 +87,17 @@ impl App {
         let new = Cluster::reload(&guard, Arc::new(config));
         *guard = Arc::new(new);
         self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn next_client_id(&self) -> u64 {
+        self.next_client_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Reads the config file again and applies it (SIGHUP, RELOAD).
+    pub fn reload_from_disk(&self) -> Result<(), config::ConfigError> {
+        let cfg = Config::load(&self.config_path)?;
+        self.reload(cfg);
+        Ok(())
     }
 
     pub fn shutdown_state(&self) -> Shutdown {

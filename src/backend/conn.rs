@@ -5,6 +5,8 @@ use super::login::{login, Credentials, LoginError};
 use super::params::ParamSet;
 use super::pool::Slot;
 use super::prepared::ServerStatements;
+use crate::stats::ServerInfo;
+use std::sync::Arc;
 use crate::config::Address;
 use crate::net::{read_message, Stream};
 use crate::wire::{self, build, tag, ErrorFields};
@@ -55,6 +57,10 @@ pub struct ServerConn {
     pub last_used: Instant,
     /// Holds the pool slot; dropping the connection frees it.
     pub(super) slot: Option<Slot>,
+    /// Shared view for SHOW SERVERS.
+    pub info: Option<Arc<ServerInfo>>,
+    /// Pool epoch at connect (RECONNECT closes older ones).
+    pub(super) epoch: u64,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -111,6 +117,8 @@ impl ServerConn {
                 created: now,
                 last_used: now,
                 slot: None,
+                info: None,
+                epoch: 0,
             })
         };
         match tokio::time::timeout(target.connect_timeout, work).await {

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use tokio::sync::oneshot;
+use crate::stats::{PoolTotals, Registry, ServerInfo};
+use tokio::sync::{oneshot, Notify};
 
 /// The fixed settings of one pool; two pools with equal settings are
 /// interchangeable, which is how reload keeps connections.
@@ -43,22 +44,19 @@ pub enum CheckoutError {
     Connect(#[from] ConnectError),
 }
 
-/// Counters read by the admin console and metrics.
-#[derive(Debug, Default)]
-pub struct PoolStats {
-    pub checkouts: AtomicU64,
-    pub wait_us_total: AtomicU64,
-    pub max_wait_us: AtomicU64,
-    pub connects: AtomicU64,
-}
-
 pub struct Pool {
     pub settings: PoolSettings,
     state: Mutex<State>,
     scram_key: Mutex<Option<[u8; 32]>>,
     defaults: Mutex<Option<ParamSet>>,
     retired: AtomicBool,
-    pub stats: PoolStats,
+    /// PAUSE: checkouts wait until RESUME.
+    paused: AtomicBool,
+    resumed: Notify,
+    /// Bumped by RECONNECT: older connections are closed when returned.
+    epoch: AtomicU64,
+    pub totals: PoolTotals,
+    pub servers: Registry<ServerInfo>,
 }
 
 #[derive(Default)]
@@ -82,11 +80,16 @@ enum Handoff {
 /// for the next waiter (or shrinks the pool).
 pub struct Slot {
     pool: Weak<Pool>,
+    /// The connection using this slot, once open (for SHOW SERVERS).
+    server: Option<u64>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.upgrade() {
+            if let Some(id) = self.server {
+                pool.servers.remove(id);
+            }
             pool.release_slot();
         }
     }
@@ -108,7 +111,11 @@ impl Pool {
             scram_key: Mutex::new(None),
             defaults: Mutex::new(None),
             retired: AtomicBool::new(false),
-            stats: PoolStats::default(),
+            paused: AtomicBool::new(false),
+            resumed: Notify::new(),
+            epoch: AtomicU64::new(0),
+            totals: PoolTotals::default(),
+            servers: Registry::default(),
         });
         tokio::spawn(super::maintenance::run(Arc::downgrade(&pool)));
         pool
@@ -130,6 +137,46 @@ impl Pool {
         drop(idle);
     }
 
+    /// PAUSE: new checkouts wait until [`Pool::resume`].
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::Release);
+    }
+
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::Release);
+        self.resumed.notify_waiters();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// Servers currently lent to clients.
+    pub fn active(&self) -> usize {
+        let st = self.state.lock();
+        st.total.saturating_sub(st.idle.len())
+    }
+
+    /// RECONNECT: close idle connections now and the lent ones when returned.
+    pub fn reconnect(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        let idle = std::mem::take(&mut self.state.lock().idle);
+        drop(idle);
+    }
+
+    /// Connections opened before the last RECONNECT that are still open.
+    pub fn old_connections(&self) -> usize {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let st = self.state.lock();
+        let lent_or_idle = st.total;
+        drop(st);
+        if epoch == 0 {
+            return 0;
+        }
+        // Idle ones were closed by reconnect(); what remains open is lent.
+        lent_or_idle.min(self.servers.len())
+    }
+
     pub fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Acquire)
     }
@@ -148,6 +195,13 @@ impl Pool {
     /// Lends a server connection, waiting in line if the pool is full.
     pub async fn checkout(self: &Arc<Self>) -> Result<ServerConn, CheckoutError> {
         let start = Instant::now();
+        while self.paused.load(Ordering::Acquire) {
+            let resumed = self.resumed.notified();
+            if !self.paused.load(Ordering::Acquire) {
+                break;
+            }
+            resumed.await;
+        }
         #[allow(clippy::large_enum_variant)]
         enum First {
             Idle(ServerConn),
@@ -229,6 +283,7 @@ impl Pool {
     fn new_slot(self: &Arc<Self>) -> Slot {
         Slot {
             pool: Arc::downgrade(self),
+            server: None,
         }
     }
 
@@ -287,10 +342,28 @@ impl Pool {
         start: Instant,
     ) -> Result<ServerConn, CheckoutError> {
         let creds = self.credentials();
-        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        PoolTotals::add(&self.totals.server_connects, 1);
         let result = ServerConn::connect(&self.settings.target, &creds).await;
         match result {
             Ok(mut conn) => {
+                let mut slot = slot;
+                slot.server = Some(conn.id.0);
+                conn.epoch = self.epoch.load(Ordering::Acquire);
+                let local_port = match &conn.stream {
+                    crate::net::Stream::Tcp(t) => t.local_addr().map(|a| a.port()).unwrap_or(0),
+                    _ => 0,
+                };
+                let info = Arc::new(ServerInfo::new(
+                    conn.id.0,
+                    &self.settings.database,
+                    &self.settings.user,
+                    &conn.address.host,
+                    conn.address.port,
+                    local_port,
+                    conn.backend_pid,
+                ));
+                self.servers.insert(conn.id.0, info.clone());
+                conn.info = Some(info);
                 conn.slot = Some(slot);
                 self.defaults
                     .lock()
@@ -315,15 +388,22 @@ impl Pool {
 
     fn record_wait(&self, start: Instant) {
         let us = start.elapsed().as_micros() as u64;
-        self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
-        self.stats.wait_us_total.fetch_add(us, Ordering::Relaxed);
-        self.stats.max_wait_us.fetch_max(us, Ordering::Relaxed);
+        PoolTotals::add(&self.totals.wait_count, 1);
+        PoolTotals::add(&self.totals.wait_time_us, us);
+        self.totals.max_wait_us.fetch_max(us, Ordering::Relaxed);
     }
 
     /// Returns a clean connection (idle, outside any transaction).
     pub fn checkin(&self, mut conn: ServerConn) {
         conn.last_used = Instant::now();
-        if self.is_retired() || conn.created.elapsed() >= self.settings.server_lifetime {
+        if let Some(info) = &conn.info {
+            info.set_state(crate::stats::ServerState::Idle);
+            info.client_pid.store(0, Ordering::Relaxed);
+        }
+        if self.is_retired()
+            || conn.epoch != self.epoch.load(Ordering::Acquire)
+            || conn.created.elapsed() >= self.settings.server_lifetime
+        {
             return; // dropping closes it and frees the slot
         }
         let mut st = self.state.lock();
@@ -345,6 +425,7 @@ impl Pool {
         while let Some((_, tx)) = st.waiters.pop_front() {
             match tx.send(Handoff::Slot(Slot {
                 pool: Arc::downgrade(self),
+                server: None,
             })) {
                 Ok(()) => return,
                 // The same slot comes back; forget it rather than drop it here.

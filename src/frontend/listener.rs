@@ -7,6 +7,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpSocket};
 
+/// Decrements the client count however the session task ends (even KILL).
+struct ClientCount(Arc<App>);
+
+impl Drop for ClientCount {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Binds the configured address (`*` = all interfaces).
 pub fn bind(app: &App) -> std::io::Result<TcpListener> {
     let cluster = app.cluster();
@@ -61,10 +70,13 @@ pub async fn serve_on(app: Arc<App>, listener: TcpListener) -> std::io::Result<(
                 let _ = tcp.set_nodelay(true);
                 app.clients.fetch_add(1, Ordering::AcqRel);
                 let app = app.clone();
-                tokio::spawn(async move {
-                    super::session::run(app.clone(), Stream::Tcp(tcp), peer.to_string()).await;
-                    app.clients.fetch_sub(1, Ordering::AcqRel);
+                let abort = Arc::new(std::sync::OnceLock::new());
+                let handle = abort.clone();
+                let task = tokio::spawn(async move {
+                    let _count = ClientCount(app.clone());
+                    super::session::run(app, Stream::Tcp(tcp), peer.to_string(), handle).await;
                 });
+                let _ = abort.set(task.abort_handle());
             }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() != Shutdown::Running {

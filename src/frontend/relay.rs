@@ -33,6 +33,8 @@ const STREAM_OVER: usize = 64 * 1024;
 pub(super) struct Dir {
     pub ready: usize,
     pub pass: usize,
+    /// Bytes written onward so far (for SHOW STATS).
+    pub sent: u64,
 }
 
 /// What the client has asked of the server and not yet been answered.
@@ -46,6 +48,8 @@ pub(super) struct Progress {
     pub tx: u8,
     /// The client sent Terminate.
     pub terminated: bool,
+    /// Queries (simple Query and Execute) sent, for SHOW STATS.
+    pub queries: u64,
 }
 
 impl Default for Progress {
@@ -55,6 +59,7 @@ impl Default for Progress {
             unsynced: false,
             tx: b'I',
             terminated: false,
+            queries: 0,
         }
     }
 }
@@ -138,6 +143,7 @@ pub(super) fn scan_client(
                     return Ok(());
                 }
                 progress.inflight += 1;
+                progress.queries += 1;
                 ctx.tracker.push(Expect::Simple);
                 if complete {
                     if let Some((sql, _)) = wire::cstr(wire::body(&buf[at..at + h.total]), 0) {
@@ -158,6 +164,7 @@ pub(super) fn scan_client(
             }
             tag::EXECUTE => {
                 progress.unsynced = true;
+                progress.queries += 1;
                 ctx.tracker.push(Expect::Execute);
             }
             tag::FLUSH => progress.unsynced = true,
@@ -414,6 +421,7 @@ fn flush(
             Poll::Ready(Ok(n)) => {
                 buf.advance(n);
                 dir.ready -= n;
+                dir.sent += n as u64;
             }
             Poll::Ready(Err(e)) => return Err(e),
             Poll::Pending => break,

@@ -16,6 +16,7 @@ use crate::cluster::Cluster;
 use crate::config::{Database, PoolMode};
 use crate::net::Stream;
 use crate::wire::{self, build, tag};
+use crate::stats::{now_us, ClientInfo, ClientState, PoolTotals, ServerState as SrvState};
 use crate::{App, Shutdown};
 use bytes::{Buf, BufMut, BytesMut};
 use std::sync::atomic::Ordering;
@@ -26,7 +27,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Bound on Weir's own clean-up queries (ROLLBACK, reset) on a server.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(super) async fn run(app: Arc<App>, mut stream: Stream, peer: String) {
+pub(super) async fn run(
+    app: Arc<App>,
+    mut stream: Stream,
+    peer: String,
+    abort: Arc<std::sync::OnceLock<tokio::task::AbortHandle>>,
+) {
     let mut buf = BytesMut::with_capacity(8192);
     let cluster = app.cluster();
     let limit = cluster.config.general.client_login_timeout;
@@ -49,7 +55,23 @@ pub(super) async fn run(app: Arc<App>, mut stream: Stream, peer: String) {
         }
     };
     let Some(parts) = session else { return };
+    let info = Arc::new(ClientInfo::new(
+        app.next_client_id(),
+        &parts.user,
+        &parts.db.name,
+        &peer,
+        parts.wanted.get("application_name").unwrap_or_default(),
+        parts.key.pid,
+    ));
+    *info.abort.lock() = abort.get().cloned();
+    app.client_list.insert(info.id, info.clone());
+    let _registered = Registered {
+        app: app.clone(),
+        id: info.id,
+        key: parts.key,
+    };
     let mut session = Session {
+        info,
         app: app.clone(),
         cluster: cluster.clone(),
         client: stream,
@@ -65,7 +87,6 @@ pub(super) async fn run(app: Arc<App>, mut stream: Stream, peer: String) {
         stmts: ClientStatements::default(),
     };
     session.serve().await;
-    app.cancels.unregister(session.key);
     if cluster.config.general.log_disconnections {
         tracing::info!(peer = %session.peer, user = %session.user, db = %session.db.name, "client closed");
     }
@@ -77,6 +98,20 @@ pub(super) async fn fatal(stream: &mut Stream, code: &str, message: &str) {
         .write_all(&build::error("FATAL", code, message))
         .await;
     let _ = stream.flush().await;
+}
+
+/// Removes a session's traces however its task ends (including KILL).
+struct Registered {
+    app: Arc<App>,
+    id: u64,
+    key: FrontendKey,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.app.client_list.remove(self.id);
+        self.app.cancels.unregister(self.key);
+    }
 }
 
 struct LoggedIn {
@@ -241,7 +276,37 @@ fn checkout_error(e: &CheckoutError) -> (String, String) {
     }
 }
 
+/// One transaction's relay state; its counters go to the pool's totals
+/// however the transaction ends.
+struct Xact {
+    pool: Arc<Pool>,
+    up: Dir,
+    down: Dir,
+    progress: Progress,
+}
+
+impl Xact {
+    fn new(pool: Arc<Pool>) -> Xact {
+        Xact {
+            pool,
+            up: Dir::default(),
+            down: Dir::default(),
+            progress: Progress::default(),
+        }
+    }
+}
+
+impl Drop for Xact {
+    fn drop(&mut self) {
+        let t = &self.pool.totals;
+        PoolTotals::add(&t.query_count, self.progress.queries);
+        PoolTotals::add(&t.bytes_received, self.up.sent);
+        PoolTotals::add(&t.bytes_sent, self.down.sent);
+    }
+}
+
 struct Session {
+    info: Arc<ClientInfo>,
     app: Arc<App>,
     /// The cluster this session's pool belongs to (refreshed after a reload).
     cluster: Arc<Cluster>,
@@ -276,6 +341,8 @@ impl Session {
                 Work::Message => {}
                 Work::Closed => return,
             }
+            self.info.set_state(ClientState::Waiting);
+            self.info.wait_since.store(now_us(), Ordering::Relaxed);
             let server = match self.checkout().await {
                 Ok(Some(s)) => s,
                 Ok(None) => return,
@@ -289,8 +356,24 @@ impl Session {
                 }
             };
             self.app.active.fetch_add(1, Ordering::AcqRel);
+            self.info.set_state(ClientState::Active);
+            self.info.wait_since.store(0, Ordering::Relaxed);
+            let now = now_us();
+            self.info.request_time.store(now, Ordering::Relaxed);
+            self.info.server_pid.store(server.backend_pid, Ordering::Relaxed);
+            if let Some(si) = &server.info {
+                si.set_state(SrvState::Active);
+                si.client_pid.store(self.key.pid, Ordering::Relaxed);
+                si.request_time.store(now, Ordering::Relaxed);
+            }
+            let pool = self.pool.clone();
             let after = self.transaction(server).await;
             self.cancel.detach();
+            self.info.set_state(ClientState::Idle);
+            self.info.server_pid.store(0, Ordering::Relaxed);
+            let totals = &pool.totals;
+            PoolTotals::add(&totals.xact_count, 1);
+            PoolTotals::add(&totals.xact_time_us, now_us().saturating_sub(now));
             self.app.active.fetch_sub(1, Ordering::AcqRel);
             if let After::Stop = after {
                 return;
@@ -379,9 +462,7 @@ impl Session {
         let idle_tx_limit = self.cluster.config.general.idle_transaction_timeout;
         let capacity = self.cluster.config.general.max_prepared_statements;
         let app = self.app.clone();
-        let mut up = Dir::default();
-        let mut down = Dir::default();
-        let mut progress = Progress::default();
+        let mut x = Xact::new(self.pool.clone());
         let mut tracker = Tracker::default();
         let mut seen = Seen::default();
         let mut skip_to_sync = false;
@@ -396,35 +477,35 @@ impl Session {
                     seen: &mut seen,
                     skip_to_sync,
                 };
-                let r = relay::scan_client(&mut self.cbuf, &mut up, &mut progress, &mut ctx);
+                let r = relay::scan_client(&mut self.cbuf, &mut x.up, &mut x.progress, &mut ctx);
                 skip_to_sync = ctx.skip_to_sync;
                 r
             };
             if let Err(e) = scanned {
                 fatal(&mut self.client, "08P01", &format!("protocol error: {e}")).await;
-                self.abandon(server, &progress, &up, &seen).await;
+                self.abandon(server, &x.progress, &x.up, &seen).await;
                 return After::Stop;
             }
-            relay::insert_fakes(&mut server.buf, &mut down, &mut tracker);
-            if progress.terminated && progress.at_rest(&up) {
-                self.abandon(server, &progress, &up, &seen).await;
+            relay::insert_fakes(&mut server.buf, &mut x.down, &mut tracker);
+            if x.progress.terminated && x.progress.at_rest(&x.up) {
+                self.abandon(server, &x.progress, &x.up, &seen).await;
                 return After::Stop;
             }
-            let waiting_in_tx = progress.inflight == 0 && progress.tx != b'I' && up.ready == 0;
+            let waiting_in_tx = x.progress.inflight == 0 && x.progress.tx != b'I' && x.up.ready == 0;
             let step = relay::step(
                 &mut self.client,
                 &mut self.cbuf,
-                &mut up,
-                !progress.terminated,
+                &mut x.up,
+                !x.progress.terminated,
                 &mut server,
-                &mut down,
+                &mut x.down,
             );
             let event = if waiting_in_tx && !idle_tx_limit.is_zero() {
                 match tokio::time::timeout(idle_tx_limit, step).await {
                     Ok(ev) => ev,
                     Err(_) => {
                         fatal(&mut self.client, "25P03", "idle transaction timeout").await;
-                        self.abandon(server, &progress, &up, &seen).await;
+                        self.abandon(server, &x.progress, &x.up, &seen).await;
                         return After::Stop;
                     }
                 }
@@ -441,8 +522,8 @@ impl Session {
                     };
                     let idle = match relay::scan_server(
                         &mut server.buf,
-                        &mut down,
-                        &mut progress,
+                        &mut x.down,
+                        &mut x.progress,
                         &mut state,
                         &mut self.wanted,
                     ) {
@@ -454,34 +535,34 @@ impl Session {
                         }
                     };
                     if idle
-                        && progress.tx == b'I'
-                        && progress.at_rest(&up)
+                        && x.progress.tx == b'I'
+                        && x.progress.at_rest(&x.up)
                         && self.mode() != PoolMode::Session
                     {
-                        return self.finish(server, &mut down, &seen).await;
+                        return self.finish(server, &mut x.down, &seen).await;
                     }
-                    if idle && progress.tx != b'I' && self.mode() == PoolMode::Statement {
+                    if idle && x.progress.tx != b'I' && self.mode() == PoolMode::Statement {
                         // PgBouncer refuses multi-statement transactions here.
-                        let _ = self.client.write_all(&server.buf[..down.ready]).await;
+                        let _ = self.client.write_all(&server.buf[..x.down.ready]).await;
                         fatal(
                             &mut self.client,
                             "08P01",
                             "transaction blocks not allowed in statement pooling mode",
                         )
                         .await;
-                        server.buf.advance(down.ready);
-                        self.abandon(server, &progress, &up, &seen).await;
+                        server.buf.advance(x.down.ready);
+                        self.abandon(server, &x.progress, &x.up, &seen).await;
                         return After::Stop;
                     }
                 }
                 Event::ClientGone(e) => {
                     tracing::debug!(peer = %self.peer, error = %e, "client connection lost");
-                    self.abandon(server, &progress, &up, &seen).await;
+                    self.abandon(server, &x.progress, &x.up, &seen).await;
                     return After::Stop;
                 }
                 Event::ServerGone(e) => {
                     tracing::warn!(error = %e, ?server, peer = %self.peer, "server connection lost");
-                    let _ = self.client.write_all(&server.buf[..down.ready]).await;
+                    let _ = self.client.write_all(&server.buf[..x.down.ready]).await;
                     fatal(&mut self.client, "08P01", "server conn crashed?").await;
                     return After::Stop;
                 }
