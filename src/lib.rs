@@ -3,6 +3,7 @@
 //! `run` starts everything from a loaded [`config::Config`], so tests can run
 //! Weir in-process as well as through the `weir` binary.
 
+pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod cluster;
@@ -17,8 +18,8 @@ use cluster::Cluster;
 use config::Config;
 use frontend::cancel::CancelRegistry;
 use parking_lot::RwLock;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -51,6 +52,8 @@ pub struct App {
     pub config_path: PathBuf,
     /// Process start, µs since the epoch.
     pub started: u64,
+    /// Databases closed to new clients by the admin DISABLE command.
+    pub disabled: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 impl App {
@@ -69,6 +72,7 @@ impl App {
             next_client_id: AtomicU64::new(1),
             config_path,
             started: stats::now_us(),
+            disabled: Default::default(),
         })
     }
 

@@ -77,7 +77,14 @@ pub struct ClientInfo {
 
 impl ClientInfo {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(id: u64, user: &str, database: &str, peer: &str, application_name: &str, pid: i32) -> ClientInfo {
+    pub fn new(
+        id: u64,
+        user: &str,
+        database: &str,
+        peer: &str,
+        application_name: &str,
+        pid: i32,
+    ) -> ClientInfo {
         let (addr, port) = split_peer(peer);
         let now = now_us();
         ClientInfo {
@@ -113,7 +120,10 @@ impl ClientInfo {
 /// Splits "ip:port" (IPv6 in brackets) for the addr/port columns.
 pub fn split_peer(peer: &str) -> (String, u16) {
     match peer.rsplit_once(':') {
-        Some((a, p)) => (a.trim_matches(['[', ']']).to_string(), p.parse().unwrap_or(0)),
+        Some((a, p)) => (
+            a.trim_matches(['[', ']']).to_string(),
+            p.parse().unwrap_or(0),
+        ),
         None => (peer.to_string(), 0),
     }
 }
@@ -145,7 +155,15 @@ pub struct ServerInfo {
 }
 
 impl ServerInfo {
-    pub fn new(id: u64, database: &str, user: &str, addr: &str, port: u16, local_port: u16, backend_pid: i32) -> Self {
+    pub fn new(
+        id: u64,
+        database: &str,
+        user: &str,
+        addr: &str,
+        port: u16,
+        local_port: u16,
+        backend_pid: i32,
+    ) -> Self {
         let now = now_us();
         ServerInfo {
             id,

@@ -9,13 +9,13 @@ use super::conn::{ConnectError, ServerConn, Target};
 use super::login::Credentials;
 use super::params::ParamSet;
 use crate::config::PoolMode;
+use crate::stats::{PoolTotals, Registry, ServerInfo};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use crate::stats::{PoolTotals, Registry, ServerInfo};
 use tokio::sync::{oneshot, Notify};
 
 /// The fixed settings of one pool; two pools with equal settings are

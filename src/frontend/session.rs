@@ -15,8 +15,8 @@ use crate::backend::{CheckoutError, Pool, ServerConn};
 use crate::cluster::Cluster;
 use crate::config::{Database, PoolMode};
 use crate::net::Stream;
-use crate::wire::{self, build, tag};
 use crate::stats::{now_us, ClientInfo, ClientState, PoolTotals, ServerState as SrvState};
+use crate::wire::{self, build, tag};
 use crate::{App, Shutdown};
 use bytes::{Buf, BufMut, BytesMut};
 use std::sync::atomic::Ordering;
@@ -54,7 +54,14 @@ pub(super) async fn run(
             }
         }
     };
-    let Some(parts) = session else { return };
+    let parts = match session {
+        Some(Login::Client(parts)) => parts,
+        Some(Login::Admin { user, role }) => {
+            crate::admin::serve(app, stream, buf, user, role).await;
+            return;
+        }
+        None => return,
+    };
     let info = Arc::new(ClientInfo::new(
         app.next_client_id(),
         &parts.user,
@@ -114,6 +121,14 @@ impl Drop for Registered {
     }
 }
 
+enum Login {
+    Client(LoggedIn),
+    Admin {
+        user: String,
+        role: crate::admin::Role,
+    },
+}
+
 struct LoggedIn {
     user: String,
     db: Database,
@@ -130,7 +145,7 @@ async fn login(
     stream: &mut Stream,
     buf: &mut BytesMut,
     peer: &str,
-) -> Option<LoggedIn> {
+) -> Option<Login> {
     let generation = app.generation();
     let params = match startup::read(stream, buf).await {
         Ok(Start::Login(p)) => p,
@@ -170,6 +185,9 @@ async fn login(
         .await;
         return None;
     }
+    if crate::admin::is_admin_db(&dbname) {
+        return admin_login(stream, buf, cluster, user, peer).await;
+    }
     if app.clients.load(Ordering::Acquire) > g.max_client_conn {
         tracing::warn!(%peer, %user, db = %dbname, "no more connections allowed (max_client_conn)");
         fatal(
@@ -182,6 +200,15 @@ async fn login(
     }
     if app.shutdown_state() != Shutdown::Running {
         fatal(stream, "57P01", "Weir is shutting down").await;
+        return None;
+    }
+    if app.disabled.lock().contains(&dbname) {
+        fatal(
+            stream,
+            "08P01",
+            &format!("database \"{dbname}\" does not allow connections"),
+        )
+        .await;
         return None;
     }
     let Some(db) = cluster.config.database(&dbname) else {
@@ -253,7 +280,7 @@ async fn login(
     if g.log_connections {
         tracing::info!(%peer, %user, db = %dbname, "login");
     }
-    Some(LoggedIn {
+    Some(Login::Client(LoggedIn {
         user,
         db,
         pool,
@@ -261,7 +288,41 @@ async fn login(
         wanted,
         key,
         cancel,
-    })
+    }))
+}
+
+/// Authenticates a console user: only `admin_users` and `stats_users` get in
+/// (as PgBouncer; any authenticated user may connect when auth_type is trust
+/// only if listed).
+async fn admin_login(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    cluster: &Arc<Cluster>,
+    user: String,
+    peer: &str,
+) -> Option<Login> {
+    let g = &cluster.config.general;
+    let secret = cluster
+        .config
+        .users
+        .get(&user)
+        .and_then(|u| u.secret.as_ref());
+    if let Err(e) = auth::authenticate(stream, buf, g.auth_type, &user, secret).await {
+        if !matches!(e, AuthError::Closed | AuthError::Io(_)) {
+            tracing::warn!(%peer, %user, error = %e, "admin console authentication failed");
+            fatal(stream, e.code(), &e.to_string()).await;
+        }
+        return None;
+    }
+    let role = if g.admin_users.contains(&user) {
+        crate::admin::Role::Admin
+    } else if g.stats_users.contains(&user) {
+        crate::admin::Role::Stats
+    } else {
+        fatal(stream, "08P01", "not allowed").await;
+        return None;
+    };
+    Some(Login::Admin { user, role })
 }
 
 fn checkout_error(e: &CheckoutError) -> (String, String) {
@@ -360,7 +421,9 @@ impl Session {
             self.info.wait_since.store(0, Ordering::Relaxed);
             let now = now_us();
             self.info.request_time.store(now, Ordering::Relaxed);
-            self.info.server_pid.store(server.backend_pid, Ordering::Relaxed);
+            self.info
+                .server_pid
+                .store(server.backend_pid, Ordering::Relaxed);
             if let Some(si) = &server.info {
                 si.set_state(SrvState::Active);
                 si.client_pid.store(self.key.pid, Ordering::Relaxed);
@@ -491,7 +554,8 @@ impl Session {
                 self.abandon(server, &x.progress, &x.up, &seen).await;
                 return After::Stop;
             }
-            let waiting_in_tx = x.progress.inflight == 0 && x.progress.tx != b'I' && x.up.ready == 0;
+            let waiting_in_tx =
+                x.progress.inflight == 0 && x.progress.tx != b'I' && x.up.ready == 0;
             let step = relay::step(
                 &mut self.client,
                 &mut self.cbuf,
@@ -595,6 +659,7 @@ impl Session {
     /// The transaction ended: pass the last bytes on and return the server.
     async fn finish(&mut self, mut server: ServerConn, down: &mut Dir, seen: &Seen) -> After {
         let result = self.client.write_all(&server.buf[..down.ready]).await;
+        down.sent += down.ready as u64;
         server.buf.advance(down.ready);
         server.buf.clear();
         if self.settle(&mut server, seen).await {
