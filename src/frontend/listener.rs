@@ -5,7 +5,8 @@ use crate::{App, Shutdown};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tokio::net::{TcpListener, TcpSocket};
+use std::path::PathBuf;
+use tokio::net::{TcpListener, TcpSocket, UnixListener, UnixStream};
 
 /// Decrements the client count however the session task ends (even KILL).
 struct ClientCount(Arc<App>);
@@ -52,37 +53,85 @@ pub async fn serve(app: Arc<App>) -> std::io::Result<()> {
     serve_on(app, listener).await
 }
 
+/// Binds PgBouncer's Unix socket `<unix_socket_dir>/.s.PGSQL.<port>`, if a
+/// directory is configured. Failure is logged, not fatal (TCP still serves).
+pub fn bind_unix(app: &App) -> Option<(UnixListener, PathBuf)> {
+    let cluster = app.cluster();
+    let g = &cluster.config.general;
+    if g.unix_socket_dir.is_empty() {
+        return None;
+    }
+    let path = PathBuf::from(&g.unix_socket_dir).join(format!(".s.PGSQL.{}", g.listen_port));
+    // A socket file left by a process that is gone (nobody answers) is stale.
+    if path.exists() && std::os::unix::net::UnixStream::connect(&path).is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    match UnixListener::bind(&path) {
+        Ok(l) => Some((l, path)),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot listen on Unix socket");
+            None
+        }
+    }
+}
+
+fn spawn_session(app: &Arc<App>, stream: Stream, peer: String) {
+    app.clients.fetch_add(1, Ordering::AcqRel);
+    let app = app.clone();
+    let abort = Arc::new(std::sync::OnceLock::new());
+    let handle = abort.clone();
+    let task = tokio::spawn(async move {
+        let _count = ClientCount(app.clone());
+        super::session::run(app, stream, peer, handle).await;
+    });
+    let _ = abort.set(task.abort_handle());
+}
+
 /// Accept loop; returns when a shutdown begins (in-flight sessions go on).
 pub async fn serve_on(app: Arc<App>, listener: TcpListener) -> std::io::Result<()> {
+    let unix = bind_unix(&app);
+    let _cleanup = unix.as_ref().map(|(_, p)| RemoveOnDrop(p.clone()));
     let mut shutdown = app.shutdown.subscribe();
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (tcp, peer) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // EMFILE and friends: log, back off briefly, keep serving.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
-                app.clients.fetch_add(1, Ordering::AcqRel);
-                let app = app.clone();
-                let abort = Arc::new(std::sync::OnceLock::new());
-                let handle = abort.clone();
-                let task = tokio::spawn(async move {
-                    let _count = ClientCount(app.clone());
-                    super::session::run(app, Stream::Tcp(tcp), peer.to_string(), handle).await;
-                });
-                let _ = abort.set(task.abort_handle());
-            }
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    spawn_session(&app, Stream::Tcp(tcp), peer.to_string());
+                }
+                Err(e) => {
+                    // EMFILE and friends: log, back off briefly, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            accepted = accept_unix(&unix) => match accepted {
+                Ok(s) => spawn_session(&app, Stream::Unix(s), "unix".into()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "unix accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
             _ = shutdown.changed() => {
                 if *shutdown.borrow() != Shutdown::Running {
                     return Ok(());
                 }
             }
         }
+    }
+}
+
+async fn accept_unix(l: &Option<(UnixListener, PathBuf)>) -> std::io::Result<UnixStream> {
+    match l {
+        Some((l, _)) => l.accept().await.map(|(s, _)| s),
+        None => std::future::pending().await,
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }

@@ -186,6 +186,13 @@ async fn login(
         return None;
     }
     if crate::admin::is_admin_db(&dbname) {
+        if user == "pgbouncer" && is_own_user(stream) {
+            // PgBouncer lets its own OS user in over the Unix socket.
+            return Some(Login::Admin {
+                user,
+                role: crate::admin::Role::Admin,
+            });
+        }
         return admin_login(stream, buf, cluster, user, peer).await;
     }
     if app.clients.load(Ordering::Acquire) > g.max_client_conn {
@@ -289,6 +296,17 @@ async fn login(
         key,
         cancel,
     }))
+}
+
+/// True for a Unix-socket peer running as this process's OS user.
+fn is_own_user(stream: &Stream) -> bool {
+    match stream {
+        Stream::Unix(s) => s
+            .peer_cred()
+            .map(|c| c.uid() == unsafe { libc::geteuid() })
+            .unwrap_or(false),
+        _ => false,
+    }
 }
 
 /// Authenticates a console user: only `admin_users` and `stats_users` get in
