@@ -67,7 +67,12 @@ pub fn bind_unix(app: &App) -> Option<(UnixListener, PathBuf)> {
         let _ = std::fs::remove_file(&path);
     }
     match UnixListener::bind(&path) {
-        Ok(l) => Some((l, path)),
+        Ok(l) => {
+            // PgBouncer's unix_socket_mode default: anyone may connect.
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777));
+            Some((l, path))
+        }
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "cannot listen on Unix socket");
             None

@@ -775,6 +775,8 @@ impl Weir {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "weir=debug");
         }
+        // tracing-subscriber colours its output even into a file; tests grep plain text.
+        cmd.env("NO_COLOR", "1");
         if std::env::var_os("RUST_BACKTRACE").is_none() {
             cmd.env("RUST_BACKTRACE", "1");
         }
