@@ -3,9 +3,9 @@
 use crate::net::Stream;
 use crate::{App, Shutdown};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::path::PathBuf;
 use tokio::net::{TcpListener, TcpSocket, UnixListener, UnixStream};
 
 /// Decrements the client count however the session task ends (even KILL).
