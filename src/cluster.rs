@@ -9,9 +9,19 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// Which pool: database and login user, and for sharded databases the shard
+/// and the replica (`None` = the primary).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub database: String,
+    pub user: String,
+    pub shard: usize,
+    pub replica: Option<usize>,
+}
+
 pub struct Cluster {
     pub config: Arc<Config>,
-    pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
 }
 
 impl Cluster {
@@ -27,16 +37,16 @@ impl Cluster {
         let new = Cluster::new(config);
         let old_pools = std::mem::take(&mut *old.pools.lock());
         let mut kept = HashMap::new();
-        for ((db, user), pool) in old_pools {
+        for (key, pool) in old_pools {
             let same = new
                 .config
-                .database(&db)
-                .map(|d| new.settings(&d, &user) == pool.settings)
-                .unwrap_or(false);
+                .database(&key.database)
+                .and_then(|d| new.settings_at(&d, &pool.client_user, key.shard, key.replica))
+                .is_some_and(|s| s == pool.settings);
             if same {
-                kept.insert((db, user), pool);
+                kept.insert(key, pool);
             } else {
-                tracing::info!(%db, %user, "pool settings changed; retiring old pool");
+                tracing::info!(db = %key.database, user = %key.user, "pool settings changed; retiring old pool");
                 pool.retire();
             }
         }
@@ -46,21 +56,56 @@ impl Cluster {
 
     /// The pool for a client of `db` logged in as `user`, created on first use.
     pub fn pool(&self, db: &Database, user: &str) -> Arc<Pool> {
-        let pool_user = db.user.clone().unwrap_or_else(|| user.to_string());
-        let key = (db.name.clone(), pool_user);
+        self.shard_pool(db, user, 0, None)
+            .unwrap_or_else(|| self.shard_pool_fallback(db, user))
+    }
+
+    /// The pool for one shard's primary (`replica = None`) or one replica.
+    pub fn shard_pool(&self, db: &Database, user: &str, shard: usize, replica: Option<usize>) -> Option<Arc<Pool>> {
+        let key = PoolKey {
+            database: db.name.clone(),
+            user: db.user.clone().unwrap_or_else(|| user.to_string()),
+            shard,
+            replica,
+        };
         if let Some(p) = self.pools.lock().get(&key) {
-            return p.clone();
+            return Some(p.clone());
         }
-        let settings = self.settings(db, user);
+        let settings = self.settings_at(db, user, shard, replica)?;
         let mut pools = self.pools.lock();
-        pools
-            .entry(key)
-            .or_insert_with(|| Pool::new(settings))
-            .clone()
+        Some(
+            pools
+                .entry(key)
+                .or_insert_with(|| Pool::new(settings, user))
+                .clone(),
+        )
+    }
+
+    fn shard_pool_fallback(&self, db: &Database, user: &str) -> Arc<Pool> {
+        // Only reachable for a database whose shard 0 is missing, which
+        // validation prevents; keep a working pool rather than panic.
+        Pool::new(self.settings(db, user), user)
     }
 
     pub fn pools(&self) -> Vec<Arc<Pool>> {
         self.pools.lock().values().cloned().collect()
+    }
+
+    /// Settings for a shard's primary or replica pool; `None` if it does not exist.
+    pub fn settings_at(&self, db: &Database, client_user: &str, shard: usize, replica: Option<usize>) -> Option<PoolSettings> {
+        let mut s = self.settings(db, client_user);
+        if db.shards.is_empty() {
+            return (shard == 0 && replica.is_none()).then_some(s);
+        }
+        let sh = db.shards.get(shard)?;
+        let addr = match replica {
+            None => &sh.primary,
+            Some(r) => sh.replicas.get(r)?,
+        };
+        s.target.address = crate::config::parse_address(addr).ok()?;
+        s.shard = Some(shard);
+        s.replica = replica;
+        Some(s)
     }
 
     /// Pool settings for (database, client user), following PgBouncer: a
@@ -102,6 +147,8 @@ impl Cluster {
             query_wait_timeout: g.query_wait_timeout,
             server_lifetime: g.server_lifetime,
             server_idle_timeout: g.server_idle_timeout,
+            shard: None,
+            replica: None,
         }
     }
 }

@@ -34,6 +34,9 @@ pub struct PoolSettings {
     pub query_wait_timeout: Duration,
     pub server_lifetime: Duration,
     pub server_idle_timeout: Duration,
+    /// For sharded databases: the shard, and the replica (`None` = primary).
+    pub shard: Option<usize>,
+    pub replica: Option<usize>,
 }
 
 #[derive(Debug, Error)]
@@ -46,6 +49,8 @@ pub enum CheckoutError {
 
 pub struct Pool {
     pub settings: PoolSettings,
+    /// The client user whose login created the pool (settings derive from it).
+    pub client_user: String,
     state: Mutex<State>,
     scram_key: Mutex<Option<[u8; 32]>>,
     defaults: Mutex<Option<ParamSet>>,
@@ -104,9 +109,10 @@ pub struct PoolCounts {
 }
 
 impl Pool {
-    pub fn new(settings: PoolSettings) -> Arc<Pool> {
+    pub fn new(settings: PoolSettings, client_user: &str) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             settings,
+            client_user: client_user.to_string(),
             state: Mutex::new(State::default()),
             scram_key: Mutex::new(None),
             defaults: Mutex::new(None),

@@ -1,0 +1,346 @@
+//! The routing decision for one statement of a sharded database: which
+//! shard, primary or replica, or every shard (fan-out), or a clear refusal.
+
+use super::sql::{self, Analysis, KeyExpr, Kind, Merge, TableSpec};
+use super::{parse_key, parse_param, shard_for, KeyType, KeyValue, ParamFormat};
+use crate::config::Database;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Parsed statements kept per database; cleared when it grows past this.
+const CACHE_LIMIT: usize = 4096;
+
+/// Where a statement goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// One shard; `read` allows a replica.
+    Shard { shard: usize, read: bool },
+    /// A keyless read on every shard, merged.
+    FanOut(Merge),
+    /// Refused, with the message for the client.
+    Refuse(String),
+}
+
+/// What a client pinned with `SET weir.…` or a comment hint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pin {
+    Shard(usize),
+    Key(String),
+}
+
+pub struct ShardRouter {
+    pub database: String,
+    pub shards: usize,
+    pub tables: Vec<TableSpec>,
+    pub read_from_replicas: bool,
+    cache: Mutex<HashMap<String, Arc<Analysis>>>,
+}
+
+impl ShardRouter {
+    /// `None` for a database without shards.
+    pub fn new(db: &Database) -> Option<ShardRouter> {
+        if db.shards.is_empty() {
+            return None;
+        }
+        let tables = db
+            .sharded_tables
+            .iter()
+            .filter_map(|t| {
+                let kt: KeyType = t.key_type.parse().ok()?;
+                Some(TableSpec::new(&t.table, &t.column, kt))
+            })
+            .collect();
+        Some(ShardRouter {
+            database: db.name.clone(),
+            shards: db.shards.len(),
+            tables,
+            read_from_replicas: db.read_from_replicas,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Analyses a query, from the cache when this text was seen before.
+    pub fn analyze(&self, sql: &str) -> Arc<Analysis> {
+        if let Some(a) = self.cache.lock().get(sql) {
+            return a.clone();
+        }
+        let a = Arc::new(sql::analyze(sql, &self.tables).unwrap_or_default());
+        let mut cache = self.cache.lock();
+        if cache.len() >= CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(sql.to_string(), a.clone());
+        a
+    }
+
+    /// The shard for one key literal of table `t`.
+    fn shard_of_text(&self, t: usize, text: &str) -> Result<usize, String> {
+        let kt = self.tables[t].key_type;
+        let v = parse_key(kt, text).map_err(|e| format!("sharding key {text:?}: {e}"))?;
+        shard_for(kt, &v, self.shards as u64)
+            .map(|s| s as usize)
+            .map_err(|e| e.to_string())
+    }
+
+    fn shard_of_key(&self, t: usize, k: &KeyExpr, params: &BindParams<'_>) -> Result<usize, String> {
+        let kt = self.tables[t].key_type;
+        match k {
+            KeyExpr::Literal(text) => self.shard_of_text(t, text),
+            KeyExpr::Null => shard_for(kt, &KeyValue::Null, self.shards as u64)
+                .map(|s| s as usize)
+                .map_err(|e| e.to_string()),
+            KeyExpr::Param(n) => {
+                let (format, value) = params
+                    .get(*n)
+                    .ok_or_else(|| format!("parameter ${n} for the sharding key was not bound"))?;
+                let v = parse_param(kt, format, value).map_err(|e| format!("sharding key ${n}: {e}"))?;
+                shard_for(kt, &v, self.shards as u64)
+                    .map(|s| s as usize)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Decides where a statement goes.
+    pub fn decide(&self, a: &Analysis, params: &BindParams<'_>, pin: Option<&Pin>, in_write_tx: bool) -> Decision {
+        let read = a.kind == Kind::Select && a.read_only && !in_write_tx;
+        if let Some(pin) = pin {
+            return match pin {
+                Pin::Shard(s) if *s < self.shards => Decision::Shard { shard: *s, read },
+                Pin::Shard(s) => Decision::Refuse(format!(
+                    "shard {s} does not exist (database \"{}\" has {} shards)",
+                    self.database, self.shards
+                )),
+                Pin::Key(k) => match self.tables.first().map(|_| self.shard_of_text(0, k)) {
+                    Some(Ok(shard)) => Decision::Shard { shard, read },
+                    Some(Err(e)) => Decision::Refuse(e),
+                    None => Decision::Shard { shard: 0, read },
+                },
+            };
+        }
+        let Some(t) = a.table else {
+            // Tables that are not sharded live on shard 0.
+            return Decision::Shard { shard: 0, read };
+        };
+        if a.keys.is_empty() {
+            if a.kind == Kind::Select && a.read_only {
+                return match &a.merge {
+                    Merge::Refuse(why) => Decision::Refuse(format!(
+                        "Weir cannot merge {why} for sharded table \"{}\"; add a condition on \"{}\" or a hint /* weir: shard=N */",
+                        a.table_name, self.tables[t].column
+                    )),
+                    m => Decision::FanOut(m.clone()),
+                };
+            }
+            return Decision::Refuse(format!(
+                "statement on sharded table \"{}\" has no sharding key: add {} = <value>, a comment /* weir: sharding_key=<value> */ or /* weir: shard=N */, or SET weir.sharding_key / weir.shard",
+                a.table_name, self.tables[t].column
+            ));
+        }
+        let mut shard = None;
+        for k in &a.keys {
+            let s = match self.shard_of_key(t, k, params) {
+                Ok(s) => s,
+                Err(e) => return Decision::Refuse(e),
+            };
+            match shard {
+                None => shard = Some(s),
+                Some(prev) if prev != s => {
+                    return if a.kind == Kind::Select && a.read_only {
+                        match &a.merge {
+                            Merge::Refuse(why) => Decision::Refuse(format!("Weir cannot merge {why}")),
+                            m => Decision::FanOut(m.clone()),
+                        }
+                    } else {
+                        Decision::Refuse(format!(
+                            "statement on sharded table \"{}\" touches more than one shard (keys map to shards {prev} and {s}); write each shard's rows in its own statement",
+                            a.table_name
+                        ))
+                    };
+                }
+                Some(_) => {}
+            }
+        }
+        Decision::Shard {
+            shard: shard.unwrap_or(0),
+            read,
+        }
+    }
+}
+
+/// A hint in a comment: `/* weir: shard=N */` or `/* weir: sharding_key=V */`.
+pub fn comment_hint(sql: &str) -> Option<Pin> {
+    let at = sql.find("weir:")?;
+    let rest = sql[at + 5..].trim_start();
+    let end = rest.find("*/").unwrap_or(rest.len());
+    let body = rest[..end].trim();
+    let (k, v) = body.split_once('=')?;
+    let v = v.trim().trim_matches(['\'', '"']);
+    match k.trim() {
+        "shard" => v.parse().ok().map(Pin::Shard),
+        "sharding_key" => Some(Pin::Key(v.to_string())),
+        _ => None,
+    }
+}
+
+/// The parameters of a Bind message, by 1-based number.
+#[derive(Debug, Default)]
+pub struct BindParams<'a> {
+    formats: Vec<i16>,
+    values: Vec<Option<&'a [u8]>>,
+}
+
+impl<'a> BindParams<'a> {
+    /// Reads the parameters of a complete Bind message.
+    pub fn parse(msg: &'a [u8]) -> Option<BindParams<'a>> {
+        let body = msg.get(5..)?;
+        let (_, pos) = crate::wire::cstr(body, 0)?;
+        let (_, mut pos) = crate::wire::cstr(body, pos)?;
+        let rd16 = |p: usize| body.get(p..p + 2).map(|b| i16::from_be_bytes([b[0], b[1]]));
+        let nfmt = rd16(pos)? as usize;
+        pos += 2;
+        let mut formats = Vec::with_capacity(nfmt);
+        for _ in 0..nfmt {
+            formats.push(rd16(pos)?);
+            pos += 2;
+        }
+        let n = rd16(pos)? as usize;
+        pos += 2;
+        let mut values = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = i32::from_be_bytes(body.get(pos..pos + 4)?.try_into().ok()?);
+            pos += 4;
+            if len < 0 {
+                values.push(None);
+            } else {
+                values.push(Some(body.get(pos..pos + len as usize)?));
+                pos += len as usize;
+            }
+        }
+        Some(BindParams { formats, values })
+    }
+
+    /// Format and value of `$n`.
+    pub fn get(&self, n: usize) -> Option<(ParamFormat, Option<&'a [u8]>)> {
+        let i = n.checked_sub(1)?;
+        let value = *self.values.get(i)?;
+        let code = match self.formats.len() {
+            0 => 0,
+            1 => self.formats[0],
+            _ => *self.formats.get(i)?,
+        };
+        Some((ParamFormat::from_code(code).ok()?, value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ShardSection, ShardedTable};
+
+    fn router() -> ShardRouter {
+        let db = Database {
+            name: "shop".into(),
+            address: crate::config::Address {
+                host: "h".into(),
+                port: 1,
+            },
+            dbname: "shop".into(),
+            user: None,
+            password: None,
+            pool_size: None,
+            min_pool_size: 0,
+            reserve_pool_size: 0,
+            pool_mode: None,
+            max_db_connections: 0,
+            server_params: vec![],
+            connect_query: None,
+            shards: vec![
+                ShardSection {
+                    primary: "a:1".into(),
+                    replicas: vec![],
+                },
+                ShardSection {
+                    primary: "b:1".into(),
+                    replicas: vec![],
+                },
+            ],
+            sharded_tables: vec![ShardedTable {
+                table: "orders".into(),
+                column: "customer_id".into(),
+                key_type: "bigint".into(),
+            }],
+            read_from_replicas: true,
+        };
+        ShardRouter::new(&db).unwrap()
+    }
+
+    fn decide(r: &ShardRouter, sql: &str) -> Decision {
+        let a = r.analyze(sql);
+        r.decide(&a, &BindParams::default(), comment_hint(sql).as_ref(), false)
+    }
+
+    #[test]
+    fn routes_by_key_like_postgres() {
+        let r = router();
+        // hashint8extended(1, seed) % 2 per PostgreSQL: key 1 -> shard 0? computed by router::hash.
+        let expected = shard_for(KeyType::Bigint, &KeyValue::Int(1), 2).unwrap() as usize;
+        assert_eq!(
+            decide(&r, "SELECT * FROM orders WHERE customer_id = 1"),
+            Decision::Shard {
+                shard: expected,
+                read: true
+            }
+        );
+        assert_eq!(
+            decide(&r, "UPDATE orders SET x = 1 WHERE customer_id = 1"),
+            Decision::Shard {
+                shard: expected,
+                read: false
+            }
+        );
+    }
+
+    #[test]
+    fn keyless_writes_are_refused_and_reads_fan_out() {
+        let r = router();
+        assert!(matches!(decide(&r, "DELETE FROM orders"), Decision::Refuse(m) if m.contains("customer_id")));
+        assert_eq!(decide(&r, "SELECT * FROM orders"), Decision::FanOut(Merge::Concat));
+        assert_eq!(
+            decide(&r, "SELECT * FROM other"),
+            Decision::Shard { shard: 0, read: true }
+        );
+    }
+
+    #[test]
+    fn hints_pin_a_shard() {
+        let r = router();
+        assert_eq!(
+            decide(&r, "/* weir: shard=1 */ DELETE FROM orders"),
+            Decision::Shard { shard: 1, read: false }
+        );
+        assert!(matches!(decide(&r, "/* weir: shard=7 */ SELECT 1"), Decision::Refuse(_)));
+    }
+
+    #[test]
+    fn multi_row_insert_across_shards_is_refused() {
+        let r = router();
+        let mut keys = (0..50).map(|i| (i, shard_for(KeyType::Bigint, &KeyValue::Int(i), 2).unwrap()));
+        let a = keys.find(|(_, s)| *s == 0).unwrap().0;
+        let b = keys.find(|(_, s)| *s == 1).unwrap().0;
+        let sql = format!("INSERT INTO orders (customer_id) VALUES ({a}), ({b})");
+        assert!(matches!(decide(&r, &sql), Decision::Refuse(m) if m.contains("more than one shard")));
+    }
+
+    #[test]
+    fn reads_bind_parameters() {
+        // tag, length, portal "", statement "", 0 formats, 1 parameter of 2 bytes.
+        let mut msg = vec![b'B', 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2];
+        msg.extend_from_slice(b"42");
+        msg.extend_from_slice(&[0, 0]);
+        let p = BindParams::parse(&msg).unwrap();
+        assert_eq!(p.get(1), Some((ParamFormat::Text, Some(&b"42"[..]))));
+        assert_eq!(p.get(2), None);
+    }
+}
