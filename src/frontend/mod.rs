@@ -2,6 +2,7 @@
 //! then relaying transactions to pooled servers), and cancel routing.
 
 pub mod cancel;
+mod fanout;
 pub mod listener;
 mod relay;
 mod session;
