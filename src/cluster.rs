@@ -5,6 +5,7 @@
 use crate::backend::login::Credentials;
 use crate::backend::{Pool, PoolSettings, Target};
 use crate::config::{Config, Database, Secret};
+use crate::router::route::ShardRouter;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ pub struct PoolKey {
 pub struct Cluster {
     pub config: Arc<Config>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    routers: Mutex<HashMap<String, Arc<ShardRouter>>>,
 }
 
 impl Cluster {
@@ -29,6 +31,7 @@ impl Cluster {
         Cluster {
             config,
             pools: Mutex::new(HashMap::new()),
+            routers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -61,7 +64,13 @@ impl Cluster {
     }
 
     /// The pool for one shard's primary (`replica = None`) or one replica.
-    pub fn shard_pool(&self, db: &Database, user: &str, shard: usize, replica: Option<usize>) -> Option<Arc<Pool>> {
+    pub fn shard_pool(
+        &self,
+        db: &Database,
+        user: &str,
+        shard: usize,
+        replica: Option<usize>,
+    ) -> Option<Arc<Pool>> {
         let key = PoolKey {
             database: db.name.clone(),
             user: db.user.clone().unwrap_or_else(|| user.to_string()),
@@ -87,12 +96,32 @@ impl Cluster {
         Pool::new(self.settings(db, user), user)
     }
 
+    /// The shard router of a sharded database (shared by its sessions).
+    pub fn router(&self, db: &Database) -> Option<Arc<ShardRouter>> {
+        if db.shards.is_empty() {
+            return None;
+        }
+        let mut routers = self.routers.lock();
+        if let Some(r) = routers.get(&db.name) {
+            return Some(r.clone());
+        }
+        let r = Arc::new(ShardRouter::new(db)?);
+        routers.insert(db.name.clone(), r.clone());
+        Some(r)
+    }
+
     pub fn pools(&self) -> Vec<Arc<Pool>> {
         self.pools.lock().values().cloned().collect()
     }
 
     /// Settings for a shard's primary or replica pool; `None` if it does not exist.
-    pub fn settings_at(&self, db: &Database, client_user: &str, shard: usize, replica: Option<usize>) -> Option<PoolSettings> {
+    pub fn settings_at(
+        &self,
+        db: &Database,
+        client_user: &str,
+        shard: usize,
+        replica: Option<usize>,
+    ) -> Option<PoolSettings> {
         let mut s = self.settings(db, client_user);
         if db.shards.is_empty() {
             return (shard == 0 && replica.is_none()).then_some(s);

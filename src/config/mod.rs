@@ -176,6 +176,9 @@ pub struct General {
     pub log_disconnections: bool,
     pub log_pooler_errors: bool,
     pub server_round_robin: bool,
+    /// How long a failing replica is kept out of rotation (Weir addition).
+    #[serde(deserialize_with = "duration::de")]
+    pub ban_time: Duration,
 }
 
 impl Default for General {
@@ -221,6 +224,7 @@ impl Default for General {
             log_disconnections: true,
             log_pooler_errors: true,
             server_round_robin: false,
+            ban_time: d(60),
         }
     }
 }

@@ -22,7 +22,12 @@ struct ShardResult {
 
 /// Runs `query` (a complete Query message) on each pool and returns the
 /// merged response, ending in ReadyForQuery `I`.
-pub async fn run(pools: Vec<Arc<Pool>>, query: Bytes, wanted: &ParamSet, merge: &Merge) -> BytesMut {
+pub async fn run(
+    pools: Vec<Arc<Pool>>,
+    query: Bytes,
+    wanted: &ParamSet,
+    merge: &Merge,
+) -> BytesMut {
     let mut set = tokio::task::JoinSet::new();
     for (i, pool) in pools.into_iter().enumerate() {
         let query = query.clone();
@@ -45,7 +50,9 @@ pub async fn run(pools: Vec<Arc<Pool>>, query: Bytes, wanted: &ParamSet, merge: 
     }
     let desc = results.iter().find_map(|(_, r)| r.row_description.clone());
     let rows: Vec<Bytes> = match merge {
-        Merge::Aggregates(aggs) => combine_aggregates(aggs, results.iter().flat_map(|(_, r)| r.rows.iter())),
+        Merge::Aggregates(aggs) => {
+            combine_aggregates(aggs, results.iter().flat_map(|(_, r)| r.rows.iter()))
+        }
         Merge::OrderLimit { order, limit } => {
             let mut all: Vec<(Vec<Option<Bytes>>, Bytes)> = results
                 .iter()
@@ -90,14 +97,17 @@ async fn one_shard(pool: Arc<Pool>, query: Bytes, wanted: ParamSet) -> ShardResu
     let mut server = match pool.checkout().await {
         Ok(s) => s,
         Err(e) => {
-            result.error = Some(build::error("ERROR", "08006", &format!("shard unavailable: {e}")).freeze());
+            result.error =
+                Some(build::error("ERROR", "08006", &format!("shard unavailable: {e}")).freeze());
             return result;
         }
     };
     if let Some((sql, changed)) = server.params.sync_statement(&wanted) {
         let mut w = wanted.clone();
         if server.exec(&sql).await.is_err() {
-            result.error = Some(build::error("ERROR", "08006", "shard failed applying session parameters").freeze());
+            result.error = Some(
+                build::error("ERROR", "08006", "shard failed applying session parameters").freeze(),
+            );
             return result;
         }
         server.params.after_sync(&mut w, &changed);
@@ -111,7 +121,8 @@ async fn one_shard(pool: Arc<Pool>, query: Bytes, wanted: ParamSet) -> ShardResu
         let msg = match crate::net::read_message(&mut server.stream, &mut server.buf).await {
             Ok(Some(m)) => m.freeze(),
             _ => {
-                result.error = Some(build::error("ERROR", "08006", "shard connection lost").freeze());
+                result.error =
+                    Some(build::error("ERROR", "08006", "shard connection lost").freeze());
                 return result;
             }
         };
@@ -141,7 +152,10 @@ fn columns(row: &[u8]) -> Vec<Option<Bytes>> {
     let n = i16::from_be_bytes([b[0], b[1]]).max(0) as usize;
     let mut pos = 2;
     for _ in 0..n {
-        let Some(len) = b.get(pos..pos + 4).map(|l| i32::from_be_bytes([l[0], l[1], l[2], l[3]])) else {
+        let Some(len) = b
+            .get(pos..pos + 4)
+            .map(|l| i32::from_be_bytes([l[0], l[1], l[2], l[3]]))
+        else {
             break;
         };
         pos += 4;
@@ -159,7 +173,12 @@ fn columns(row: &[u8]) -> Vec<Option<Bytes>> {
 fn data_row(values: &[Option<Vec<u8>>]) -> Bytes {
     let mut b = BytesMut::new();
     b.put_u8(b'D');
-    let len = 4 + 2 + values.iter().map(|v| 4 + v.as_ref().map_or(0, |x| x.len())).sum::<usize>();
+    let len = 4
+        + 2
+        + values
+            .iter()
+            .map(|v| 4 + v.as_ref().map_or(0, |x| x.len()))
+            .sum::<usize>();
     b.put_i32(len as i32);
     b.put_i16(values.len() as i16);
     for v in values {
@@ -182,8 +201,12 @@ fn compare_values(a: &Option<Bytes>, b: &Option<Bytes>) -> Ordering {
         (None, Some(_)) => Ordering::Greater,
         (Some(_), None) => Ordering::Less,
         (Some(x), Some(y)) => {
-            let nx = std::str::from_utf8(x).ok().and_then(|s| s.trim().parse::<f64>().ok());
-            let ny = std::str::from_utf8(y).ok().and_then(|s| s.trim().parse::<f64>().ok());
+            let nx = std::str::from_utf8(x)
+                .ok()
+                .and_then(|s| s.trim().parse::<f64>().ok());
+            let ny = std::str::from_utf8(y)
+                .ok()
+                .and_then(|s| s.trim().parse::<f64>().ok());
             match (nx, ny) {
                 (Some(p), Some(q)) => p.partial_cmp(&q).unwrap_or(Ordering::Equal),
                 _ => x.cmp(y),
@@ -211,7 +234,9 @@ fn combine_aggregates<'a>(aggs: &[Agg], rows: impl Iterator<Item = &'a Bytes>) -
     for row in rows {
         let cols = columns(row);
         for (i, agg) in aggs.iter().enumerate() {
-            let Some(v) = cols.get(i).cloned().flatten() else { continue };
+            let Some(v) = cols.get(i).cloned().flatten() else {
+                continue;
+            };
             acc[i] = Some(match (&acc[i], agg) {
                 (None, _) => v,
                 (Some(cur), Agg::Count | Agg::Sum) => add_numbers(cur, &v),
@@ -282,7 +307,10 @@ mod tests {
     use super::*;
 
     fn row(vals: &[Option<&str>]) -> Bytes {
-        let v: Vec<Option<Vec<u8>>> = vals.iter().map(|x| x.map(|s| s.as_bytes().to_vec())).collect();
+        let v: Vec<Option<Vec<u8>>> = vals
+            .iter()
+            .map(|x| x.map(|s| s.as_bytes().to_vec()))
+            .collect();
         data_row(&v)
     }
 
@@ -295,11 +323,25 @@ mod tests {
 
     #[test]
     fn combines_aggregates() {
-        let rows = [row(&[Some("3"), Some("10"), Some("1"), Some("9")]), row(&[Some("2"), None, Some("-4"), Some("7")])];
+        let rows = [
+            row(&[Some("3"), Some("10"), Some("1"), Some("9")]),
+            row(&[Some("2"), None, Some("-4"), Some("7")]),
+        ];
         let out = combine_aggregates(&[Agg::Count, Agg::Sum, Agg::Min, Agg::Max], rows.iter());
         let cols = columns(&out[0]);
-        let text: Vec<Option<String>> = cols.iter().map(|c| c.as_ref().map(|b| String::from_utf8_lossy(b).into_owned())).collect();
-        assert_eq!(text, vec![Some("5".into()), Some("10".into()), Some("-4".into()), Some("9".into())]);
+        let text: Vec<Option<String>> = cols
+            .iter()
+            .map(|c| c.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()))
+            .collect();
+        assert_eq!(
+            text,
+            vec![
+                Some("5".into()),
+                Some("10".into()),
+                Some("-4".into()),
+                Some("9".into())
+            ]
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod cancel;
 mod fanout;
 pub mod listener;
 mod relay;
+mod routing;
 mod session;
 pub mod sqlscan;
 mod startup;

@@ -2,7 +2,9 @@
 //! transaction borrow a server from the pool, relay, and give it back clean.
 
 use super::cancel::{self, BackendKey, CancelEntry, FrontendKey};
+use super::fanout;
 use super::relay::{self, ClientCtx, Dir, Event, Progress, ServerState};
+use super::routing::{self, HeldBegin, ShardSession};
 use super::sqlscan::Seen;
 use super::startup::{self, Start};
 use super::tracker::Tracker;
@@ -15,10 +17,12 @@ use crate::backend::{CheckoutError, Pool, ServerConn};
 use crate::cluster::Cluster;
 use crate::config::{Database, PoolMode};
 use crate::net::Stream;
+use crate::router::route::{comment_hint, BindParams, Decision, ShardRouter};
+use crate::router::sql::Kind;
 use crate::stats::{now_us, ClientInfo, ClientState, PoolTotals, ServerState as SrvState};
 use crate::wire::{self, build, tag};
 use crate::{App, Shutdown};
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,7 +96,10 @@ pub(super) async fn run(
         key: parts.key,
         cancel: parts.cancel,
         stmts: ClientStatements::default(),
+        router: None,
+        shard: ShardSession::default(),
     };
+    session.router = session.cluster.router(&session.db);
     session.serve().await;
     if cluster.config.general.log_disconnections {
         tracing::info!(peer = %session.peer, user = %session.user, db = %session.db.name, "client closed");
@@ -401,6 +408,17 @@ struct Session {
     cancel: Arc<CancelEntry>,
     /// This client's protocol-level prepared statements.
     stmts: ClientStatements,
+    /// Set for a sharded database.
+    router: Option<Arc<ShardRouter>>,
+    shard: ShardSession,
+}
+
+/// Where the next transaction goes (sharded databases).
+enum Routed {
+    Pool(Arc<Pool>),
+    /// Answered without a server.
+    Done,
+    Closed,
 }
 
 enum Work {
@@ -420,9 +438,32 @@ impl Session {
                 Work::Message => {}
                 Work::Closed => return,
             }
+            self.refresh();
+            if self.router.is_some() {
+                match self.route().await {
+                    Routed::Pool(p) => self.pool = p,
+                    Routed::Done => continue,
+                    Routed::Closed => return,
+                }
+            }
             self.info.set_state(ClientState::Waiting);
             self.info.wait_since.store(now_us(), Ordering::Relaxed);
-            let server = match self.checkout().await {
+            let mut checked = self.checkout().await;
+            if checked.is_err() {
+                if let (Some(router), Some(shard), Some(r)) = (
+                    &self.router,
+                    self.pool.settings.shard,
+                    self.pool.settings.replica,
+                ) {
+                    // A replica that cannot be reached: ban it, read from the primary.
+                    router.ban(shard, r, self.cluster.config.general.ban_time);
+                    if let Some(p) = self.cluster.shard_pool(&self.db, &self.user, shard, None) {
+                        self.pool = p;
+                        checked = self.checkout().await;
+                    }
+                }
+            }
+            let mut server = match checked {
                 Ok(Some(s)) => s,
                 Ok(None) => return,
                 Err(e) => {
@@ -446,6 +487,18 @@ impl Session {
                 si.set_state(SrvState::Active);
                 si.client_pid.store(self.key.pid, Ordering::Relaxed);
                 si.request_time.store(now, Ordering::Relaxed);
+            }
+            if let Some(held) = self.shard.held.take() {
+                // The BEGIN Weir answered goes to the shard the statement chose.
+                if !matches!(server.exec(&held.sql).await, Ok(b'T')) {
+                    fatal(
+                        &mut self.client,
+                        "08P01",
+                        "could not start the transaction on the shard",
+                    )
+                    .await;
+                    return;
+                }
             }
             let pool = self.pool.clone();
             let after = self.transaction(server).await;
@@ -503,15 +556,20 @@ impl Session {
 
     /// Looks the pool up again after a reload, then borrows a server,
     /// noticing if the client leaves while it waits.
-    async fn checkout(&mut self) -> Result<Option<ServerConn>, CheckoutError> {
+    /// After a reload: look the database, pool and router up again.
+    fn refresh(&mut self) {
         if self.generation != self.app.generation() {
             self.generation = self.app.generation();
             self.cluster = self.app.cluster();
             if let Some(db) = self.cluster.config.database(&self.db.name) {
                 self.db = db;
                 self.pool = self.cluster.pool(&self.db, &self.user);
+                self.router = self.cluster.router(&self.db);
             }
         }
+    }
+
+    async fn checkout(&mut self) -> Result<Option<ServerConn>, CheckoutError> {
         let pool = self.pool.clone();
         let wait = pool.checkout();
         tokio::pin!(wait);
@@ -523,6 +581,185 @@ impl Session {
                     Ok(_) => {}
                 },
             }
+        }
+    }
+
+    /// Picks the pool for the unit at the front of the buffer, or answers
+    /// it without a server.
+    async fn route(&mut self) -> Routed {
+        let Some(router) = self.router.clone() else {
+            return Routed::Pool(self.pool.clone());
+        };
+        let unit = loop {
+            match routing::unit(&self.cbuf, &self.stmts, &self.shard.last_unnamed) {
+                Ok(Some(u)) => break u,
+                Ok(None) if self.cbuf.len() > 1 << 20 => {
+                    // Too large to hold back: the primary of shard 0 takes it.
+                    return match self.cluster.shard_pool(&self.db, &self.user, 0, None) {
+                        Some(p) => Routed::Pool(p),
+                        None => Routed::Closed,
+                    };
+                }
+                Ok(None) => match self.client.read_buf(&mut self.cbuf).await {
+                    Ok(0) | Err(_) => return Routed::Closed,
+                    Ok(_) => {}
+                },
+                Err(e) => {
+                    fatal(&mut self.client, "08P01", &format!("protocol error: {e}")).await;
+                    return Routed::Closed;
+                }
+            }
+        };
+        routing::note_unnamed(&self.cbuf[..unit.len], &mut self.shard.last_unnamed);
+        let sql = unit.sql.clone().unwrap_or_default();
+        let status = match &self.shard.held {
+            Some(h) if h.failed => b'E',
+            Some(_) => b'T',
+            None => b'I',
+        };
+        if unit.simple {
+            if let Some(pin) = routing::weir_setting(&sql) {
+                let tag = if pin.is_some() { "SET" } else { "RESET" };
+                self.shard.pin = pin;
+                return self.answer(unit.len, Some(tag), None, status).await;
+            }
+        }
+        let analysis = router.analyze(&sql);
+        if unit.simple && !analysis.multi {
+            match analysis.kind {
+                Kind::Begin { read_only } if self.shard.held.is_none() => {
+                    self.shard.held = Some(HeldBegin {
+                        sql: sql.clone(),
+                        read_only,
+                        failed: false,
+                    });
+                    return self.answer(unit.len, Some("BEGIN"), None, b'T').await;
+                }
+                Kind::End if self.shard.held.is_some() => {
+                    let failed = self.shard.held.take().is_some_and(|h| h.failed);
+                    let commit = {
+                        let w = sql.trim_start().to_ascii_lowercase();
+                        w.starts_with("commit") || w.starts_with("end")
+                    };
+                    let tag = if commit && !failed {
+                        "COMMIT"
+                    } else {
+                        "ROLLBACK"
+                    };
+                    return self.answer(unit.len, Some(tag), None, b'I').await;
+                }
+                _ => {}
+            }
+        }
+        if status == b'E' {
+            let err = build::error(
+                "ERROR",
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            );
+            return self.answer(unit.len, None, Some(err), b'E').await;
+        }
+        let params = unit
+            .bind
+            .and_then(|(a, b)| BindParams::parse(&self.cbuf[a..b]))
+            .unwrap_or_default();
+        let pin = comment_hint(&sql).or_else(|| self.shard.pin.clone());
+        let (in_write_tx, in_read_tx) = match &self.shard.held {
+            Some(h) => (!h.read_only, h.read_only),
+            None => (false, false),
+        };
+        match router.decide(&analysis, &params, pin.as_ref(), in_write_tx) {
+            Decision::Shard { shard, read } => {
+                match self.shard_pool(&router, shard, read || in_read_tx) {
+                    Some(p) => Routed::Pool(p),
+                    None => Routed::Closed,
+                }
+            }
+            Decision::FanOut(merge) if unit.simple && self.shard.held.is_none() => {
+                let pools: Option<Vec<_>> = (0..router.shards)
+                    .map(|s| self.shard_pool(&router, s, true))
+                    .collect();
+                let Some(pools) = pools else {
+                    return Routed::Closed;
+                };
+                let query = Bytes::copy_from_slice(&self.cbuf[..unit.len]);
+                self.cbuf.advance(unit.len);
+                let out = fanout::run(pools, query, &self.wanted, &merge).await;
+                match self.client.write_all(&out).await {
+                    Ok(()) => Routed::Done,
+                    Err(_) => Routed::Closed,
+                }
+            }
+            Decision::FanOut(_) => {
+                let err = build::error(
+                    "ERROR",
+                    "0A000",
+                    "a read without a sharding key runs on every shard only as a simple query outside a transaction; add the sharding key or a /* weir: shard=N */ hint",
+                );
+                self.refuse(unit.len, unit.synced, err, status).await
+            }
+            Decision::Refuse(msg) => {
+                let err = build::error("ERROR", "0A000", &msg);
+                self.refuse(unit.len, unit.synced, err, status).await
+            }
+        }
+    }
+
+    /// The pool of a shard: a healthy replica for reads when allowed.
+    fn shard_pool(&self, router: &ShardRouter, shard: usize, read: bool) -> Option<Arc<Pool>> {
+        let replica = if read {
+            router.pick_replica(shard)
+        } else {
+            None
+        };
+        self.cluster
+            .shard_pool(&self.db, &self.user, shard, replica)
+            .or_else(|| self.cluster.shard_pool(&self.db, &self.user, shard, None))
+    }
+
+    /// Refuses a unit: an error, and ReadyForQuery if the client expects one.
+    async fn refuse(&mut self, len: usize, synced: bool, err: BytesMut, status: u8) -> Routed {
+        let status = match &mut self.shard.held {
+            Some(h) => {
+                h.failed = true;
+                b'E'
+            }
+            None => status,
+        };
+        if synced {
+            self.answer(len, None, Some(err), status).await
+        } else {
+            self.cbuf.advance(len);
+            match self.client.write_all(&err).await {
+                Ok(()) => Routed::Done,
+                Err(_) => Routed::Closed,
+            }
+        }
+    }
+
+    /// Consumes a unit and answers it: CommandComplete or an error, then ReadyForQuery.
+    async fn answer(
+        &mut self,
+        len: usize,
+        tag: Option<&str>,
+        err: Option<BytesMut>,
+        status: u8,
+    ) -> Routed {
+        self.cbuf.advance(len);
+        let mut out = BytesMut::with_capacity(64);
+        if let Some(t) = tag {
+            out.put_u8(b'C');
+            out.put_i32((4 + t.len() + 1) as i32);
+            out.put_slice(t.as_bytes());
+            out.put_u8(0);
+        }
+        if let Some(e) = err {
+            out.put(e);
+        }
+        out.put(build::ready_for_query(status));
+        match self.client.write_all(&out).await {
+            Ok(()) => Routed::Done,
+            Err(_) => Routed::Closed,
         }
     }
 
@@ -644,6 +881,13 @@ impl Session {
                 }
                 Event::ServerGone(e) => {
                     tracing::warn!(error = %e, ?server, peer = %self.peer, "server connection lost");
+                    if let (Some(router), Some(shard), Some(r)) = (
+                        &self.router,
+                        self.pool.settings.shard,
+                        self.pool.settings.replica,
+                    ) {
+                        router.ban(shard, r, self.cluster.config.general.ban_time);
+                    }
                     let _ = self.client.write_all(&server.buf[..x.down.ready]).await;
                     fatal(&mut self.client, "08P01", "server conn crashed?").await;
                     return After::Stop;

@@ -6,7 +6,9 @@ use super::{parse_key, parse_param, shard_for, KeyType, KeyValue, ParamFormat};
 use crate::config::Database;
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Parsed statements kept per database; cleared when it grows past this.
 const CACHE_LIMIT: usize = 4096;
@@ -34,7 +36,13 @@ pub struct ShardRouter {
     pub shards: usize,
     pub tables: Vec<TableSpec>,
     pub read_from_replicas: bool,
+    /// Replicas per shard.
+    pub replicas: Vec<usize>,
     cache: Mutex<HashMap<String, Arc<Analysis>>>,
+    /// Round-robin position for replica reads.
+    next: AtomicUsize,
+    /// (shard, replica) kept out of rotation until the instant.
+    banned: Mutex<HashMap<(usize, usize), Instant>>,
 }
 
 impl ShardRouter {
@@ -56,8 +64,42 @@ impl ShardRouter {
             shards: db.shards.len(),
             tables,
             read_from_replicas: db.read_from_replicas,
+            replicas: db.shards.iter().map(|s| s.replicas.len()).collect(),
             cache: Mutex::new(HashMap::new()),
+            next: AtomicUsize::new(0),
+            banned: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// A healthy replica of `shard`, round-robin; `None` means use the primary.
+    pub fn pick_replica(&self, shard: usize) -> Option<usize> {
+        let n = *self.replicas.get(shard)?;
+        if n == 0 || !self.read_from_replicas {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut banned = self.banned.lock();
+        banned.retain(|_, until| *until > now);
+        (0..n)
+            .map(|i| (start + i) % n)
+            .find(|r| !banned.contains_key(&(shard, *r)))
+    }
+
+    /// Keeps a failing replica out of rotation for `time`.
+    pub fn ban(&self, shard: usize, replica: usize, time: Duration) {
+        tracing::warn!(database = %self.database, shard, replica, ?time, "replica banned");
+        self.banned
+            .lock()
+            .insert((shard, replica), Instant::now() + time);
+    }
+
+    /// Whether a replica is banned now (for SHOW SHARDS).
+    pub fn is_banned(&self, shard: usize, replica: usize) -> bool {
+        self.banned
+            .lock()
+            .get(&(shard, replica))
+            .is_some_and(|until| *until > Instant::now())
     }
 
     /// Analyses a query, from the cache when this text was seen before.
@@ -83,7 +125,12 @@ impl ShardRouter {
             .map_err(|e| e.to_string())
     }
 
-    fn shard_of_key(&self, t: usize, k: &KeyExpr, params: &BindParams<'_>) -> Result<usize, String> {
+    fn shard_of_key(
+        &self,
+        t: usize,
+        k: &KeyExpr,
+        params: &BindParams<'_>,
+    ) -> Result<usize, String> {
         let kt = self.tables[t].key_type;
         match k {
             KeyExpr::Literal(text) => self.shard_of_text(t, text),
@@ -94,7 +141,8 @@ impl ShardRouter {
                 let (format, value) = params
                     .get(*n)
                     .ok_or_else(|| format!("parameter ${n} for the sharding key was not bound"))?;
-                let v = parse_param(kt, format, value).map_err(|e| format!("sharding key ${n}: {e}"))?;
+                let v = parse_param(kt, format, value)
+                    .map_err(|e| format!("sharding key ${n}: {e}"))?;
                 shard_for(kt, &v, self.shards as u64)
                     .map(|s| s as usize)
                     .map_err(|e| e.to_string())
@@ -103,7 +151,13 @@ impl ShardRouter {
     }
 
     /// Decides where a statement goes.
-    pub fn decide(&self, a: &Analysis, params: &BindParams<'_>, pin: Option<&Pin>, in_write_tx: bool) -> Decision {
+    pub fn decide(
+        &self,
+        a: &Analysis,
+        params: &BindParams<'_>,
+        pin: Option<&Pin>,
+        in_write_tx: bool,
+    ) -> Decision {
         let read = a.kind == Kind::Select && a.read_only && !in_write_tx;
         if let Some(pin) = pin {
             return match pin {
@@ -149,7 +203,9 @@ impl ShardRouter {
                 Some(prev) if prev != s => {
                     return if a.kind == Kind::Select && a.read_only {
                         match &a.merge {
-                            Merge::Refuse(why) => Decision::Refuse(format!("Weir cannot merge {why}")),
+                            Merge::Refuse(why) => {
+                                Decision::Refuse(format!("Weir cannot merge {why}"))
+                            }
                             m => Decision::FanOut(m.clone()),
                         }
                     } else {
@@ -278,7 +334,12 @@ mod tests {
 
     fn decide(r: &ShardRouter, sql: &str) -> Decision {
         let a = r.analyze(sql);
-        r.decide(&a, &BindParams::default(), comment_hint(sql).as_ref(), false)
+        r.decide(
+            &a,
+            &BindParams::default(),
+            comment_hint(sql).as_ref(),
+            false,
+        )
     }
 
     #[test]
@@ -305,11 +366,19 @@ mod tests {
     #[test]
     fn keyless_writes_are_refused_and_reads_fan_out() {
         let r = router();
-        assert!(matches!(decide(&r, "DELETE FROM orders"), Decision::Refuse(m) if m.contains("customer_id")));
-        assert_eq!(decide(&r, "SELECT * FROM orders"), Decision::FanOut(Merge::Concat));
+        assert!(
+            matches!(decide(&r, "DELETE FROM orders"), Decision::Refuse(m) if m.contains("customer_id"))
+        );
+        assert_eq!(
+            decide(&r, "SELECT * FROM orders"),
+            Decision::FanOut(Merge::Concat)
+        );
         assert_eq!(
             decide(&r, "SELECT * FROM other"),
-            Decision::Shard { shard: 0, read: true }
+            Decision::Shard {
+                shard: 0,
+                read: true
+            }
         );
     }
 
@@ -318,19 +387,28 @@ mod tests {
         let r = router();
         assert_eq!(
             decide(&r, "/* weir: shard=1 */ DELETE FROM orders"),
-            Decision::Shard { shard: 1, read: false }
+            Decision::Shard {
+                shard: 1,
+                read: false
+            }
         );
-        assert!(matches!(decide(&r, "/* weir: shard=7 */ SELECT 1"), Decision::Refuse(_)));
+        assert!(matches!(
+            decide(&r, "/* weir: shard=7 */ SELECT 1"),
+            Decision::Refuse(_)
+        ));
     }
 
     #[test]
     fn multi_row_insert_across_shards_is_refused() {
         let r = router();
-        let mut keys = (0..50).map(|i| (i, shard_for(KeyType::Bigint, &KeyValue::Int(i), 2).unwrap()));
+        let mut keys =
+            (0..50).map(|i| (i, shard_for(KeyType::Bigint, &KeyValue::Int(i), 2).unwrap()));
         let a = keys.find(|(_, s)| *s == 0).unwrap().0;
         let b = keys.find(|(_, s)| *s == 1).unwrap().0;
         let sql = format!("INSERT INTO orders (customer_id) VALUES ({a}), ({b})");
-        assert!(matches!(decide(&r, &sql), Decision::Refuse(m) if m.contains("more than one shard")));
+        assert!(
+            matches!(decide(&r, &sql), Decision::Refuse(m) if m.contains("more than one shard"))
+        );
     }
 
     #[test]
