@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Weir's test command: installs what the tests need (PostgreSQL 15 server and client, build
-# tools), builds, and runs every test target.
+# tools, and the client drivers tests/drivers.rs runs: Python asyncpg and psycopg, node-postgres,
+# pgjdbc with a JDK), builds, and runs every test target.
 #
 #   bash scripts/test.sh                        # everything
 #   bash scripts/test.sh --test harness_selftest # cargo test arguments are passed on
 #   bash scripts/test.sh -- some_test_name       # ... and so is everything after `--`
-#   bash scripts/test.sh --deps-only            # only install missing system packages
+#   bash scripts/test.sh --deps-only            # only install missing packages (system and drivers)
 #
 # WEIR_TEST_THREADS sets how many tests run at once (default 4: each test may start its own
 # PostgreSQL cluster and Weir, and the machines have 2 cores).
@@ -83,6 +84,61 @@ ensure_postgres_user() {
 
 install_system_packages
 ensure_postgres_user
+
+# --- client drivers for tests/drivers.rs -----------------------------------------------------
+
+# Debian packages for the driver runtimes, installed apart from the packages above so that a
+# driver package apt cannot install never holds back PostgreSQL or the build tools.
+missing_driver_packages() {
+    { command -v javac && command -v java; } >/dev/null 2>&1 || echo default-jdk-headless
+    [ -f /usr/share/java/postgresql.jar ] || echo libpostgresql-jdbc-java
+    command -v node >/dev/null 2>&1 || echo nodejs
+}
+
+install_driver_packages() {
+    local missing
+    missing=$(missing_driver_packages | tr '\n' ' ')
+    if [ -n "${missing// /}" ] && command -v apt-get >/dev/null 2>&1; then
+        log "installing driver packages: $missing"
+        export DEBIAN_FRONTEND=noninteractive
+        # shellcheck disable=SC2086 # $missing is a list of package names
+        { as_root apt-get update -qq &&
+            as_root apt-get install -y -qq --no-install-recommends $missing </dev/null; } ||
+            log "WARNING: could not install $missing; their driver tests will fail or skip"
+    fi
+    # Some nodejs builds bring npm along; Debian's does not.
+    if command -v node >/dev/null 2>&1 && ! command -v npm >/dev/null 2>&1 &&
+        command -v apt-get >/dev/null 2>&1; then
+        as_root apt-get install -y -qq --no-install-recommends npm </dev/null ||
+            log "WARNING: could not install npm"
+    fi
+}
+
+# asyncpg and psycopg for the python3 on PATH (the one the tests run), pinned in
+# tests/drivers/requirements.txt. A Debian python3 refuses a plain pip install (PEP 668).
+install_python_drivers() {
+    command -v python3 >/dev/null 2>&1 || return 0
+    python3 -c 'import asyncpg, psycopg' >/dev/null 2>&1 && return 0
+    log "pip install -r tests/drivers/requirements.txt"
+    local pip=(python3 -m pip install --quiet --disable-pip-version-check
+        --root-user-action=ignore -r tests/drivers/requirements.txt)
+    "${pip[@]}" || "${pip[@]}" --break-system-packages ||
+        log "WARNING: could not install the Python drivers; asyncpg and psycopg tests will fail"
+}
+
+# node-postgres into tests/drivers/node_modules, as locked in tests/drivers/package-lock.json.
+install_node_drivers() {
+    command -v npm >/dev/null 2>&1 || return 0
+    [ -d tests/drivers/node_modules/pg ] && return 0
+    log "npm ci in tests/drivers"
+    (cd tests/drivers && npm ci --no-audit --no-fund --loglevel=error) ||
+        log "WARNING: npm ci failed; the node-postgres test will fail"
+}
+
+install_driver_packages
+install_python_drivers
+install_node_drivers
+
 have_pg_server || log "WARNING: no /usr/lib/postgresql/*/bin/initdb; PostgreSQL tests will fail"
 
 if [ "${1:-}" = "--deps-only" ]; then

@@ -4,9 +4,10 @@
 pub mod cancel;
 mod fanout;
 pub mod listener;
-mod relay;
+pub mod relay;
 mod routing;
 mod session;
 pub mod sqlscan;
 mod startup;
 pub mod tracker;
+pub use relay::{scan_client, ClientCtx, Dir, Progress};

@@ -30,7 +30,7 @@ const STREAM_OVER: usize = 64 * 1024;
 /// One direction of the relay: buffered bytes, of which `ready` are scanned
 /// and may be written, and `pass` more bytes of a large message still to come.
 #[derive(Default)]
-pub(super) struct Dir {
+pub struct Dir {
     pub ready: usize,
     pub pass: usize,
     /// Bytes written onward so far (for SHOW STATS).
@@ -39,7 +39,7 @@ pub(super) struct Dir {
 
 /// What the client has asked of the server and not yet been answered.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Progress {
+pub struct Progress {
     /// Queries and Syncs sent whose ReadyForQuery has not come back.
     pub inflight: u32,
     /// Extended-protocol messages sent since the last Sync.
@@ -71,7 +71,7 @@ impl Progress {
     }
 }
 
-pub(super) enum Event {
+pub enum Event {
     ClientData,
     ServerData,
     ClientGone(io::Error),
@@ -79,7 +79,7 @@ pub(super) enum Event {
 }
 
 /// What scanning client messages may consult and change besides the bytes.
-pub(super) struct ClientCtx<'a> {
+pub struct ClientCtx<'a> {
     pub stmts: &'a mut ClientStatements,
     pub registry: &'a Registry,
     pub server: &'a mut ServerStatements,
@@ -106,7 +106,7 @@ fn splice(buf: &mut BytesMut, at: usize, remove: usize, insert: &[u8]) {
 /// Scans client bytes beyond `dir.ready`, updating `progress`, rewriting
 /// named-statement messages for the server. Stops at a Terminate, which is
 /// never forwarded.
-pub(super) fn scan_client(
+pub fn scan_client(
     buf: &mut BytesMut,
     dir: &mut Dir,
     progress: &mut Progress,
@@ -318,7 +318,7 @@ fn make_room(stmt: &Arc<Stmt>, ctx: &mut ClientCtx<'_>, out: &mut BytesMut) {
 /// ParameterStatus on both the server's and the client's parameter sets, and
 /// applies the tracker's verdicts (drop what Weir added, insert what Weir
 /// answers). Returns true when a ReadyForQuery left nothing in flight.
-pub(super) fn scan_server(
+pub fn scan_server(
     buf: &mut BytesMut,
     dir: &mut Dir,
     progress: &mut Progress,
@@ -384,14 +384,14 @@ pub(super) fn scan_server(
 }
 
 /// The parts of a server connection scanning its output touches.
-pub(super) struct ServerState<'a> {
+pub struct ServerState<'a> {
     pub params: &'a mut ParamSet,
     pub prepared: &'a mut ServerStatements,
     pub tracker: &'a mut Tracker,
 }
 
 /// Puts the responses Weir gives itself at the current message boundary.
-pub(super) fn insert_fakes(buf: &mut BytesMut, dir: &mut Dir, tracker: &mut Tracker) {
+pub fn insert_fakes(buf: &mut BytesMut, dir: &mut Dir, tracker: &mut Tracker) {
     if dir.pass > 0 || !tracker.front_is_fake() {
         return;
     }
@@ -431,7 +431,7 @@ fn flush(
 }
 
 /// Writes what is ready in both directions and waits for the next read.
-pub(super) async fn step(
+pub async fn step(
     client: &mut Stream,
     cbuf: &mut BytesMut,
     up: &mut Dir,

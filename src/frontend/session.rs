@@ -59,7 +59,7 @@ pub(super) async fn run(
         }
     };
     let parts = match session {
-        Some(Login::Client(parts)) => parts,
+        Some(Login::Client(parts)) => *parts,
         Some(Login::Admin { user, role }) => {
             crate::admin::serve(app, stream, buf, user, role).await;
             return;
@@ -129,7 +129,7 @@ impl Drop for Registered {
 }
 
 enum Login {
-    Client(LoggedIn),
+    Client(Box<LoggedIn>),
     Admin {
         user: String,
         role: crate::admin::Role,
@@ -294,7 +294,7 @@ async fn login(
     if g.log_connections {
         tracing::info!(%peer, %user, db = %dbname, "login");
     }
-    Some(Login::Client(LoggedIn {
+    Some(Login::Client(Box::new(LoggedIn {
         user,
         db,
         pool,
@@ -302,7 +302,7 @@ async fn login(
         wanted,
         key,
         cancel,
-    }))
+    })))
 }
 
 /// True for a Unix-socket peer running as this process's OS user.

@@ -1,0 +1,71 @@
+//! Routing cost per statement for a sharded database: parse-cache hit
+//! (a statement shape seen before), cache miss (libpg_query parse), and the
+//! partition hash alone. Run: `cargo bench --bench routing`.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use weir::config::{Address, Database, ShardSection, ShardedTable};
+use weir::router::route::{BindParams, ShardRouter};
+use weir::router::{shard_for, KeyType, KeyValue};
+
+fn database() -> Database {
+    Database {
+        name: "shop".into(),
+        address: Address {
+            host: "127.0.0.1".into(),
+            port: 5432,
+        },
+        dbname: "shop".into(),
+        user: None,
+        password: None,
+        pool_size: None,
+        min_pool_size: 0,
+        reserve_pool_size: 0,
+        pool_mode: None,
+        max_db_connections: 0,
+        server_params: vec![],
+        connect_query: None,
+        shards: vec![
+            ShardSection {
+                primary: "127.0.0.1:5433".into(),
+                replicas: vec![],
+            },
+            ShardSection {
+                primary: "127.0.0.1:5434".into(),
+                replicas: vec![],
+            },
+        ],
+        sharded_tables: vec![ShardedTable {
+            table: "orders".into(),
+            column: "customer_id".into(),
+            key_type: "bigint".into(),
+        }],
+        read_from_replicas: false,
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let router = ShardRouter::new(&database()).expect("sharded");
+    let hit = "SELECT * FROM orders WHERE customer_id = 42";
+    router.analyze(hit);
+    c.bench_function("route_cache_hit", |b| {
+        b.iter(|| {
+            let a = router.analyze(black_box(hit));
+            router.decide(&a, &BindParams::default(), None, false)
+        })
+    });
+    let mut n = 0u64;
+    c.bench_function("route_cache_miss", |b| {
+        b.iter(|| {
+            n += 1;
+            let sql = format!("SELECT * FROM orders WHERE customer_id = {n} AND total > 1");
+            let a = router.analyze(black_box(&sql));
+            router.decide(&a, &BindParams::default(), None, false)
+        })
+    });
+    c.bench_function("hash_bigint_only", |b| {
+        b.iter(|| shard_for(KeyType::Bigint, black_box(&KeyValue::Int(42)), 2))
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
