@@ -187,7 +187,7 @@ cargo build --bins
 
 log "cargo test ${targets[*]+"${targets[*]}"} ${cargo_args[*]+"${cargo_args[*]}"} -- --test-threads=$threads ${test_args[*]+"${test_args[*]}"}"
 status=0
-cargo test "${targets[@]+"${targets[@]}"}" "${cargo_args[@]+"${cargo_args[@]}"}" \
+cargo test --no-fail-fast "${targets[@]+"${targets[@]}"}" "${cargo_args[@]+"${cargo_args[@]}"}" \
     -- --test-threads="$threads" "${test_args[@]+"${test_args[@]}"}" || status=$?
 if [ "$status" -ne 0 ]; then
     log "cargo test failed with status $status"

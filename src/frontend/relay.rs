@@ -50,6 +50,13 @@ pub struct Progress {
     pub terminated: bool,
     /// Queries (simple Query and Execute) sent, for SHOW STATS.
     pub queries: u64,
+    /// The last command the client sent was an Execute (not a Query).
+    pub after_execute: bool,
+    /// Syncs the client sent since that Execute: the server ignores them if
+    /// the Execute put it in COPY FROM STDIN mode.
+    pub syncs_after_execute: u32,
+    /// The server sent CopyInResponse and the client has not ended the copy.
+    pub copy_in: bool,
 }
 
 impl Default for Progress {
@@ -60,6 +67,9 @@ impl Default for Progress {
             tx: b'I',
             terminated: false,
             queries: 0,
+            after_execute: false,
+            syncs_after_execute: 0,
+            copy_in: false,
         }
     }
 }
@@ -144,6 +154,7 @@ pub fn scan_client(
                 }
                 progress.inflight += 1;
                 progress.queries += 1;
+                progress.after_execute = false;
                 ctx.tracker.push(Expect::Simple);
                 if complete {
                     if let Some((sql, _)) = wire::cstr(wire::body(&buf[at..at + h.total]), 0) {
@@ -154,9 +165,13 @@ pub fn scan_client(
             }
             tag::FUNCTION_CALL => {
                 progress.inflight += 1;
+                progress.after_execute = false;
                 ctx.tracker.push(Expect::Simple);
             }
             tag::SYNC => {
+                if progress.after_execute {
+                    progress.syncs_after_execute += 1;
+                }
                 progress.inflight += 1;
                 progress.unsynced = false;
                 ctx.skip_to_sync = false;
@@ -164,6 +179,8 @@ pub fn scan_client(
             }
             tag::EXECUTE => {
                 progress.unsynced = true;
+                progress.after_execute = true;
+                progress.syncs_after_execute = 0;
                 progress.queries += 1;
                 ctx.tracker.push(Expect::Execute);
             }
@@ -180,7 +197,20 @@ pub fn scan_client(
                     continue;
                 }
             }
-            tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL | tag::PASSWORD => {}
+            tag::COPY_DONE | tag::COPY_FAIL => {
+                // PostgreSQL ignores Syncs that reach it in copy-in mode, so the
+                // ones sent between an Execute of COPY FROM STDIN and the end of
+                // the copy get no ReadyForQuery.
+                if progress.copy_in && progress.after_execute {
+                    let ignored = progress.syncs_after_execute;
+                    progress.inflight = progress.inflight.saturating_sub(ignored);
+                    ctx.tracker.forget_syncs(ignored as usize);
+                }
+                progress.copy_in = false;
+                progress.after_execute = false;
+                progress.syncs_after_execute = 0;
+            }
+            tag::COPY_DATA | tag::PASSWORD => {}
             tag::TERMINATE => {
                 progress.terminated = true;
                 return Ok(());
@@ -363,6 +393,10 @@ pub fn scan_server(
                 progress.tx = *msg.get(5).ok_or(WireError::Malformed("ReadyForQuery"))?;
                 progress.inflight = progress.inflight.saturating_sub(1);
                 idle = progress.inflight == 0;
+            }
+            tag::COPY_IN_RESPONSE => {
+                progress.copy_in = true;
+                idle = false;
             }
             tag::PARAMETER_STATUS => {
                 if let Some((k, v)) = wire::parameter_status(msg) {

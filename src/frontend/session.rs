@@ -9,6 +9,7 @@ use super::sqlscan::Seen;
 use super::startup::{self, Start};
 use super::tracker::Tracker;
 use crate::auth::{self, AuthError};
+use crate::config::AuthType;
 use crate::backend::conn::ExecError;
 use crate::backend::params::ParamSet;
 use crate::backend::params::{is_tracked, quote_literal};
@@ -230,11 +231,15 @@ async fn login(
         fatal(stream, "3D000", &format!("no such database: {dbname}")).await;
         return None;
     };
-    let secret = cluster
-        .config
-        .users
-        .get(&user)
-        .and_then(|u| u.secret.as_ref());
+    let known = cluster.config.users.get(&user);
+    if g.auth_type == AuthType::Trust && known.is_none() {
+        // As PgBouncer: trust skips the password, but the user must still be known.
+        tracing::warn!(%peer, %user, "unknown user (auth_type trust)");
+        let e = AuthError::WrongPassword(user.clone());
+        fatal(stream, e.code(), &e.to_string()).await;
+        return None;
+    }
+    let secret = known.and_then(|u| u.secret.as_ref());
     let proof = match auth::authenticate(stream, buf, g.auth_type, &user, secret).await {
         Ok(p) => p,
         Err(AuthError::Closed) | Err(AuthError::Io(_)) => return None,
@@ -327,11 +332,15 @@ async fn admin_login(
     peer: &str,
 ) -> Option<Login> {
     let g = &cluster.config.general;
-    let secret = cluster
-        .config
-        .users
-        .get(&user)
-        .and_then(|u| u.secret.as_ref());
+    let known = cluster.config.users.get(&user);
+    if g.auth_type == AuthType::Trust && known.is_none() {
+        // As PgBouncer: trust skips the password, but the user must still be known.
+        tracing::warn!(%peer, %user, "unknown user (auth_type trust)");
+        let e = AuthError::WrongPassword(user.clone());
+        fatal(stream, e.code(), &e.to_string()).await;
+        return None;
+    }
+    let secret = known.and_then(|u| u.secret.as_ref());
     if let Err(e) = auth::authenticate(stream, buf, g.auth_type, &user, secret).await {
         if !matches!(e, AuthError::Closed | AuthError::Io(_)) {
             tracing::warn!(%peer, %user, error = %e, "admin console authentication failed");

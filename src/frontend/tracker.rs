@@ -59,6 +59,19 @@ impl Tracker {
         self.queue.pop_back();
     }
 
+    /// Drops the last `n` Syncs still owed: the server ignored them (they
+    /// reached it in copy-in mode).
+    pub fn forget_syncs(&mut self, mut n: usize) {
+        let mut i = self.queue.len();
+        while n > 0 && i > 0 {
+            i -= 1;
+            if matches!(self.queue[i], Expect::Sync) {
+                self.queue.remove(i);
+                n -= 1;
+            }
+        }
+    }
+
     pub fn clear(&mut self) {
         self.queue.clear();
     }
