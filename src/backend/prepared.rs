@@ -12,7 +12,7 @@ use crate::wire;
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// A statement as the servers know it.
@@ -22,6 +22,21 @@ pub struct Stmt {
     pub name: String,
     /// The complete Parse message, carrying the Weir-wide name.
     pub parse: Bytes,
+    /// The registry's schema epoch when this statement was created.
+    epoch: u64,
+    /// A server said its result type changed: clients that hold it get
+    /// PostgreSQL's error, and a new Parse of the same text gets a new statement.
+    retired: AtomicBool,
+}
+
+impl Stmt {
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
 }
 
 /// Weir-wide statements, keyed by the Parse body after the name
@@ -30,6 +45,9 @@ pub struct Stmt {
 pub struct Registry {
     map: Mutex<HashMap<Bytes, Arc<Stmt>>>,
     next: AtomicU64,
+    /// Bumped when a client runs DDL: a Parse after it must not reuse a
+    /// server's plan from before it, whose result type may differ.
+    epoch: AtomicU64,
 }
 
 /// Prune statements no client refers to once the registry grows past this.
@@ -38,9 +56,12 @@ const REGISTRY_SOFT_LIMIT: usize = 10_000;
 impl Registry {
     /// The statement for a Parse body's query-and-types part.
     pub fn intern(&self, key: &[u8]) -> Arc<Stmt> {
+        let epoch = self.epoch.load(Ordering::Relaxed);
         let mut map = self.map.lock();
         if let Some(s) = map.get(key) {
-            return s.clone();
+            if s.epoch == epoch && !s.is_retired() {
+                return s.clone();
+            }
         }
         if map.len() >= REGISTRY_SOFT_LIMIT {
             map.retain(|_, s| Arc::strong_count(s) > 1);
@@ -57,6 +78,8 @@ impl Registry {
             id,
             name,
             parse: parse.freeze(),
+            epoch,
+            retired: AtomicBool::new(false),
         });
         map.insert(Bytes::copy_from_slice(key), stmt.clone());
         stmt
@@ -64,6 +87,11 @@ impl Registry {
 
     pub fn len(&self) -> usize {
         self.map.lock().len()
+    }
+
+    /// Schema may have changed: later Parses get fresh statements.
+    pub fn bump_epoch(&self) {
+        self.epoch.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -77,8 +105,6 @@ impl Registry {
 pub struct ServerStatements {
     held: HashMap<u64, (u64, Arc<Stmt>)>,
     tick: u64,
-    /// Held by the server but with a stale plan: close before the next use.
-    stale: Vec<Arc<Stmt>>,
 }
 
 impl ServerStatements {
@@ -114,25 +140,9 @@ impl ServerStatements {
         self.held.remove(&id);
     }
 
-    /// PostgreSQL said the statement's cached plan is stale
-    /// ("cached plan must not change result type"): re-prepare it on next use.
-    pub fn mark_stale(&mut self, stmt: Arc<Stmt>) {
-        if self.held.remove(&stmt.id).is_some() {
-            self.stale.push(stmt);
-        }
-    }
-
-    /// Removes and reports whether `id` must be closed before it is parsed again.
-    pub fn take_stale(&mut self, id: u64) -> bool {
-        let before = self.stale.len();
-        self.stale.retain(|s| s.id != id);
-        before != self.stale.len()
-    }
-
     /// After `DEALLOCATE ALL` / `DISCARD ALL` reached the server.
     pub fn clear(&mut self) {
         self.held.clear();
-        self.stale.clear();
     }
 
     pub fn len(&self) -> usize {

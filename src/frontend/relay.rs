@@ -7,7 +7,7 @@
 //! the two buffers against each other.
 
 use super::sqlscan::{self, Seen};
-use super::tracker::{Expect, Tracker, Verdict};
+use super::tracker::{Expect, Tracker, Verdict, CACHED_PLAN};
 use crate::backend::params::ParamSet;
 use crate::backend::prepared::{self, ClientStatements, Registry, ServerStatements, Stmt};
 use crate::backend::ServerConn;
@@ -158,8 +158,7 @@ pub fn scan_client(
                 ctx.tracker.push(Expect::Simple);
                 if complete {
                     if let Some((sql, _)) = wire::cstr(wire::body(&buf[at..at + h.total]), 0) {
-                        sqlscan::observe(sql, ctx.seen);
-                        apply_statement_effects(ctx);
+                        observe_sql(sql, ctx);
                     }
                 }
             }
@@ -222,12 +221,18 @@ pub fn scan_client(
     }
 }
 
-/// Follows SQL that changes prepared statements on the server.
-fn apply_statement_effects(ctx: &mut ClientCtx<'_>) {
-    if ctx.seen.dealloc_all {
+/// Notes what `sql` does to session state and follows SQL that changes
+/// prepared statements on the server.
+fn observe_sql(sql: &str, ctx: &mut ClientCtx<'_>) {
+    let dealloc_before = ctx.seen.dealloc_all;
+    sqlscan::observe(sql, ctx.seen);
+    if ctx.seen.dealloc_all && !dealloc_before {
         // DEALLOCATE ALL / DISCARD ALL drop Weir's statements too.
         ctx.server.clear();
         ctx.stmts.clear();
+    }
+    if std::mem::take(&mut ctx.seen.ddl) {
+        ctx.registry.bump_epoch();
     }
 }
 
@@ -243,11 +248,10 @@ fn rewrite_extended(
         tag::PARSE => {
             let (name, rest) = prepared::parse_parts(msg).ok_or(WireError::Malformed("Parse"))?;
             if let Some(q) = prepared::parse_query(rest) {
-                sqlscan::observe(q, ctx.seen);
-                apply_statement_effects(ctx);
+                observe_sql(q, ctx);
             }
             if name.is_empty() || !named {
-                ctx.tracker.push(Expect::Parse(None));
+                ctx.tracker.push(Expect::Parse(None, None));
                 return Ok(None);
             }
             if ctx.stmts.get(name).is_some() {
@@ -271,7 +275,8 @@ fn rewrite_extended(
             let mut out = BytesMut::with_capacity(stmt.parse.len() + 32);
             make_room(&stmt, ctx, &mut out);
             out.extend_from_slice(&stmt.parse);
-            ctx.tracker.push(Expect::Parse(Some(stmt)));
+            ctx.tracker
+                .push(Expect::Parse(Some(stmt), Some(name.into())));
             Ok(Some(out))
         }
         tag::BIND => {
@@ -285,7 +290,9 @@ fn rewrite_extended(
                 }
             };
             let mut out = BytesMut::with_capacity(msg.len() + 16);
-            ensure_on_server(&stmt, ctx, &mut out);
+            if !ensure_on_server(&stmt, ctx, &mut out) {
+                return Ok(Some(out));
+            }
             prepared::put_bind(&mut out, portal, &stmt.name, rest);
             ctx.tracker.push(Expect::Bind(Some(stmt)));
             Ok(Some(out))
@@ -293,17 +300,19 @@ fn rewrite_extended(
         tag::DESCRIBE => {
             let (kind, name) =
                 prepared::target_parts(msg).ok_or(WireError::Malformed("Describe"))?;
-            ctx.tracker.push(Expect::Describe);
             let stmt = match ctx.stmts.get(name) {
                 Some(s) if named && kind == b'S' && !name.is_empty() => s.clone(),
-                _ => return Ok(None),
+                _ => {
+                    ctx.tracker.push(Expect::Describe(None));
+                    return Ok(None);
+                }
             };
-            // The Describe entry must follow any prepended Parse.
-            ctx.tracker.pop_back();
             let mut out = BytesMut::with_capacity(64);
-            ensure_on_server(&stmt, ctx, &mut out);
+            if !ensure_on_server(&stmt, ctx, &mut out) {
+                return Ok(Some(out));
+            }
             prepared::put_target(&mut out, tag::DESCRIBE, b'S', &stmt.name);
-            ctx.tracker.push(Expect::Describe);
+            ctx.tracker.push(Expect::Describe(Some(stmt)));
             Ok(Some(out))
         }
         _ => {
@@ -322,22 +331,28 @@ fn rewrite_extended(
 }
 
 /// Prepends what the server needs before `stmt` can be used: closing a
-/// statement to make room (LRU) or a stale copy, then the Parse itself.
-fn ensure_on_server(stmt: &Arc<Stmt>, ctx: &mut ClientCtx<'_>, out: &mut BytesMut) {
+/// statement to make room (LRU), then the Parse itself. False when the
+/// statement's result type changed since its client was told it: then the
+/// client gets PostgreSQL's error (as its own session would) and the rest of
+/// its batch is skipped.
+fn ensure_on_server(stmt: &Arc<Stmt>, ctx: &mut ClientCtx<'_>, out: &mut BytesMut) -> bool {
     if ctx.server.contains(stmt.id) {
         ctx.server.touch(stmt.id);
-        return;
+        return true;
+    }
+    if stmt.is_retired() {
+        let err = build::error("ERROR", "0A000", CACHED_PLAN);
+        ctx.tracker.push(Expect::Fake(err.freeze()));
+        ctx.skip_to_sync = true;
+        return false;
     }
     make_room(stmt, ctx, out);
     out.extend_from_slice(&stmt.parse);
     ctx.tracker.push(Expect::SwallowParse(stmt.clone()));
+    true
 }
 
 fn make_room(stmt: &Arc<Stmt>, ctx: &mut ClientCtx<'_>, out: &mut BytesMut) {
-    if ctx.server.take_stale(stmt.id) {
-        prepared::put_target(out, tag::CLOSE, b'S', &stmt.name);
-        ctx.tracker.push(Expect::SwallowClose(stmt.clone()));
-    }
     if let Some(evicted) = ctx.server.insert(stmt.clone(), ctx.capacity) {
         prepared::put_target(out, tag::CLOSE, b'S', &evicted.name);
         ctx.tracker.push(Expect::SwallowClose(evicted));
@@ -413,6 +428,15 @@ pub fn scan_server(
             splice(buf, dir.ready, h.total, &[]);
         } else {
             dir.ready += h.total;
+        }
+    }
+}
+
+/// Forgets client statement names whose Parse failed on the server.
+pub fn forget_failed_parses(tracker: &mut Tracker, stmts: &mut ClientStatements) {
+    for (name, id) in tracker.failed_parses.drain(..) {
+        if stmts.get(&name).is_some_and(|s| s.id == id) {
+            stmts.remove(&name);
         }
     }
 }

@@ -9,13 +9,13 @@ use super::sqlscan::Seen;
 use super::startup::{self, Start};
 use super::tracker::Tracker;
 use crate::auth::{self, AuthError};
-use crate::config::AuthType;
 use crate::backend::conn::ExecError;
 use crate::backend::params::ParamSet;
 use crate::backend::params::{is_tracked, quote_literal};
 use crate::backend::prepared::ClientStatements;
 use crate::backend::{CheckoutError, Pool, ServerConn};
 use crate::cluster::Cluster;
+use crate::config::AuthType;
 use crate::config::{Database, PoolMode};
 use crate::net::Stream;
 use crate::router::route::{comment_hint, BindParams, Decision, ShardRouter};
@@ -855,7 +855,10 @@ impl Session {
                         &mut state,
                         &mut self.wanted,
                     ) {
-                        Ok(idle) => idle,
+                        Ok(idle) => {
+                            relay::forget_failed_parses(&mut tracker, &mut self.stmts);
+                            idle
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, ?server, "protocol error from server");
                             fatal(&mut self.client, "08P01", "server conn crashed?").await;

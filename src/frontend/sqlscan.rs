@@ -54,6 +54,9 @@ pub struct Seen {
     /// `DEALLOCATE [PREPARE] name`.
     pub dealloc: Vec<String>,
     pub dirty: Dirty,
+    /// DDL that may change a prepared statement's result type (ALTER, DROP,
+    /// CREATE OR REPLACE); consumed by the relay.
+    pub ddl: bool,
 }
 
 impl Seen {
@@ -118,7 +121,11 @@ fn observe_statement(words: &[String], seen: &mut Seen) {
         }
         "prepare" if w(1) != "transaction" => seen.dirty.prepared = true,
         "listen" => seen.dirty.listen = true,
+        "alter" | "drop" => seen.ddl = true,
         "create" => {
+            if w(1) == "or" && w(2) == "replace" {
+                seen.ddl = true;
+            }
             let temp = words
                 .iter()
                 .skip(1)

@@ -10,11 +10,13 @@ use std::sync::Arc;
 
 #[derive(Debug)]
 pub enum Expect {
-    /// A Parse the client sent (statement known when it is a Weir-wide one).
-    Parse(Option<Arc<Stmt>>),
+    /// A Parse the client sent (statement and the client's name for it when
+    /// it is a Weir-wide one).
+    Parse(Option<Arc<Stmt>>, Option<Box<str>>),
     /// A Bind of a Weir-wide statement (or unnamed, `None`).
     Bind(Option<Arc<Stmt>>),
-    Describe,
+    /// A Describe (of a Weir-wide statement, when it is one).
+    Describe(Option<Arc<Stmt>>),
     Execute,
     Close,
     Sync,
@@ -38,9 +40,12 @@ pub enum Verdict {
 #[derive(Debug, Default)]
 pub struct Tracker {
     queue: VecDeque<Expect>,
+    /// Client statement names (and their statement ids) whose Parse failed on
+    /// the server: the client side forgets them.
+    pub failed_parses: Vec<(Box<str>, u64)>,
 }
 
-const CACHED_PLAN: &str = "cached plan must not change result type";
+pub const CACHED_PLAN: &str = "cached plan must not change result type";
 
 impl Tracker {
     pub fn push(&mut self, e: Expect) {
@@ -107,7 +112,7 @@ impl Tracker {
                 Verdict::Forward
             }
             b'T' | b'n' => {
-                self.pop_if(|e| matches!(e, Expect::Describe));
+                self.pop_if(|e| matches!(e, Expect::Describe(_)));
                 Verdict::Forward
             }
             b'C' | b'I' | b's' => {
@@ -140,22 +145,33 @@ impl Tracker {
             None | Some(Expect::Simple) | Some(Expect::Sync) => return,
             _ => {}
         }
+        let mut first = true;
         while let Some(front) = self.queue.front() {
             if matches!(front, Expect::Sync | Expect::Simple) {
                 break;
             }
             match self.queue.pop_front() {
-                Some(Expect::Parse(Some(s))) | Some(Expect::SwallowParse(s)) => server.remove(s.id),
+                Some(Expect::Parse(Some(s), name)) => {
+                    server.remove(s.id);
+                    if let Some(name) = name {
+                        self.failed_parses.push((name, s.id));
+                    }
+                }
+                Some(Expect::SwallowParse(s)) => server.remove(s.id),
                 Some(Expect::SwallowClose(s)) => {
                     // The eviction did not happen; the server still holds it.
                     server.insert(s, usize::MAX);
                 }
-                Some(Expect::Bind(Some(s))) if message.contains(CACHED_PLAN) => {
-                    // Re-prepare on next use (PostgreSQL's plan is stale).
-                    server.mark_stale(s);
+                Some(Expect::Bind(Some(s))) | Some(Expect::Describe(Some(s)))
+                    if first && message.contains(CACHED_PLAN) =>
+                {
+                    // Its result type changed: its clients keep getting this
+                    // error (as on PostgreSQL), a new Parse gets a new statement.
+                    s.retire();
                 }
                 _ => {}
             }
+            first = false;
         }
     }
 }
