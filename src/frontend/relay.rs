@@ -57,6 +57,11 @@ pub struct Progress {
     pub syncs_after_execute: u32,
     /// The server sent CopyInResponse and the client has not ended the copy.
     pub copy_in: bool,
+    /// Client bytes that may still be scanned (and so forwarded): a sharded
+    /// session forwards one routed unit at a time; otherwise unlimited.
+    pub budget: usize,
+    /// An Execute was sent since the last Sync.
+    pub executed: bool,
 }
 
 impl Default for Progress {
@@ -70,6 +75,8 @@ impl Default for Progress {
             after_execute: false,
             syncs_after_execute: 0,
             copy_in: false,
+            budget: usize::MAX,
+            executed: false,
         }
     }
 }
@@ -132,7 +139,7 @@ pub fn scan_client(
             dir.pass -= n;
             continue;
         }
-        if progress.terminated {
+        if progress.terminated || progress.budget == 0 {
             return Ok(());
         }
         let Some(h) = wire::header(&buf[dir.ready..])? else {
@@ -145,6 +152,7 @@ pub fn scan_client(
                 return Ok(());
             }
             splice(buf, at, h.total, &[]);
+            progress.budget = progress.budget.saturating_sub(h.total);
             continue;
         }
         match h.tag {
@@ -173,12 +181,14 @@ pub fn scan_client(
                 }
                 progress.inflight += 1;
                 progress.unsynced = false;
+                progress.executed = false;
                 ctx.skip_to_sync = false;
                 ctx.tracker.push(Expect::Sync);
             }
             tag::EXECUTE => {
                 progress.unsynced = true;
                 progress.after_execute = true;
+                progress.executed = true;
                 progress.syncs_after_execute = 0;
                 progress.queries += 1;
                 ctx.tracker.push(Expect::Execute);
@@ -193,6 +203,7 @@ pub fn scan_client(
                 if let Some(replacement) = rewrite_extended(h.tag, msg, ctx)? {
                     splice(buf, at, h.total, &replacement);
                     dir.ready += replacement.len();
+                    progress.budget = progress.budget.saturating_sub(h.total);
                     continue;
                 }
             }
@@ -217,6 +228,7 @@ pub fn scan_client(
             other => return Err(WireError::UnexpectedTag(other)),
         }
         // Header counted; the whole message (possibly still arriving) is passed on.
+        progress.budget = progress.budget.saturating_sub(h.total);
         dir.pass = h.total;
     }
 }
@@ -430,6 +442,23 @@ pub fn scan_server(
             dir.ready += h.total;
         }
     }
+}
+
+/// Ends an extended batch the client left open (it ended with Flush, sent
+/// nothing that executes, and all its answers are in): Weir sends the Sync
+/// itself and swallows the ReadyForQuery, so the server can go back to the
+/// pool or to another shard's traffic.
+pub fn close_batch(
+    cbuf: &mut BytesMut,
+    up: &mut Dir,
+    progress: &mut Progress,
+    tracker: &mut Tracker,
+) {
+    splice(cbuf, up.ready, 0, &[tag::SYNC, 0, 0, 0, 4]);
+    up.ready += 5;
+    progress.inflight += 1;
+    progress.unsynced = false;
+    tracker.push(Expect::SwallowSync);
 }
 
 /// Forgets client statement names whose Parse failed on the server.

@@ -37,6 +37,8 @@ pub(super) struct Unit {
     pub sql: Option<String>,
     /// Byte range of the first Bind.
     pub bind: Option<(usize, usize)>,
+    /// Contains an Execute (or is a simple Query): something runs.
+    pub executes: bool,
 }
 
 /// Finds the unit at the front of `buf`; `None` until it is complete.
@@ -52,6 +54,7 @@ pub(super) fn unit(
         synced: false,
         sql: None,
         bind: None,
+        executes: false,
     };
     loop {
         let Some(h) = wire::header(&buf[pos..])? else {
@@ -66,6 +69,7 @@ pub(super) fn unit(
             tag::QUERY if pos == h.total => {
                 u.simple = true;
                 u.synced = true;
+                u.executes = true;
                 u.sql = wire::cstr(wire::body(msg), 0).map(|(s, _)| s.to_string());
                 u.len = pos;
                 return Ok(Some(u));
@@ -95,6 +99,7 @@ pub(super) fn unit(
                     }
                 }
             }
+            tag::EXECUTE => u.executes = true,
             tag::SYNC => {
                 u.synced = true;
                 u.len = pos;
@@ -107,6 +112,26 @@ pub(super) fn unit(
             _ => {}
         }
     }
+}
+
+/// `SET LOCAL …` or `SET TRANSACTION …`: state of the transaction only, so it
+/// can travel with a held `BEGIN`.
+pub(super) fn is_transaction_set(sql: &str) -> bool {
+    let lower = sql.trim_start().to_ascii_lowercase();
+    let mut words = lower.split_whitespace();
+    words.next() == Some("set")
+        && matches!(words.next(), Some("local") | Some("transaction"))
+        && !lower.contains("weir.")
+}
+
+/// A query Weir sends in place of a unit it refuses inside a transaction:
+/// the server raises the error, so the transaction aborts as it would on
+/// PostgreSQL and a later COMMIT cannot keep half of it.
+pub(super) fn raise_query(code: &str, message: &str) -> bytes::BytesMut {
+    let message = message.replace('$', "");
+    crate::wire::build::query(&format!(
+        "DO $weir$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = $m${message}$m$; END$weir$"
+    ))
 }
 
 /// Remembers the text of unnamed Parses in a unit.

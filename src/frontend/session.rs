@@ -18,7 +18,7 @@ use crate::cluster::Cluster;
 use crate::config::AuthType;
 use crate::config::{Database, PoolMode};
 use crate::net::Stream;
-use crate::router::route::{comment_hint, BindParams, Decision, ShardRouter};
+use crate::router::route::{comment_hint, BindParams, Decision, Pin, ShardRouter};
 use crate::router::sql::Kind;
 use crate::stats::{now_us, ClientInfo, ClientState, PoolTotals, ServerState as SrvState};
 use crate::wire::{self, build, tag};
@@ -422,11 +422,23 @@ struct Session {
     shard: ShardSession,
 }
 
-/// Where the next transaction goes (sharded databases).
+/// Where the next transaction goes (sharded databases): a pool and the
+/// length of the unit of client bytes routed.
 enum Routed {
-    Pool(Arc<Pool>),
+    Pool(Arc<Pool>, usize),
     /// Answered without a server.
     Done,
+    Closed,
+}
+
+/// What to do with the next unit inside a transaction on a shard.
+enum InTx {
+    /// Forward this many bytes to the same server.
+    Go(usize),
+    /// Answered by Weir; look at the next unit.
+    Answered,
+    /// Not for this shard: the server must fail it (so the transaction aborts).
+    Refuse(usize, String),
     Closed,
 }
 
@@ -448,9 +460,13 @@ impl Session {
                 Work::Closed => return,
             }
             self.refresh();
+            let mut budget = usize::MAX;
             if self.router.is_some() {
                 match self.route().await {
-                    Routed::Pool(p) => self.pool = p,
+                    Routed::Pool(p, len) => {
+                        self.pool = p;
+                        budget = len;
+                    }
                     Routed::Done => continue,
                     Routed::Closed => return,
                 }
@@ -510,7 +526,7 @@ impl Session {
                 }
             }
             let pool = self.pool.clone();
-            let after = self.transaction(server).await;
+            let after = self.transaction(server, budget).await;
             self.cancel.detach();
             self.info.set_state(ClientState::Idle);
             self.info.server_pid.store(0, Ordering::Relaxed);
@@ -593,33 +609,45 @@ impl Session {
         }
     }
 
-    /// Picks the pool for the unit at the front of the buffer, or answers
-    /// it without a server.
-    async fn route(&mut self) -> Routed {
-        let Some(router) = self.router.clone() else {
-            return Routed::Pool(self.pool.clone());
-        };
-        let unit = loop {
+    /// Reads until a whole routable unit is at the front of the buffer.
+    /// `Ok(None)`: too large to hold back (it goes on as it is).
+    async fn read_unit(&mut self) -> Result<Option<routing::Unit>, ()> {
+        loop {
             match routing::unit(&self.cbuf, &self.stmts, &self.shard.last_unnamed) {
-                Ok(Some(u)) => break u,
-                Ok(None) if self.cbuf.len() > 1 << 20 => {
-                    // Too large to hold back: the primary of shard 0 takes it.
-                    return match self.cluster.shard_pool(&self.db, &self.user, 0, None) {
-                        Some(p) => Routed::Pool(p),
-                        None => Routed::Closed,
-                    };
+                Ok(Some(u)) => {
+                    routing::note_unnamed(&self.cbuf[..u.len], &mut self.shard.last_unnamed);
+                    return Ok(Some(u));
                 }
+                Ok(None) if self.cbuf.len() > 1 << 20 => return Ok(None),
                 Ok(None) => match self.client.read_buf(&mut self.cbuf).await {
-                    Ok(0) | Err(_) => return Routed::Closed,
+                    Ok(0) | Err(_) => return Err(()),
                     Ok(_) => {}
                 },
                 Err(e) => {
                     fatal(&mut self.client, "08P01", &format!("protocol error: {e}")).await;
-                    return Routed::Closed;
+                    return Err(());
                 }
             }
+        }
+    }
+
+    /// Picks the pool for the unit at the front of the buffer, or answers
+    /// it without a server.
+    async fn route(&mut self) -> Routed {
+        let Some(router) = self.router.clone() else {
+            return Routed::Pool(self.pool.clone(), usize::MAX);
         };
-        routing::note_unnamed(&self.cbuf[..unit.len], &mut self.shard.last_unnamed);
+        let unit = match self.read_unit().await {
+            Ok(Some(u)) => u,
+            Ok(None) => {
+                // Too large to hold back: the primary of shard 0 takes it.
+                return match self.cluster.shard_pool(&self.db, &self.user, 0, None) {
+                    Some(p) => Routed::Pool(p, usize::MAX),
+                    None => Routed::Closed,
+                };
+            }
+            Err(()) => return Routed::Closed,
+        };
         let sql = unit.sql.clone().unwrap_or_default();
         let status = match &self.shard.held {
             Some(h) if h.failed => b'E',
@@ -643,6 +671,14 @@ impl Session {
                         failed: false,
                     });
                     return self.answer(unit.len, Some("BEGIN"), None, b'T').await;
+                }
+                Kind::Other if self.shard.held.is_some() && routing::is_transaction_set(&sql) => {
+                    // SET LOCAL / SET TRANSACTION … right after BEGIN travel with it.
+                    if let Some(h) = &mut self.shard.held {
+                        h.sql.push_str("; ");
+                        h.sql.push_str(sql.trim().trim_end_matches(';'));
+                    }
+                    return self.answer(unit.len, Some("SET"), None, b'T').await;
                 }
                 Kind::End if self.shard.held.is_some() => {
                     let failed = self.shard.held.take().is_some_and(|h| h.failed);
@@ -677,10 +713,26 @@ impl Session {
             Some(h) => (!h.read_only, h.read_only),
             None => (false, false),
         };
-        match router.decide(&analysis, &params, pin.as_ref(), in_write_tx) {
+        let decision = if unit.executes {
+            router.decide(&analysis, &params, pin.as_ref(), in_write_tx)
+        } else {
+            // Parse/Describe/Close only: the statement is known on every server.
+            Decision::Any { read: false }
+        };
+        match decision {
             Decision::Shard { shard, read } => {
                 match self.shard_pool(&router, shard, read || in_read_tx) {
-                    Some(p) => Routed::Pool(p),
+                    Some(p) => Routed::Pool(p, unit.len),
+                    None => Routed::Closed,
+                }
+            }
+            Decision::Any { read } => {
+                let shard = match pin {
+                    Some(Pin::Shard(s)) if s < router.shards => s,
+                    _ => 0,
+                };
+                match self.shard_pool(&router, shard, read || in_read_tx) {
+                    Some(p) => Routed::Pool(p, unit.len),
                     None => Routed::Closed,
                 }
             }
@@ -711,6 +763,59 @@ impl Session {
                 let err = build::error("ERROR", "0A000", &msg);
                 self.refuse(unit.len, unit.synced, err, status).await
             }
+        }
+    }
+
+    /// Checks the next unit of a transaction that runs on shard `current`.
+    async fn route_in_tx(&mut self, current: usize, status: u8) -> InTx {
+        let Some(router) = self.router.clone() else {
+            return InTx::Go(usize::MAX);
+        };
+        let unit = match self.read_unit().await {
+            Ok(Some(u)) => u,
+            Ok(None) => return InTx::Go(usize::MAX),
+            Err(()) => return InTx::Closed,
+        };
+        if !unit.executes || status == b'E' {
+            // Nothing runs, or the server refuses it anyway.
+            return InTx::Go(unit.len);
+        }
+        let sql = unit.sql.clone().unwrap_or_default();
+        if unit.simple {
+            if let Some(pin) = routing::weir_setting(&sql) {
+                let tag = if pin.is_some() { "SET" } else { "RESET" };
+                self.shard.pin = pin;
+                return match self.answer(unit.len, Some(tag), None, status).await {
+                    Routed::Closed => InTx::Closed,
+                    _ => InTx::Answered,
+                };
+            }
+        }
+        let analysis = router.analyze(&sql);
+        if matches!(analysis.kind, Kind::Begin { .. } | Kind::End) || analysis.multi {
+            return InTx::Go(unit.len);
+        }
+        let params = unit
+            .bind
+            .and_then(|(a, b)| BindParams::parse(&self.cbuf[a..b]))
+            .unwrap_or_default();
+        let pin = comment_hint(&sql).or_else(|| self.shard.pin.clone());
+        match router.decide(&analysis, &params, pin.as_ref(), true) {
+            Decision::Any { .. } => InTx::Go(unit.len),
+            Decision::Shard { shard, .. } if shard == current => InTx::Go(unit.len),
+            Decision::Shard { shard, .. } => InTx::Refuse(
+                unit.len,
+                format!(
+                    "this transaction runs on shard {current}; the statement belongs to shard {shard}. A transaction stays on one shard: commit it and run the statement in its own transaction"
+                ),
+            ),
+            Decision::FanOut(_) => InTx::Refuse(
+                unit.len,
+                format!(
+                    "this transaction runs on shard {current}; a read without a sharding key would need every shard. Add the sharding key, or run it outside the transaction"
+                ),
+            ),
+            Decision::Refuse(msg) => InTx::Refuse(unit.len, msg),
         }
     }
 
@@ -777,7 +882,7 @@ impl Session {
     }
 
     /// Relays one transaction (or, in session mode, the rest of the session).
-    async fn transaction(&mut self, mut server: ServerConn) -> After {
+    async fn transaction(&mut self, mut server: ServerConn, budget: usize) -> After {
         self.cancel.attach(BackendKey {
             address: server.address.clone(),
             pid: server.backend_pid,
@@ -793,6 +898,7 @@ impl Session {
         let mut tracker = Tracker::default();
         let mut seen = Seen::default();
         let mut skip_to_sync = false;
+        x.progress.budget = budget;
         loop {
             let scanned = {
                 let mut ctx = ClientCtx {
@@ -818,13 +924,93 @@ impl Session {
                 self.abandon(server, &x.progress, &x.up, &seen).await;
                 return After::Stop;
             }
+            if self.router.is_some()
+                && x.progress.budget == 0
+                && x.up.ready == 0
+                && x.up.pass == 0
+                && x.progress.inflight == 0
+            {
+                if x.progress.unsynced {
+                    if x.progress.executed {
+                        // The rest of a batch left open rides along with it.
+                        if let Ok(Some(u)) =
+                            routing::unit(&self.cbuf, &self.stmts, &self.shard.last_unnamed)
+                        {
+                            routing::note_unnamed(
+                                &self.cbuf[..u.len],
+                                &mut self.shard.last_unnamed,
+                            );
+                            x.progress.budget = u.len;
+                            continue;
+                        }
+                    } else if tracker.is_empty() {
+                        relay::close_batch(
+                            &mut self.cbuf,
+                            &mut x.up,
+                            &mut x.progress,
+                            &mut tracker,
+                        );
+                    }
+                } else if x.progress.tx != b'I' && tracker.is_empty() {
+                    // Between statements of a transaction: answers out, then check
+                    // that the next unit belongs to this shard.
+                    if x.down.ready > 0 {
+                        if self
+                            .client
+                            .write_all(&server.buf[..x.down.ready])
+                            .await
+                            .is_err()
+                        {
+                            self.abandon(server, &x.progress, &x.up, &seen).await;
+                            return After::Stop;
+                        }
+                        x.down.sent += x.down.ready as u64;
+                        server.buf.advance(x.down.ready);
+                        x.down.ready = 0;
+                    }
+                    let current = self.pool.settings.shard.unwrap_or(0);
+                    let status = x.progress.tx;
+                    let next = if idle_tx_limit.is_zero() {
+                        self.route_in_tx(current, status).await
+                    } else {
+                        match tokio::time::timeout(idle_tx_limit, self.route_in_tx(current, status))
+                            .await
+                        {
+                            Ok(n) => n,
+                            Err(_) => {
+                                fatal(&mut self.client, "25P03", "idle transaction timeout").await;
+                                self.abandon(server, &x.progress, &x.up, &seen).await;
+                                return After::Stop;
+                            }
+                        }
+                    };
+                    match next {
+                        InTx::Go(n) => x.progress.budget = n,
+                        InTx::Answered => {}
+                        InTx::Refuse(len, msg) => {
+                            let q = routing::raise_query("0A000", &msg);
+                            self.cbuf.advance(len);
+                            let rest = self.cbuf.split();
+                            self.cbuf.extend_from_slice(&q);
+                            self.cbuf.extend_from_slice(&rest);
+                            x.progress.budget = q.len();
+                        }
+                        InTx::Closed => {
+                            self.abandon(server, &x.progress, &x.up, &seen).await;
+                            return After::Stop;
+                        }
+                    }
+                    continue;
+                }
+            }
             let waiting_in_tx =
                 x.progress.inflight == 0 && x.progress.tx != b'I' && x.up.ready == 0;
+            let hold_client = x.progress.budget == 0 && self.cbuf.len() > 1 << 20;
             let step = relay::step(
                 &mut self.client,
                 &mut self.cbuf,
                 &mut x.up,
-                !x.progress.terminated,
+                !x.progress.terminated && !hold_client,
                 &mut server,
                 &mut x.down,
             );

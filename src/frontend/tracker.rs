@@ -28,6 +28,8 @@ pub enum Expect {
     SwallowParse(Arc<Stmt>),
     /// A Close Weir added to evict a statement from the server.
     SwallowClose(Arc<Stmt>),
+    /// A Sync Weir added to close a batch the client left open.
+    SwallowSync,
 }
 
 /// What to do with one server message.
@@ -119,10 +121,16 @@ impl Tracker {
                 self.pop_if(|e| matches!(e, Expect::Execute));
                 Verdict::Forward
             }
-            b'Z' => {
-                self.pop_if(|e| matches!(e, Expect::Sync | Expect::Simple));
-                Verdict::Forward
-            }
+            b'Z' => match self.queue.front() {
+                Some(Expect::SwallowSync) => {
+                    self.queue.pop_front();
+                    Verdict::Drop
+                }
+                _ => {
+                    self.pop_if(|e| matches!(e, Expect::Sync | Expect::Simple));
+                    Verdict::Forward
+                }
+            },
             b'E' => {
                 self.on_error(error.unwrap_or_default(), server);
                 Verdict::Forward
@@ -142,12 +150,12 @@ impl Tracker {
     /// statements whose Parse was skipped were never created.
     fn on_error(&mut self, message: &str, server: &mut ServerStatements) {
         match self.queue.front() {
-            None | Some(Expect::Simple) | Some(Expect::Sync) => return,
+            None | Some(Expect::Simple) | Some(Expect::Sync) | Some(Expect::SwallowSync) => return,
             _ => {}
         }
         let mut first = true;
         while let Some(front) = self.queue.front() {
-            if matches!(front, Expect::Sync | Expect::Simple) {
+            if matches!(front, Expect::Sync | Expect::Simple | Expect::SwallowSync) {
                 break;
             }
             match self.queue.pop_front() {

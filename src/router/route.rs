@@ -22,6 +22,8 @@ pub enum Decision {
     FanOut(Merge),
     /// Refused, with the message for the client.
     Refuse(String),
+    /// Touches no table: any shard can run it (the current one in a transaction).
+    Any { read: bool },
 }
 
 /// What a client pinned with `SET weir.…` or a comment hint.
@@ -166,7 +168,9 @@ impl ShardRouter {
                     "shard {s} does not exist (database \"{}\" has {} shards)",
                     self.database, self.shards
                 )),
-                Pin::Key(k) => match self.tables.first().map(|_| self.shard_of_text(0, k)) {
+                Pin::Key(k) => match (!self.tables.is_empty())
+                    .then(|| self.shard_of_text(a.table.unwrap_or(0), k))
+                {
                     Some(Ok(shard)) => Decision::Shard { shard, read },
                     Some(Err(e)) => Decision::Refuse(e),
                     None => Decision::Shard { shard: 0, read },
@@ -174,6 +178,9 @@ impl ShardRouter {
             };
         }
         let Some(t) = a.table else {
+            if !a.any_table {
+                return Decision::Any { read };
+            }
             // Tables that are not sharded live on shard 0.
             return Decision::Shard { shard: 0, read };
         };

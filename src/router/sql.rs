@@ -102,6 +102,8 @@ pub struct Analysis {
     pub merge: Merge,
     /// Several statements in one query string.
     pub multi: bool,
+    /// The statement names at least one table (sharded or not).
+    pub any_table: bool,
 }
 
 /// Analyses one query string. `Err` carries PostgreSQL's syntax error text;
@@ -111,6 +113,7 @@ pub fn analyze(sql: &str, tables: &[TableSpec]) -> Result<Analysis, String> {
     let stmts = &parsed.protobuf.stmts;
     let mut a = Analysis {
         multi: stmts.len() > 1,
+        any_table: !parsed.tables().is_empty(),
         ..Analysis::default()
     };
     let Some(node) = stmts
