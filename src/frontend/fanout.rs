@@ -6,7 +6,7 @@
 
 use crate::backend::params::ParamSet;
 use crate::backend::Pool;
-use crate::router::sql::{Agg, Merge};
+use crate::router::sql::{Agg, Merge, SortCol, SortKey};
 use crate::wire::{self, build, tag};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::cmp::Ordering;
@@ -51,15 +51,25 @@ pub async fn run(
     let desc = results.iter().find_map(|(_, r)| r.row_description.clone());
     let rows: Vec<Bytes> = match merge {
         Merge::Aggregates(aggs) => {
-            combine_aggregates(aggs, results.iter().flat_map(|(_, r)| r.rows.iter()))
+            let fields = desc.as_deref().map(fields).unwrap_or_default();
+            combine_aggregates(
+                aggs,
+                &fields,
+                results.iter().flat_map(|(_, r)| r.rows.iter()),
+            )
         }
         Merge::OrderLimit { order, limit } => {
+            let fields = desc.as_deref().map(fields).unwrap_or_default();
+            let keys = match resolve(order, &fields) {
+                Ok(k) => k,
+                Err(msg) => return finish_error("0A000", &msg),
+            };
             let mut all: Vec<(Vec<Option<Bytes>>, Bytes)> = results
                 .iter()
                 .flat_map(|(_, r)| r.rows.iter())
                 .map(|row| (columns(row), row.clone()))
                 .collect();
-            all.sort_by(|a, b| compare_rows(&a.0, &b.0, order));
+            all.sort_by(|a, b| compare_rows(&a.0, &b.0, &keys));
             let n = limit.map(|l| l as usize).unwrap_or(all.len());
             all.into_iter().take(n).map(|(_, r)| r).collect()
         }
@@ -193,34 +203,206 @@ fn data_row(values: &[Option<Vec<u8>>]) -> Bytes {
     b.freeze()
 }
 
-/// Orders two text values: numerically when both are numbers, else bytewise.
-fn compare_values(a: &Option<Bytes>, b: &Option<Bytes>) -> Ordering {
-    match (a, b) {
-        (None, None) => Ordering::Equal,
-        // PostgreSQL sorts NULLs last in ascending order.
-        (None, Some(_)) => Ordering::Greater,
-        (Some(_), None) => Ordering::Less,
-        (Some(x), Some(y)) => {
-            let nx = std::str::from_utf8(x)
-                .ok()
-                .and_then(|s| s.trim().parse::<f64>().ok());
-            let ny = std::str::from_utf8(y)
-                .ok()
-                .and_then(|s| s.trim().parse::<f64>().ok());
-            match (nx, ny) {
-                (Some(p), Some(q)) => p.partial_cmp(&q).unwrap_or(Ordering::Equal),
-                _ => x.cmp(y),
+/// One column of a RowDescription: name and type OID.
+type Field = (String, u32);
+
+/// The columns a RowDescription announces.
+fn fields(desc: &[u8]) -> Vec<Field> {
+    let b = wire::body(desc);
+    let mut out = Vec::new();
+    if b.len() < 2 {
+        return out;
+    }
+    let n = i16::from_be_bytes([b[0], b[1]]).max(0) as usize;
+    let mut pos = 2;
+    for _ in 0..n {
+        let Some((name, next)) = wire::cstr(b, pos) else {
+            break;
+        };
+        // table oid (4), attnum (2), type oid (4), typlen (2), typmod (4), format (2)
+        let Some(t) = b.get(next + 6..next + 10) else {
+            break;
+        };
+        out.push((
+            name.to_string(),
+            u32::from_be_bytes([t[0], t[1], t[2], t[3]]),
+        ));
+        pos = next + 18;
+    }
+    out
+}
+
+/// How a column's text values order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// int2/4/8, oid, numeric, float4/8: by value.
+    Number,
+    /// Everything else: bytewise (as the C collation orders text).
+    Bytes,
+}
+
+fn order_of(type_oid: u32) -> Order {
+    match type_oid {
+        20 | 21 | 23 | 26 | 700 | 701 | 1700 => Order::Number,
+        _ => Order::Bytes,
+    }
+}
+
+/// A sort key resolved against the RowDescription.
+struct Key {
+    col: usize,
+    order: Order,
+    desc: bool,
+    nulls_first: bool,
+}
+
+fn resolve(order: &[SortKey], fields: &[Field]) -> Result<Vec<Key>, String> {
+    order
+        .iter()
+        .map(|k| {
+            let col = match &k.col {
+                SortCol::Pos(p) => *p,
+                SortCol::Name(name) => {
+                    let mut hits = fields
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, (n, _))| n == name)
+                        .map(|(i, _)| i);
+                    match (hits.next(), hits.next()) {
+                        (Some(i), None) => i,
+                        _ => {
+                            return Err(format!(
+                                "Weir cannot merge ORDER BY \"{name}\" across shards: it is not exactly one output column"
+                            ))
+                        }
+                    }
+                }
+            };
+            Ok(Key {
+                col,
+                order: fields.get(col).map_or(Order::Bytes, |f| order_of(f.1)),
+                desc: k.desc,
+                nulls_first: k.nulls_first,
+            })
+        })
+        .collect()
+}
+
+/// Orders two non-NULL text values of a column.
+fn compare_values(x: &[u8], y: &[u8], order: Order) -> Ordering {
+    if order == Order::Number {
+        if let (Ok(a), Ok(b)) = (std::str::from_utf8(x), std::str::from_utf8(y)) {
+            if let Some(o) = compare_numbers(a.trim(), b.trim()) {
+                return o;
             }
+        }
+    }
+    x.cmp(y)
+}
+
+/// Compares two numbers written as text: exactly for integers and decimals,
+/// as floats (NaN above everything, as PostgreSQL) otherwise.
+fn compare_numbers(a: &str, b: &str) -> Option<Ordering> {
+    if let (Ok(x), Ok(y)) = (a.parse::<i128>(), b.parse::<i128>()) {
+        return Some(x.cmp(&y));
+    }
+    if let (Some(x), Some(y)) = (Decimal::parse(a), Decimal::parse(b)) {
+        return Some(x.cmp(&y));
+    }
+    let f = |s: &str| -> Option<f64> {
+        match s {
+            "NaN" => Some(f64::NAN),
+            "Infinity" => Some(f64::INFINITY),
+            "-Infinity" => Some(f64::NEG_INFINITY),
+            _ => s.parse().ok(),
+        }
+    };
+    let (x, y) = (f(a)?, f(b)?);
+    Some(match (x.is_nan(), y.is_nan()) {
+        (true, true) => Ordering::Equal,
+        (true, false) => Ordering::Greater,
+        (false, true) => Ordering::Less,
+        _ => x.partial_cmp(&y)?,
+    })
+}
+
+/// A decimal number as sign, integer digits and fraction digits (no exponent).
+#[derive(Debug, PartialEq, Eq)]
+struct Decimal {
+    negative: bool,
+    int: String,
+    frac: String,
+}
+
+impl Decimal {
+    fn parse(s: &str) -> Option<Decimal> {
+        let (negative, digits) = match s.strip_prefix('-') {
+            Some(d) => (true, d),
+            None => (false, s.strip_prefix('+').unwrap_or(s)),
+        };
+        let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+        if int.is_empty() && frac.is_empty()
+            || !int.bytes().all(|c| c.is_ascii_digit())
+            || !frac.bytes().all(|c| c.is_ascii_digit())
+        {
+            return None;
+        }
+        let int = int.trim_start_matches('0').to_string();
+        let frac = frac.trim_end_matches('0').to_string();
+        let zero = int.is_empty() && frac.is_empty();
+        Some(Decimal {
+            negative: negative && !zero,
+            int,
+            frac,
+        })
+    }
+
+    fn magnitude_cmp(&self, other: &Decimal) -> Ordering {
+        self.int
+            .len()
+            .cmp(&other.int.len())
+            .then_with(|| self.int.cmp(&other.int))
+            .then_with(|| self.frac.cmp(&other.frac))
+    }
+}
+
+impl Ord for Decimal {
+    fn cmp(&self, other: &Decimal) -> Ordering {
+        match (self.negative, other.negative) {
+            (false, true) => Ordering::Greater,
+            (true, false) => Ordering::Less,
+            (false, false) => self.magnitude_cmp(other),
+            (true, true) => other.magnitude_cmp(self),
         }
     }
 }
 
-fn compare_rows(a: &[Option<Bytes>], b: &[Option<Bytes>], order: &[(usize, bool)]) -> Ordering {
-    for &(col, desc) in order {
-        let none = None;
-        let (x, y) = (a.get(col).unwrap_or(&none), b.get(col).unwrap_or(&none));
-        let o = compare_values(x, y);
-        let o = if desc { o.reverse() } else { o };
+impl PartialOrd for Decimal {
+    fn partial_cmp(&self, other: &Decimal) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+fn compare_rows(a: &[Option<Bytes>], b: &[Option<Bytes>], keys: &[Key]) -> Ordering {
+    for k in keys {
+        let o = match (
+            a.get(k.col).cloned().flatten(),
+            b.get(k.col).cloned().flatten(),
+        ) {
+            (None, None) => Ordering::Equal,
+            (None, Some(_)) if k.nulls_first => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(_), None) if k.nulls_first => Ordering::Greater,
+            (Some(_), None) => Ordering::Less,
+            (Some(x), Some(y)) => {
+                let o = compare_values(&x, &y, k.order);
+                if k.desc {
+                    o.reverse()
+                } else {
+                    o
+                }
+            }
+        };
         if o != Ordering::Equal {
             return o;
         }
@@ -229,7 +411,11 @@ fn compare_rows(a: &[Option<Bytes>], b: &[Option<Bytes>], order: &[(usize, bool)
 }
 
 /// Combines one aggregate row per shard into the answer for all shards.
-fn combine_aggregates<'a>(aggs: &[Agg], rows: impl Iterator<Item = &'a Bytes>) -> Vec<Bytes> {
+fn combine_aggregates<'a>(
+    aggs: &[Agg],
+    fields: &[Field],
+    rows: impl Iterator<Item = &'a Bytes>,
+) -> Vec<Bytes> {
     let mut acc: Vec<Option<Bytes>> = vec![None; aggs.len()];
     for row in rows {
         let cols = columns(row);
@@ -237,18 +423,19 @@ fn combine_aggregates<'a>(aggs: &[Agg], rows: impl Iterator<Item = &'a Bytes>) -
             let Some(v) = cols.get(i).cloned().flatten() else {
                 continue;
             };
+            let order = fields.get(i).map_or(Order::Bytes, |f| order_of(f.1));
             acc[i] = Some(match (&acc[i], agg) {
                 (None, _) => v,
                 (Some(cur), Agg::Count | Agg::Sum) => add_numbers(cur, &v),
                 (Some(cur), Agg::Min) => {
-                    if compare_values(&Some(v.clone()), &Some(cur.clone())) == Ordering::Less {
+                    if compare_values(&v, cur, order) == Ordering::Less {
                         v
                     } else {
                         cur.clone()
                     }
                 }
                 (Some(cur), Agg::Max) => {
-                    if compare_values(&Some(v.clone()), &Some(cur.clone())) == Ordering::Greater {
+                    if compare_values(&v, cur, order) == Ordering::Greater {
                         v
                     } else {
                         cur.clone()
@@ -327,7 +514,12 @@ mod tests {
             row(&[Some("3"), Some("10"), Some("1"), Some("9")]),
             row(&[Some("2"), None, Some("-4"), Some("7")]),
         ];
-        let out = combine_aggregates(&[Agg::Count, Agg::Sum, Agg::Min, Agg::Max], rows.iter());
+        let fields: Vec<Field> = (0..4).map(|i| (format!("c{i}"), 20)).collect();
+        let out = combine_aggregates(
+            &[Agg::Count, Agg::Sum, Agg::Min, Agg::Max],
+            &fields,
+            rows.iter(),
+        );
         let cols = columns(&out[0]);
         let text: Vec<Option<String>> = cols
             .iter()
@@ -344,13 +536,43 @@ mod tests {
         );
     }
 
+    fn key(desc: bool, nulls_first: bool) -> Key {
+        Key {
+            col: 0,
+            order: Order::Number,
+            desc,
+            nulls_first,
+        }
+    }
+
     #[test]
-    fn orders_numbers_numerically_nulls_last() {
+    fn orders_numbers_numerically_with_nulls_where_asked() {
         let a = vec![Some(Bytes::from_static(b"10"))];
         let b = vec![Some(Bytes::from_static(b"9"))];
         let n = vec![None];
-        assert_eq!(compare_rows(&a, &b, &[(0, false)]), Ordering::Greater);
-        assert_eq!(compare_rows(&a, &b, &[(0, true)]), Ordering::Less);
-        assert_eq!(compare_rows(&n, &a, &[(0, false)]), Ordering::Greater);
+        assert_eq!(
+            compare_rows(&a, &b, &[key(false, false)]),
+            Ordering::Greater
+        );
+        assert_eq!(compare_rows(&a, &b, &[key(true, true)]), Ordering::Less);
+        assert_eq!(
+            compare_rows(&n, &a, &[key(false, false)]),
+            Ordering::Greater
+        );
+        assert_eq!(compare_rows(&n, &a, &[key(false, true)]), Ordering::Less);
+    }
+
+    #[test]
+    fn compares_extreme_integers_and_decimals_exactly() {
+        let o = |a: &str, b: &str| compare_numbers(a, b);
+        assert_eq!(
+            o("-9223372036854775808", "-9223372036854775807"),
+            Some(Ordering::Less)
+        );
+        assert_eq!(o("0.10000000000000000001", "0.1"), Some(Ordering::Greater));
+        assert_eq!(o("-2.5", "-2.40"), Some(Ordering::Less));
+        assert_eq!(o("-0.0", "0"), Some(Ordering::Equal));
+        assert_eq!(o("NaN", "Infinity"), Some(Ordering::Greater));
+        assert_eq!(o("1e3", "999"), Some(Ordering::Greater));
     }
 }

@@ -178,6 +178,11 @@ impl ShardRouter {
             };
         }
         let Some(t) = a.table else {
+            if let Some(name) = &a.sharded_elsewhere {
+                return Decision::Refuse(format!(
+                    "sharded table \"{name}\" is used in a subquery, WITH query or set operation, where Weir cannot find its sharding key; add a comment /* weir: shard=N */ or /* weir: sharding_key=<value> */"
+                ));
+            }
             if !a.any_table {
                 return Decision::Any { read };
             }

@@ -78,13 +78,47 @@ pub enum Merge {
     /// One row of aggregates (no GROUP BY): combine column by column.
     Aggregates(Vec<Agg>),
     /// ORDER BY on output columns, then LIMIT: merge sorted streams.
-    /// (column position 0-based, descending)
     OrderLimit {
-        order: Vec<(usize, bool)>,
+        order: Vec<SortKey>,
         limit: Option<u64>,
     },
     /// Weir cannot merge this correctly; the reason is for the error.
     Refuse(&'static str),
+}
+
+/// An output column named by ORDER BY.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SortCol {
+    /// 0-based position in the output.
+    Pos(usize),
+    /// A column name, found in the RowDescription (the select list has `*`).
+    Name(String),
+}
+
+/// One ORDER BY item of a keyless read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SortKey {
+    pub col: SortCol,
+    pub desc: bool,
+    pub nulls_first: bool,
+}
+
+impl SortKey {
+    pub fn asc(col: usize) -> SortKey {
+        SortKey {
+            col: SortCol::Pos(col),
+            desc: false,
+            nulls_first: false,
+        }
+    }
+
+    pub fn desc(col: usize) -> SortKey {
+        SortKey {
+            col: SortCol::Pos(col),
+            desc: true,
+            nulls_first: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -104,6 +138,9 @@ pub struct Analysis {
     pub multi: bool,
     /// The statement names at least one table (sharded or not).
     pub any_table: bool,
+    /// A sharded table named somewhere other than where Weir looks for keys
+    /// (subquery, CTE, UNION branch): its name, when `table` is `None`.
+    pub sharded_elsewhere: Option<String>,
 }
 
 /// Analyses one query string. `Err` carries PostgreSQL's syntax error text;
@@ -132,6 +169,7 @@ pub fn analyze(sql: &str, tables: &[TableSpec]) -> Result<Analysis, String> {
         }
         N::InsertStmt(i) => {
             a.kind = Kind::Insert;
+            a.read_only = false;
             if let Some(rel) = &i.relation {
                 if let Some(t) = find_table(tables, &rel.schemaname, &rel.relname) {
                     a.table = Some(t);
@@ -168,6 +206,12 @@ pub fn analyze(sql: &str, tables: &[TableSpec]) -> Result<Analysis, String> {
             };
         }
         _ => {}
+    }
+    if a.table.is_none() {
+        a.sharded_elsewhere = parsed.tables().into_iter().find(|name| {
+            let (schema, rel) = name.rsplit_once('.').unwrap_or(("", name));
+            find_table(tables, schema, rel).is_some()
+        });
     }
     Ok(a)
 }
@@ -405,33 +449,39 @@ fn merge_shape(s: &SelectStmt) -> Merge {
     if s.limit_offset.is_some() {
         return Merge::Refuse("OFFSET across shards");
     }
+    let shape = Shape::of(s);
+    if shape.window {
+        return Merge::Refuse("window functions across shards");
+    }
+    if shape.nested {
+        return Merge::Refuse("subqueries, WITH queries or set-returning FROM items across shards");
+    }
+    if shape.join {
+        return Merge::Refuse("joins across shards");
+    }
     let mut aggs = Vec::new();
     let mut plain = 0;
+    let mut star = false;
     for t in &s.target_list {
         let Some(N::ResTarget(r)) = &t.node else {
             continue;
         };
         match r.val.as_deref().and_then(|v| v.node.as_ref()) {
-            Some(N::FuncCall(f)) if f.over.is_none() => {
-                let name = f
-                    .funcname
-                    .last()
-                    .and_then(|n| match &n.node {
-                        Some(N::String(s)) => Some(s.sval.to_ascii_lowercase()),
-                        _ => None,
-                    })
-                    .unwrap_or_default();
-                match name.as_str() {
-                    "count" if !f.agg_distinct => aggs.push(Agg::Count),
-                    "sum" if !f.agg_distinct => aggs.push(Agg::Sum),
-                    "min" => aggs.push(Agg::Min),
-                    "max" => aggs.push(Agg::Max),
-                    "avg" => return Merge::Refuse("avg() across shards"),
-                    _ => plain += 1,
-                }
+            Some(N::FuncCall(f)) => match mergeable_aggregate(f) {
+                Some(agg) => aggs.push(agg),
+                None => plain += 1,
+            },
+            Some(N::ColumnRef(c)) => {
+                star |= c.fields.iter().any(|f| matches!(f.node, Some(N::AStar(_))));
+                plain += 1;
             }
             _ => plain += 1,
         }
+    }
+    if shape.aggregates > aggs.len() {
+        return Merge::Refuse(
+            "an aggregate Weir cannot combine (only bare count, sum, min and max)",
+        );
     }
     if !aggs.is_empty() {
         if plain > 0 {
@@ -462,18 +512,204 @@ fn merge_shape(s: &SelectStmt) -> Merge {
         let Some(N::SortBy(b)) = &sb.node else {
             return Merge::Refuse("ORDER BY Weir cannot read");
         };
-        // SORTBY_DESC = 3 in pg_query's SortByDir.
-        let desc = b.sortby_dir == 3;
-        let Some(pos) = b
-            .node
-            .as_deref()
-            .and_then(|n| output_position(n, &s.target_list))
-        else {
-            return Merge::Refuse("ORDER BY on an expression not in the select list");
+        // pg_query's SortByDir: DEFAULT = 1, ASC = 2, DESC = 3, USING = 4;
+        // SortByNulls: DEFAULT = 1, FIRST = 2, LAST = 3.
+        let desc = match b.sortby_dir {
+            0..=2 => false,
+            3 => true,
+            _ => return Merge::Refuse("ORDER BY … USING across shards"),
         };
-        order.push((pos, desc));
+        let nulls_first = match b.sortby_nulls {
+            2 => true,
+            3 => false,
+            _ => desc,
+        };
+        let Some(item) = b.node.as_deref() else {
+            return Merge::Refuse("ORDER BY Weir cannot read");
+        };
+        let col = match (
+            output_position(item, &s.target_list),
+            star,
+            item.node.as_ref(),
+        ) {
+            (Some(pos), false, _) => SortCol::Pos(pos),
+            (_, _, Some(N::AConst(_))) => match output_position(item, &s.target_list) {
+                Some(pos) => SortCol::Pos(pos),
+                None => return Merge::Refuse("ORDER BY a position Weir cannot read"),
+            },
+            (_, true, Some(N::ColumnRef(c))) => match c.fields.last().and_then(|f| f.node.as_ref())
+            {
+                Some(N::String(name)) => SortCol::Name(name.sval.clone()),
+                _ => return Merge::Refuse("ORDER BY Weir cannot read"),
+            },
+            _ => return Merge::Refuse("ORDER BY on an expression not in the select list"),
+        };
+        order.push(SortKey {
+            col,
+            desc,
+            nulls_first,
+        });
     }
     Merge::OrderLimit { order, limit }
+}
+
+/// `count`, `sum`, `min` or `max` called plainly (no DISTINCT, window,
+/// WITHIN GROUP): per-shard results combine exactly.
+fn mergeable_aggregate(f: &pg_query::protobuf::FuncCall) -> Option<Agg> {
+    if f.over.is_some() || f.agg_distinct || f.agg_within_group || f.func_variadic {
+        return None;
+    }
+    match func_name(f).as_str() {
+        "count" => Some(Agg::Count),
+        "sum" => Some(Agg::Sum),
+        "min" => Some(Agg::Min),
+        "max" => Some(Agg::Max),
+        _ => None,
+    }
+}
+
+fn func_name(f: &pg_query::protobuf::FuncCall) -> String {
+    f.funcname
+        .last()
+        .and_then(|n| match &n.node {
+            Some(N::String(s)) => Some(s.sval.to_ascii_lowercase()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// PostgreSQL's built-in aggregate functions (an aggregate Weir does not know
+/// by name is still caught when it uses aggregate syntax: `*`, DISTINCT,
+/// FILTER, ORDER BY or WITHIN GROUP).
+const AGGREGATES: &[&str] = &[
+    "count",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "bit_and",
+    "bit_or",
+    "bit_xor",
+    "bool_and",
+    "bool_or",
+    "every",
+    "array_agg",
+    "string_agg",
+    "json_agg",
+    "jsonb_agg",
+    "json_agg_strict",
+    "jsonb_agg_strict",
+    "json_object_agg",
+    "jsonb_object_agg",
+    "json_object_agg_strict",
+    "jsonb_object_agg_strict",
+    "json_object_agg_unique",
+    "jsonb_object_agg_unique",
+    "json_object_agg_unique_strict",
+    "jsonb_object_agg_unique_strict",
+    "xmlagg",
+    "stddev",
+    "stddev_pop",
+    "stddev_samp",
+    "variance",
+    "var_pop",
+    "var_samp",
+    "corr",
+    "covar_pop",
+    "covar_samp",
+    "regr_avgx",
+    "regr_avgy",
+    "regr_count",
+    "regr_intercept",
+    "regr_r2",
+    "regr_slope",
+    "regr_sxx",
+    "regr_sxy",
+    "regr_syy",
+    "mode",
+    "percentile_cont",
+    "percentile_disc",
+    "range_agg",
+    "range_intersect_agg",
+    "any_value",
+    "grouping",
+];
+
+/// What a SELECT contains anywhere in its tree.
+#[derive(Default)]
+struct Shape {
+    /// Aggregate calls, wherever they are.
+    aggregates: usize,
+    window: bool,
+    /// Subqueries, CTEs, functions in FROM.
+    nested: bool,
+    join: bool,
+}
+
+impl Shape {
+    fn of(s: &SelectStmt) -> Shape {
+        let mut shape = Shape::default();
+        match serde_json::to_value(s) {
+            Ok(v) => shape.walk(&v),
+            // Cannot look inside: do not claim it merges.
+            Err(_) => shape.nested = true,
+        }
+        shape
+    }
+
+    fn walk(&mut self, v: &serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    match k.as_str() {
+                        "FuncCall" => self.call(x),
+                        "SubLink" | "RangeSubselect" | "RangeFunction" | "CommonTableExpr"
+                        | "RangeTableFunc" | "RangeTableSample" => self.nested = true,
+                        "JoinExpr" => self.join = true,
+                        "with_clause" if !x.is_null() => self.nested = true,
+                        "larg" | "rarg" if !x.is_null() && m.contains_key("op") => {
+                            // A UNION/INTERSECT/EXCEPT branch.
+                            self.nested = true
+                        }
+                        _ => {}
+                    }
+                    self.walk(x);
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| self.walk(x)),
+            _ => {}
+        }
+    }
+
+    fn call(&mut self, f: &serde_json::Value) {
+        let set = |key: &str| match f.get(key) {
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(serde_json::Value::Null) | None => false,
+            Some(serde_json::Value::Array(a)) => !a.is_empty(),
+            Some(_) => true,
+        };
+        if set("over") {
+            self.window = true;
+            return;
+        }
+        let name = f
+            .get("funcname")
+            .and_then(|n| n.as_array())
+            .and_then(|a| a.last())
+            .and_then(|n| n.pointer("/node/String/sval"))
+            .and_then(|s| s.as_str())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if AGGREGATES.contains(&name.as_str())
+            || set("agg_star")
+            || set("agg_distinct")
+            || set("agg_filter")
+            || set("agg_order")
+            || set("agg_within_group")
+        {
+            self.aggregates += 1;
+        }
+    }
 }
 
 /// Position in the target list of an ORDER BY item (by number or by name).
@@ -564,7 +800,7 @@ mod tests {
         assert_eq!(
             an("SELECT id, total FROM orders ORDER BY total DESC, 1 LIMIT 5").merge,
             Merge::OrderLimit {
-                order: vec![(1, true), (0, false)],
+                order: vec![SortKey::desc(1), SortKey::asc(0)],
                 limit: Some(5)
             }
         );
@@ -576,6 +812,50 @@ mod tests {
             an("SELECT customer_id, count(*) FROM orders GROUP BY 1").merge,
             Merge::Refuse(_)
         ));
+    }
+
+    #[test]
+    fn keyless_reads_weir_cannot_merge() {
+        for sql in [
+            "SELECT count(DISTINCT total > 1000) FROM orders",
+            "SELECT count(*) + 0 FROM orders",
+            "SELECT count(*)::int FROM orders",
+            "SELECT bool_and(total > 0) FROM orders",
+            "SELECT customer_id, row_number() OVER (ORDER BY customer_id) FROM orders",
+            "SELECT count(*) FROM (SELECT * FROM orders) AS o",
+            "SELECT * FROM orders WHERE total > (SELECT avg(total) FROM orders)",
+            "SELECT * FROM orders o JOIN other x ON x.id = o.id",
+        ] {
+            let a = an(sql);
+            let refused = matches!(a.merge, Merge::Refuse(_))
+                || (a.table.is_none() && a.sharded_elsewhere.is_some());
+            assert!(refused, "{sql}: {a:?}");
+        }
+        let a = an("WITH o AS (SELECT * FROM orders) SELECT count(*) FROM o");
+        assert_eq!(a.table, None);
+        assert_eq!(a.sharded_elsewhere.as_deref(), Some("orders"));
+    }
+
+    #[test]
+    fn order_by_name_with_star_and_nulls() {
+        assert_eq!(
+            an("SELECT * FROM orders ORDER BY total DESC NULLS LAST, customer_id LIMIT 5").merge,
+            Merge::OrderLimit {
+                order: vec![
+                    SortKey {
+                        col: SortCol::Name("total".into()),
+                        desc: true,
+                        nulls_first: false
+                    },
+                    SortKey {
+                        col: SortCol::Name("customer_id".into()),
+                        desc: false,
+                        nulls_first: false
+                    }
+                ],
+                limit: Some(5)
+            }
+        );
     }
 
     #[test]

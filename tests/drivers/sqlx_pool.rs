@@ -55,7 +55,7 @@ async fn sqlx_worker(pool: sqlx::PgPool, task: i32) -> usize {
         let i = (task * 31 + rnd * 7) % 200;
         if rnd % 4 == 0 {
             let mut tx = pool.begin().await.expect("BEGIN");
-            done += sqlx_round(&mut *tx, i).await;
+            done += sqlx_round(&mut tx, i).await;
             tx.commit().await.expect("COMMIT");
         } else {
             let mut conn = pool.acquire().await.expect("acquire");
