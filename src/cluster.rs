@@ -63,6 +63,21 @@ impl Cluster {
             .unwrap_or_else(|| self.shard_pool_fallback(db, user))
     }
 
+    /// Every pool of `db` for `user`: each shard's primary and replicas.
+    pub fn user_pools(&self, db: &Database, user: &str) -> Vec<Arc<Pool>> {
+        if db.shards.is_empty() {
+            return vec![self.pool(db, user)];
+        }
+        let mut out = Vec::new();
+        for (i, shard) in db.shards.iter().enumerate() {
+            out.extend(self.shard_pool(db, user, i, None));
+            for r in 0..shard.replicas.len() {
+                out.extend(self.shard_pool(db, user, i, Some(r)));
+            }
+        }
+        out
+    }
+
     /// The pool for one shard's primary (`replica = None`) or one replica.
     pub fn shard_pool(
         &self,

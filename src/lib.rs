@@ -44,6 +44,9 @@ pub struct App {
     pub clients: AtomicUsize,
     /// Clients currently holding a server connection.
     pub active: AtomicUsize,
+    /// Accepted clients that have not finished a transaction yet: a graceful
+    /// shutdown serves them one (they connected before the listener closed).
+    pub fresh: AtomicUsize,
     pub shutdown: watch::Sender<Shutdown>,
     /// Logged-in clients, for SHOW CLIENTS and KILL.
     pub client_list: stats::Registry<stats::ClientInfo>,
@@ -67,6 +70,7 @@ impl App {
             statements: backend::prepared::Registry::default(),
             clients: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
+            fresh: AtomicUsize::new(0),
             shutdown,
             client_list: stats::Registry::default(),
             next_client_id: AtomicU64::new(1),

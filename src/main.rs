@@ -146,11 +146,18 @@ fn reload(app: &Arc<App>, path: &std::path::Path) {
     }
 }
 
-/// Waits until no client holds a server (bounded by shutdown_timeout if set).
+/// How long a graceful shutdown waits for clients that connected just before
+/// the listener closed to send their first transaction.
+const FRESH_CLIENT_GRACE: Duration = Duration::from_secs(5);
+
+/// Waits until no client holds a server and clients accepted before the
+/// listener closed had their transaction (bounded by shutdown_timeout if set).
 async fn drain(app: &Arc<App>) {
     let limit = app.cluster().config.general.shutdown_timeout;
     let started = tokio::time::Instant::now();
-    while app.active.load(Ordering::Acquire) > 0 {
+    while app.active.load(Ordering::Acquire) > 0
+        || (app.fresh.load(Ordering::Acquire) > 0 && started.elapsed() < FRESH_CLIENT_GRACE)
+    {
         if !limit.is_zero() && started.elapsed() >= limit {
             tracing::warn!("shutdown_timeout reached with transactions still running");
             return;

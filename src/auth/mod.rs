@@ -2,7 +2,9 @@
 //! password a client proves against the secret from `[users]` or `auth_file`.
 //! (Weir's own login to PostgreSQL lives in `backend::login`.)
 
+pub mod hba;
 pub mod md5;
+pub mod query;
 pub mod scram;
 
 use crate::config::{secret::ScramVerifier, AuthType, Secret};

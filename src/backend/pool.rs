@@ -8,6 +8,7 @@
 use super::conn::{ConnectError, ServerConn, Target};
 use super::login::Credentials;
 use super::params::ParamSet;
+use crate::config::secret::Secret;
 use crate::config::PoolMode;
 use crate::stats::{PoolTotals, Registry, ServerInfo};
 use parking_lot::Mutex;
@@ -53,6 +54,8 @@ pub struct Pool {
     pub client_user: String,
     state: Mutex<State>,
     scram_key: Mutex<Option<[u8; 32]>>,
+    /// A secret `auth_query` found, for users no config or auth file lists.
+    looked_up: Mutex<Option<Secret>>,
     defaults: Mutex<Option<ParamSet>>,
     retired: AtomicBool,
     /// PAUSE: checkouts wait until RESUME.
@@ -115,6 +118,7 @@ impl Pool {
             client_user: client_user.to_string(),
             state: Mutex::new(State::default()),
             scram_key: Mutex::new(None),
+            looked_up: Mutex::new(None),
             defaults: Mutex::new(None),
             retired: AtomicBool::new(false),
             paused: AtomicBool::new(false),
@@ -191,6 +195,11 @@ impl Pool {
     /// pass-through when only a verifier is known.
     pub fn set_scram_key(&self, key: [u8; 32]) {
         *self.scram_key.lock() = Some(key);
+    }
+
+    /// Remembers the secret `auth_query` returned for this pool's user.
+    pub fn set_looked_up_secret(&self, secret: Secret) {
+        *self.looked_up.lock() = Some(secret);
     }
 
     /// Parameters of a fresh server connection, learned from the first one.
@@ -389,6 +398,9 @@ impl Pool {
     fn credentials(&self) -> Credentials {
         let mut creds = self.settings.creds.clone();
         creds.scram_client_key = *self.scram_key.lock();
+        if creds.secret.is_none() {
+            creds.secret = self.looked_up.lock().clone();
+        }
         creds
     }
 

@@ -291,10 +291,6 @@ const IGNORED: &[(&[&str], &str)] = &[
     ),
     (
         &[
-            "auth_user",
-            "auth_query",
-            "auth_dbname",
-            "auth_hba_file",
             "auth_ident_file",
             "scram_iterations",
             "track_extra_parameters",
@@ -421,7 +417,7 @@ impl<'a> Importer<'a> {
             self.warn(origin, format!("[pgbouncer] {key}: {why}; ignored"));
             return Ok(());
         }
-        let value = if key == "auth_file" {
+        let value = if key == "auth_file" || key == "auth_hba_file" {
             // PgBouncer treats an empty auth_file as none.
             if value.is_empty() {
                 self.general.remove(&key);

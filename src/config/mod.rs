@@ -120,6 +120,9 @@ fn d<T: Into<f64>>(secs: T) -> Duration {
     Duration::from_secs_f64(secs.into())
 }
 
+/// PgBouncer's default `auth_query`.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END FROM pg_authid WHERE rolname=$1";
+
 /// The `[weir]` section (PgBouncer's `[pgbouncer]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -164,6 +167,13 @@ pub struct General {
     pub max_prepared_statements: usize,
     pub auth_type: AuthType,
     pub auth_file: Option<String>,
+    /// pg_hba.conf-format rules for `auth_type = hba`.
+    pub auth_hba_file: Option<String>,
+    /// Looks up users that are in no auth file with `auth_query`, logged in as this user.
+    pub auth_user: Option<String>,
+    pub auth_query: String,
+    /// Database `auth_query` runs in (default: the one the client asked for).
+    pub auth_dbname: Option<String>,
     pub admin_users: NameList,
     pub stats_users: NameList,
     pub stats_addr: String,
@@ -212,6 +222,10 @@ impl Default for General {
             max_prepared_statements: 200,
             auth_type: AuthType::ScramSha256,
             auth_file: None,
+            auth_hba_file: None,
+            auth_user: None,
+            auth_query: DEFAULT_AUTH_QUERY.into(),
+            auth_dbname: None,
             admin_users: NameList::default(),
             stats_users: NameList::default(),
             stats_addr: "127.0.0.1".into(),
@@ -267,6 +281,8 @@ pub struct DatabaseSection {
     pub user: Option<String>,
     pub password: Option<String>,
     pub auth_user: Option<String>,
+    pub auth_query: Option<String>,
+    pub auth_dbname: Option<String>,
     pub pool_size: Option<usize>,
     pub min_pool_size: Option<usize>,
     pub reserve_pool_size: Option<usize>,
@@ -323,6 +339,10 @@ pub struct Database {
     pub dbname: String,
     pub user: Option<String>,
     pub password: Option<String>,
+    /// `auth_user` / `auth_query` / `auth_dbname`, the database's own or the global ones.
+    pub auth_user: Option<String>,
+    pub auth_query: String,
+    pub auth_dbname: Option<String>,
     pub pool_size: Option<usize>,
     pub min_pool_size: usize,
     pub reserve_pool_size: usize,
@@ -345,6 +365,8 @@ pub struct Config {
     pub databases: BTreeMap<String, Database>,
     /// Settings the loader accepted but did not use (pgbouncer.ini import).
     pub warnings: Vec<String>,
+    /// The rules of `auth_hba_file` (`auth_type = hba`).
+    pub hba: Option<crate::auth::hba::Hba>,
 }
 
 impl Config {
@@ -400,12 +422,37 @@ impl Config {
         for (name, section) in &doc.databases {
             databases.insert(name.clone(), v.database(name, section, &doc.weir)?);
         }
+        let hba = match &doc.weir.auth_hba_file {
+            Some(f) => {
+                let hba_path = resolve(path, f);
+                let file = hba_path.display().to_string();
+                let text =
+                    std::fs::read_to_string(&hba_path).map_err(|source| ConfigError::Read {
+                        file: file.clone(),
+                        source,
+                    })?;
+                let rules = crate::auth::hba::Hba::parse(&text).map_err(|(line, message)| {
+                    ConfigError::Invalid {
+                        file,
+                        key: "auth_hba_file".into(),
+                        line: Some(line),
+                        message,
+                    }
+                })?;
+                Some(rules)
+            }
+            None if doc.weir.auth_type == AuthType::Hba => {
+                return Err(v.err("weir", "auth_hba_file", "auth_type hba needs auth_hba_file"));
+            }
+            None => None,
+        };
         Ok(Config {
             path: path.to_path_buf(),
             general: doc.weir,
             users,
             databases,
             warnings: Vec::new(),
+            hba,
         })
     }
 
@@ -517,7 +564,7 @@ impl Validator<'_> {
                 ),
             ));
         }
-        if matches!(g.auth_type, AuthType::Cert | AuthType::Hba) {
+        if g.auth_type == AuthType::Cert {
             return Err(self.err(
                 "weir",
                 "auth_type",
@@ -579,6 +626,9 @@ impl Validator<'_> {
             dbname: s.dbname.clone().unwrap_or_else(|| name.to_string()),
             user: s.user.clone(),
             password: s.password.clone(),
+            auth_user: s.auth_user.clone().or_else(|| g.auth_user.clone()),
+            auth_query: s.auth_query.clone().unwrap_or_else(|| g.auth_query.clone()),
+            auth_dbname: s.auth_dbname.clone().or_else(|| g.auth_dbname.clone()),
             pool_size: s.pool_size,
             min_pool_size: s.min_pool_size.unwrap_or(g.min_pool_size),
             reserve_pool_size: s.reserve_pool_size.unwrap_or(g.reserve_pool_size),

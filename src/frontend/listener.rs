@@ -85,9 +85,10 @@ fn spawn_session(app: &Arc<App>, stream: Stream, peer: String) {
     let app = app.clone();
     let abort = Arc::new(std::sync::OnceLock::new());
     let handle = abort.clone();
+    let fresh = super::session::Fresh::new(&app);
     let task = tokio::spawn(async move {
         let _count = ClientCount(app.clone());
-        super::session::run(app, stream, peer, handle).await;
+        super::session::run(app, stream, peer, handle, fresh).await;
     });
     let _ = abort.set(task.abort_handle());
 }
@@ -119,6 +120,20 @@ pub async fn serve_on(app: Arc<App>, listener: TcpListener) -> std::io::Result<(
             },
             _ = shutdown.changed() => {
                 if *shutdown.borrow() != Shutdown::Running {
+                    // Connections the kernel already completed are in-flight
+                    // clients: take them before the listener closes (with
+                    // so_reuseport, new ones then go to the other process).
+                    while let Some(Ok((tcp, peer))) = std::future::poll_fn(|cx| {
+                        std::task::Poll::Ready(match listener.poll_accept(cx) {
+                            std::task::Poll::Ready(r) => Some(r),
+                            std::task::Poll::Pending => None,
+                        })
+                    })
+                    .await
+                    {
+                        let _ = tcp.set_nodelay(true);
+                        spawn_session(&app, Stream::Tcp(tcp), peer.to_string());
+                    }
                     return Ok(());
                 }
             }

@@ -37,6 +37,7 @@ pub(super) async fn run(
     mut stream: Stream,
     peer: String,
     abort: Arc<std::sync::OnceLock<tokio::task::AbortHandle>>,
+    fresh: Fresh,
 ) {
     let mut buf = BytesMut::with_capacity(8192);
     let cluster = app.cluster();
@@ -83,6 +84,7 @@ pub(super) async fn run(
         key: parts.key,
     };
     let mut session = Session {
+        fresh: Some(fresh),
         info,
         app: app.clone(),
         cluster: cluster.clone(),
@@ -213,7 +215,7 @@ async fn login(
         .await;
         return None;
     }
-    if app.shutdown_state() != Shutdown::Running {
+    if app.shutdown_state() == Shutdown::Immediate {
         fatal(stream, "57P01", "Weir is shutting down").await;
         return None;
     }
@@ -231,16 +233,51 @@ async fn login(
         fatal(stream, "3D000", &format!("no such database: {dbname}")).await;
         return None;
     };
+    let auth_type = match cluster.config.hba.as_ref() {
+        Some(hba) if g.auth_type == AuthType::Hba => {
+            match hba_auth_type(hba, stream, &dbname, &user) {
+                Some(t) => t,
+                None => {
+                    tracing::warn!(%peer, %user, db = %dbname, "rejected by auth_hba_file");
+                    let host = peer.rsplit_once(':').map_or(peer, |(h, _)| h);
+                    fatal(
+                        stream,
+                        "28000",
+                        &format!("pg_hba.conf rejects connection for host \"{host}\", user \"{user}\", database \"{dbname}\""),
+                    )
+                    .await;
+                    return None;
+                }
+            }
+        }
+        _ => g.auth_type,
+    };
     let known = cluster.config.users.get(&user);
-    if g.auth_type == AuthType::Trust && known.is_none() {
+    let mut looked_up = None;
+    if known.and_then(|u| u.secret.as_ref()).is_none()
+        && db.auth_user.is_some()
+        && auth_type != AuthType::Any
+    {
+        match auth::query::lookup(cluster, &db, &user).await {
+            Ok(found) => looked_up = found,
+            Err(e) => {
+                tracing::warn!(%peer, %user, db = %dbname, error = %e, "auth_query failed");
+                fatal(stream, "08P01", &e.to_string()).await;
+                return None;
+            }
+        }
+    }
+    if auth_type == AuthType::Trust && known.is_none() && looked_up.is_none() {
         // As PgBouncer: trust skips the password, but the user must still be known.
         tracing::warn!(%peer, %user, "unknown user (auth_type trust)");
         let e = AuthError::WrongPassword(user.clone());
         fatal(stream, e.code(), &e.to_string()).await;
         return None;
     }
-    let secret = known.and_then(|u| u.secret.as_ref());
-    let proof = match auth::authenticate(stream, buf, g.auth_type, &user, secret).await {
+    let secret = looked_up
+        .as_ref()
+        .or_else(|| known.and_then(|u| u.secret.as_ref()));
+    let proof = match auth::authenticate(stream, buf, auth_type, &user, secret).await {
         Ok(p) => p,
         Err(AuthError::Closed) | Err(AuthError::Io(_)) => return None,
         Err(e) => {
@@ -250,8 +287,16 @@ async fn login(
         }
     };
     let pool = cluster.pool(&db, &user);
-    if let Some(key) = proof.scram_client_key {
-        pool.set_scram_key(key);
+    if looked_up.is_some() || proof.scram_client_key.is_some() {
+        // Every pool this user may reach (all shards and replicas) logs in the same way.
+        for p in cluster.user_pools(&db, &user) {
+            if let Some(s) = &looked_up {
+                p.set_looked_up_secret(s.clone());
+            }
+            if let Some(key) = proof.scram_client_key {
+                p.set_scram_key(key);
+            }
+        }
     }
     let defaults = match pool.defaults() {
         Some(d) => d,
@@ -308,6 +353,54 @@ async fn login(
         key,
         cancel,
     })))
+}
+
+/// The authentication `auth_hba_file` asks of this connection; `None` rejects it.
+fn hba_auth_type(
+    hba: &crate::auth::hba::Hba,
+    stream: &Stream,
+    dbname: &str,
+    user: &str,
+) -> Option<AuthType> {
+    use crate::auth::hba::{Method, Peer};
+    let peer = match stream {
+        Stream::Tcp(s) => Peer {
+            ip: s.peer_addr().ok().map(|a| a.ip()),
+            tls: false,
+        },
+        Stream::Unix(_) => Peer {
+            ip: None,
+            tls: false,
+        },
+    };
+    match hba.method(peer, dbname, user) {
+        Method::Trust => Some(AuthType::Trust),
+        Method::Md5 => Some(AuthType::Md5),
+        Method::Password => Some(AuthType::Plain),
+        Method::ScramSha256 => Some(AuthType::ScramSha256),
+        Method::Peer if peer_os_user(stream).as_deref() == Some(user) => Some(AuthType::Any),
+        Method::Peer | Method::Reject | Method::Cert => None,
+    }
+}
+
+/// The OS user name of a Unix-socket peer.
+fn peer_os_user(stream: &Stream) -> Option<String> {
+    let Stream::Unix(s) = stream else {
+        return None;
+    };
+    let uid = s.peer_cred().ok()?.uid();
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 4096];
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer refers to live, correctly sized storage owned here;
+    // getpwuid_r writes only within `buf` and `pwd`.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() || pwd.pw_name.is_null() {
+        return None;
+    }
+    // SAFETY: on success pw_name points to a NUL-terminated string inside `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+    Some(name.to_string_lossy().into_owned())
 }
 
 /// True for a Unix-socket peer running as this process's OS user.
@@ -400,7 +493,25 @@ impl Drop for Xact {
     }
 }
 
+/// Counts an accepted client in `App::fresh` until its first transaction ends.
+pub(super) struct Fresh(Arc<App>);
+
+impl Fresh {
+    pub(super) fn new(app: &Arc<App>) -> Fresh {
+        app.fresh.fetch_add(1, Ordering::AcqRel);
+        Fresh(app.clone())
+    }
+}
+
+impl Drop for Fresh {
+    fn drop(&mut self) {
+        self.0.fresh.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 struct Session {
+    /// Set until the first transaction ends (see `App::fresh`).
+    fresh: Option<Fresh>,
     info: Arc<ClientInfo>,
     app: Arc<App>,
     /// The cluster this session's pool belongs to (refreshed after a reload).
@@ -527,6 +638,7 @@ impl Session {
             }
             let pool = self.pool.clone();
             let after = self.transaction(server, budget).await;
+            self.fresh = None;
             self.cancel.detach();
             self.info.set_state(ClientState::Idle);
             self.info.server_pid.store(0, Ordering::Relaxed);
@@ -554,7 +666,11 @@ impl Session {
                     return Work::Closed;
                 }
             }
-            if *shutdown.borrow_and_update() != Shutdown::Running {
+            let state = *shutdown.borrow_and_update();
+            // A graceful shutdown still serves a client that connected before
+            // the listener closed and has not had its first transaction.
+            if state == Shutdown::Immediate || (state == Shutdown::Graceful && self.fresh.is_none())
+            {
                 fatal(&mut self.client, "57P01", "Weir is shutting down").await;
                 return Work::Closed;
             }

@@ -705,6 +705,13 @@ impl Weir {
         weir
     }
 
+    /// Like `start`, listening on a given port (e.g. a second process with so_reuseport).
+    pub fn start_on_port(config_toml: &str, port: u16) -> Weir {
+        let mut weir = Self::spawn_on(ConfigFormat::Toml, config_toml, &[], port);
+        weir.wait_until_listening();
+        weir
+    }
+
     /// Starts Weir with a config it must reject; returns its exit status and log. Panics if it
     /// starts listening or is still running after 20 s.
     pub fn start_expect_failure(config_toml: &str) -> (ExitStatus, String) {
@@ -738,6 +745,10 @@ impl Weir {
 
     /// Writes the files and the merged config into a fresh temp dir and spawns weir on it.
     fn spawn(format: ConfigFormat, config: &str, files: &[(&str, &str)]) -> Weir {
+        Self::spawn_on(format, config, files, free_port())
+    }
+
+    fn spawn_on(format: ConfigFormat, config: &str, files: &[(&str, &str)], port: u16) -> Weir {
         let dir = tempfile::Builder::new()
             .prefix("weir-test-")
             .tempdir()
@@ -746,7 +757,6 @@ impl Weir {
             let path = dir.path().join(name);
             fs::write(&path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
         }
-        let port = free_port();
         let config_path = dir.path().join(format.file_name());
         fs::write(&config_path, config_with_listen(format, config, port))
             .expect("write weir config");
