@@ -33,8 +33,70 @@ struct Args {
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     verbose: u8,
     /// Quiet: only warnings and errors (PgBouncer's -q).
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
+    /// Run in the background (PgBouncer's -d); logs still go to stderr, so
+    /// redirect it: `weir -d weir.toml 2>>weir.log`.
+    #[arg(short = 'd', long = "daemon")]
+    daemon: bool,
+    /// Switch to this OS user after binding the listen sockets (PgBouncer's -u).
+    #[arg(short = 'u', long = "user", value_name = "USERNAME")]
+    user: Option<String>,
+}
+
+/// Forks: the parent exits, the child leads a new session with stdio on /dev/null.
+fn daemonize() -> Result<(), String> {
+    // SAFETY: called before any thread (the tokio runtime) exists, so fork
+    // duplicates the only thread; the child only continues normal execution.
+    match unsafe { libc::fork() } {
+        -1 => return Err(format!("fork: {}", std::io::Error::last_os_error())),
+        0 => {}
+        _ => std::process::exit(0),
+    }
+    // SAFETY: plain system calls on this process's own session and descriptors.
+    unsafe {
+        if libc::setsid() == -1 {
+            return Err(format!("setsid: {}", std::io::Error::last_os_error()));
+        }
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            // stderr stays where the caller pointed it (logs: `weir -d cfg 2>>weir.log`).
+            libc::dup2(null, 0);
+            libc::dup2(null, 1);
+            if null > 2 {
+                libc::close(null);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Drops root privileges to `name` (PgBouncer's -u).
+fn switch_user(name: &str) -> Result<(), String> {
+    let cname = std::ffi::CString::new(name).map_err(|_| format!("bad user name {name:?}"))?;
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 4096];
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: all pointers refer to live storage of the given sizes owned here.
+    let rc = unsafe {
+        libc::getpwnam_r(cname.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result)
+    };
+    if rc != 0 || result.is_null() {
+        return Err(format!("no such OS user {name:?}"));
+    }
+    // SAFETY: plain system calls; the group is set before the user gives it up.
+    unsafe {
+        if libc::initgroups(cname.as_ptr(), pwd.pw_gid) != 0
+            || libc::setgid(pwd.pw_gid) != 0
+            || libc::setuid(pwd.pw_uid) != 0
+        {
+            return Err(format!(
+                "cannot switch to user {name:?}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn init_logging(args: &Args) {
@@ -82,20 +144,33 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    if args.daemon {
+        if let Err(e) = daemonize() {
+            eprintln!("cannot run in the background: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    // WEIR_WORKERS: worker threads (default: one per core).
+    if let Some(n) = std::env::var("WEIR_WORKERS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
     {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start runtime: {e}");
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(serve(path, config))
+    runtime.block_on(serve(path, config, args.user.clone()))
 }
 
-async fn serve(path: PathBuf, config: Config) -> ExitCode {
+async fn serve(path: PathBuf, config: Config, run_as: Option<String>) -> ExitCode {
     let app = App::new(config);
     let listener = match weir::frontend::listener::bind(&app) {
         Ok(l) => l,
@@ -104,6 +179,12 @@ async fn serve(path: PathBuf, config: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Some(user) = &run_as {
+        if let Err(e) = switch_user(user) {
+            tracing::error!(error = %e, "-u");
+            return ExitCode::from(1);
+        }
+    }
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, config = %path.display(), "weir {} listening", env!("CARGO_PKG_VERSION"));
     }
