@@ -169,8 +169,10 @@ for arg in "$@"; do
     fi
 done
 
-# Run all targets unless the caller picked some.
-targets=(--all-targets)
+# Run every test target (library, binaries, integration tests) unless the caller picked some.
+# Benchmarks are left out: they are criterion programs, built by clippy --all-targets and run
+# with `cargo bench`.
+targets=(--lib --bins --tests)
 for arg in "${cargo_args[@]+"${cargo_args[@]}"}"; do
     case "$arg" in
     --lib | --bins | --bin | --bin=* | --tests | --test | --test=* | --benches | --bench | \

@@ -287,7 +287,7 @@ const IGNORED: &[(&[&str], &str)] = &[
     ),
     (
         &["client_tls*", "server_tls*"],
-        "TLS is not supported yet, connections are not encrypted",
+        "TLS protocol versions and ciphers are not configurable in Weir (rustls: TLS 1.2 and 1.3 with its safe defaults)",
     ),
     (
         &[
@@ -318,6 +318,12 @@ fn ignored_reason(key: &str) -> Option<&'static str> {
             })
             .then_some(*reason)
     })
+}
+
+/// `[pgbouncer]` settings that name a file.
+fn is_file_setting(key: &str) -> bool {
+    matches!(key, "auth_file" | "auth_hba_file")
+        || (key.starts_with("client_tls_") || key.starts_with("server_tls_")) && key.ends_with("_file")
 }
 
 /// Weir-only `[databases.NAME]` keys that a one-line connection string cannot express.
@@ -417,8 +423,8 @@ impl<'a> Importer<'a> {
             self.warn(origin, format!("[pgbouncer] {key}: {why}; ignored"));
             return Ok(());
         }
-        let value = if key == "auth_file" || key == "auth_hba_file" {
-            // PgBouncer treats an empty auth_file as none.
+        let value = if is_file_setting(&key) {
+            // PgBouncer treats an empty file setting as none.
             if value.is_empty() {
                 self.general.remove(&key);
                 return Ok(());
@@ -434,7 +440,7 @@ impl<'a> Importer<'a> {
         Ok(())
     }
 
-    /// The shared validation resolves `auth_file` against the main file; one set in an
+    /// The shared validation resolves file settings against the main file; one set in an
     /// included file elsewhere is made relative to that file, like `%include` itself.
     fn auth_file(&self, origin: &Origin, value: &str) -> String {
         if origin.file == self.main {
@@ -714,7 +720,7 @@ log_connections = 0
 tcp_keepalive = yes
 server_round_robin = on
 unix_socket_dir =
-client_tls_sslmode = disable
+client_tls_ciphers = fast
 frobnicate = 3
 "#;
 
@@ -771,7 +777,7 @@ frobnicate = 3
         );
         assert!(has("[pgbouncer] pidfile:"));
         assert!(has(
-            "[pgbouncer] client_tls_sslmode: TLS is not supported yet"
+            "[pgbouncer] client_tls_ciphers: TLS protocol versions and ciphers are not configurable"
         ));
         assert!(has(
             "pgbouncer.ini:40: [pgbouncer] frobnicate: unknown setting; ignored"
@@ -782,13 +788,13 @@ frobnicate = 3
     #[test]
     fn warns_about_unknown_connection_string_keys_and_sections() {
         let c = load(
-            "[databases]\napp = host=db auth_query='SELECT 1' load_balance_hosts=disable\n\
+            "[databases]\napp = host=db frobnicate='SELECT 1' load_balance_hosts=disable\n\
              [peers]\n1 = host=/tmp/a\n[users]\nbob = reserve_pool_size=3\n",
         )
         .unwrap();
         let w = c.warnings.join("\n");
         assert!(
-            w.contains(":2: [databases] app: unknown key auth_query; ignored"),
+            w.contains(":2: [databases] app: unknown key frobnicate; ignored"),
             "{w}"
         );
         assert!(
