@@ -56,7 +56,9 @@ pub fn from_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
     // The ini text is not TOML, so validation cannot find lines itself; `locate` adds them.
     let mut config =
         Config::from_document(path, "", document).map_err(|e| locate(path, &origins, e))?;
-    config.warnings = warnings;
+    let mut all = warnings;
+    all.append(&mut config.warnings);
+    config.warnings = all;
     Ok(config)
 }
 

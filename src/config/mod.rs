@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
 
+pub use crate::tls::SslMode;
 pub use secret::Secret;
 
 /// A configuration problem, always tied to the file it came from.
@@ -189,6 +190,16 @@ pub struct General {
     /// How long a failing replica is kept out of rotation (Weir addition).
     #[serde(deserialize_with = "duration::de")]
     pub ban_time: Duration,
+    /// TLS from clients (see `crate::tls`); file paths are relative to this file.
+    pub client_tls_sslmode: SslMode,
+    pub client_tls_key_file: Option<String>,
+    pub client_tls_cert_file: Option<String>,
+    pub client_tls_ca_file: Option<String>,
+    /// TLS to servers.
+    pub server_tls_sslmode: SslMode,
+    pub server_tls_ca_file: Option<String>,
+    pub server_tls_key_file: Option<String>,
+    pub server_tls_cert_file: Option<String>,
 }
 
 impl Default for General {
@@ -239,6 +250,14 @@ impl Default for General {
             log_pooler_errors: true,
             server_round_robin: false,
             ban_time: d(60),
+            client_tls_sslmode: SslMode::Disable,
+            client_tls_key_file: None,
+            client_tls_cert_file: None,
+            client_tls_ca_file: None,
+            server_tls_sslmode: SslMode::Prefer,
+            server_tls_ca_file: None,
+            server_tls_key_file: None,
+            server_tls_cert_file: None,
         }
     }
 }
@@ -367,6 +386,8 @@ pub struct Config {
     pub warnings: Vec<String>,
     /// The rules of `auth_hba_file` (`auth_type = hba`).
     pub hba: Option<crate::auth::hba::Hba>,
+    /// TLS acceptor and connector, built from the `*_tls_*` settings when the config loads.
+    pub tls: crate::tls::Tls,
 }
 
 impl Config {
@@ -422,6 +443,7 @@ impl Config {
         for (name, section) in &doc.databases {
             databases.insert(name.clone(), v.database(name, section, &doc.weir)?);
         }
+        let warnings = unenforced_limits(path, &doc);
         let hba = match &doc.weir.auth_hba_file {
             Some(f) => {
                 let hba_path = resolve(path, f);
@@ -446,13 +468,16 @@ impl Config {
             }
             None => None,
         };
+        let tls = crate::tls::Tls::load(path, &doc.weir)
+            .map_err(|e| v.err("weir", e.key, e.message))?;
         Ok(Config {
             path: path.to_path_buf(),
             general: doc.weir,
             users,
             databases,
-            warnings: Vec::new(),
+            warnings,
             hba,
+            tls,
         })
     }
 
@@ -641,6 +666,35 @@ impl Validator<'_> {
             read_from_replicas: s.read_from_replicas,
         })
     }
+}
+
+/// Limits Weir accepts but does not enforce yet: each set one gets a warning
+/// (logged, and listed by `weir --check`), never a silent ignore.
+fn unenforced_limits(path: &Path, doc: &Document) -> Vec<String> {
+    let file = path.display();
+    let mut out = Vec::new();
+    let mut warn = |what: String| {
+        let w = format!("{file}: {what} is not enforced by Weir yet; pool_size limits each pool");
+        tracing::warn!("{w}");
+        out.push(w);
+    };
+    if doc.weir.max_db_connections > 0 {
+        warn("max_db_connections".into());
+    }
+    if doc.weir.max_user_connections > 0 {
+        warn("max_user_connections".into());
+    }
+    for (name, d) in &doc.databases {
+        if d.max_db_connections.is_some_and(|n| n > 0) {
+            warn(format!("[databases.{name}] max_db_connections"));
+        }
+    }
+    for (name, u) in &doc.users {
+        if u.max_user_connections.is_some_and(|n| n > 0) {
+            warn(format!("[users.{name}] max_user_connections"));
+        }
+    }
+    out
 }
 
 /// Parses `host:port` (port defaults to 5432).

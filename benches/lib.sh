@@ -1,0 +1,373 @@
+# shellcheck shell=bash disable=SC2034  # variables here are read by the sourcing scripts
+# Helpers shared by benches/pgbench.sh and benches/pgbench_sharded.sh: throwaway PostgreSQL
+# clusters, Weir and PgBouncer on free loopback ports, process CPU time, pgbench output
+# parsing, and one cleanup trap that stops everything started and removes the temp dir.
+#
+# Sourced, not run. The caller sets `set -euo pipefail` and calls `bench_init` first.
+
+# Ports are taken from a range below the kernel's ephemeral range (32768-60999), so a port we
+# probe as free is not handed to someone's outgoing connection a moment later.
+BENCH_PORT_MIN=15000
+BENCH_PORT_SPAN=15000
+
+log() { printf '==> %s\n' "$*" >&2; }
+warn() { printf 'warning: %s\n' "$*" >&2; }
+die() {
+    printf 'error: %s\n' "$*" >&2
+    exit 1
+}
+
+# --- setup and cleanup -----------------------------------------------------------------------
+
+BENCH_PIDS=()     # processes to stop on exit (Weir, PgBouncer, samplers)
+BENCH_CLUSTERS=() # data dirs of the clusters to stop on exit
+BENCH_PORTS=()    # ports handed out by free_port in this run
+
+# Creates the temp dir (reachable by the postgres OS user), raises the fd limit, installs the
+# cleanup trap and finds the PostgreSQL binaries. Sets BENCH_DIR, PG_BIN, REPO.
+bench_init() {
+    REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    PG_BIN=${PG_BIN:-$(pg_bindir)}
+    if [ -z "$PG_BIN" ] || [ ! -x "$PG_BIN/initdb" ]; then
+        die "PostgreSQL server binaries not found (set PG_BIN)"
+    fi
+    command -v pgbench >/dev/null 2>&1 || [ -x "$PG_BIN/pgbench" ] || die "pgbench not found"
+    BENCH_DIR=$(mktemp -d "${TMPDIR:-/tmp}/weir-bench.XXXXXX")
+    chmod 755 "$BENCH_DIR"
+    trap bench_cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    raise_fd_limit "$1"
+}
+
+bench_cleanup() {
+    local status=$?
+    set +e
+    local pid
+    for pid in "${BENCH_PIDS[@]}"; do
+        kill "$pid" 2>/dev/null
+    done
+    for pid in "${BENCH_PIDS[@]}"; do
+        wait "$pid" 2>/dev/null
+    done
+    local dir
+    for dir in "${BENCH_CLUSTERS[@]}"; do
+        as_pg "$PG_BIN/pg_ctl" -D "$dir" -m immediate -w stop >/dev/null 2>&1
+    done
+    if [ "${KEEP_TMP:-0}" = 1 ]; then
+        log "kept $BENCH_DIR (KEEP_TMP=1)"
+    elif [ -n "${BENCH_DIR:-}" ]; then
+        rm -rf "$BENCH_DIR"
+    fi
+    return "$status"
+}
+
+# Runs a command in the background and waits for it: bash runs a trap only after the
+# foreground command ends, but interrupts `wait`, so INT/TERM stop a long pgbench at once.
+run_waited() {
+    local pid status=0
+    "$@" &
+    pid=$!
+    BENCH_PIDS+=("$pid")
+    wait "$pid" || status=$?
+    forget_pid "$pid"
+    return "$status"
+}
+
+# Drops an exited process from the cleanup list, so its pid is never signalled after reuse.
+forget_pid() {
+    local keep=() p
+    for p in "${BENCH_PIDS[@]}"; do
+        [ "$p" = "$1" ] || keep+=("$p")
+    done
+    BENCH_PIDS=("${keep[@]}")
+}
+
+# pgbench -c N needs about N descriptors in pgbench and N + pool in the pooler.
+raise_fd_limit() {
+    local want=$(($1 * 2 + 1024)) hard
+    hard=$(ulimit -Hn)
+    [ "$hard" = unlimited ] || [ "$want" -le "$hard" ] || want=$hard
+    [ "$(ulimit -Sn)" != unlimited ] && [ "$(ulimit -Sn)" -ge "$want" ] && return 0
+    ulimit -Sn "$want" || die "cannot raise the open file limit to $want (hard limit: $hard)"
+    [ "$want" -ge $(($1 + 64)) ] || die "open file limit $want is too low for $1 clients"
+}
+
+build_weir() {
+    if [ -n "${WEIR_BIN:-}" ]; then
+        log "using WEIR_BIN=$WEIR_BIN (no build)"
+        return 0
+    fi
+    if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+        export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    log "cargo build --release --bin weir"
+    (cd "$REPO" && cargo build --release --bin weir) || die "cargo build failed"
+    WEIR_BIN="$REPO/target/release/weir"
+}
+
+# --- processes as the postgres OS user -------------------------------------------------------
+
+pg_bindir() {
+    if [ -x /usr/lib/postgresql/15/bin/initdb ]; then
+        echo /usr/lib/postgresql/15/bin
+    else
+        find /usr/lib/postgresql -maxdepth 3 -path '*/bin/initdb' 2>/dev/null |
+            sort -V | tail -n 1 | xargs -r dirname
+    fi
+}
+
+# initdb, postgres and pgbouncer refuse to run as root; as root they run as `postgres`.
+as_pg() {
+    if [ "$(id -u)" -eq 0 ]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+# Like as_pg, but exec's the program in place (no runuser parent), so `$!` after
+# `exec_as_pg prog &` is the program's own pid and /proc/$!/stat is its CPU time.
+exec_as_pg() {
+    if [ "$(id -u)" -eq 0 ]; then
+        exec setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"
+    else
+        exec "$@"
+    fi
+}
+
+# --- ports -----------------------------------------------------------------------------------
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Prints a loopback port nobody listens on and this run has not handed out. Call it in the
+# current shell (`free_port; port=$FREE_PORT`), not in $( ), so the hand-out is remembered.
+free_port() {
+    local port tries=0 used
+    while :; do
+        port=$((BENCH_PORT_MIN + (RANDOM * 32768 + RANDOM) % BENCH_PORT_SPAN))
+        used=0
+        [[ " ${BENCH_PORTS[*]} " == *" $port "* ]] && used=1
+        if [ "$used" = 0 ] && ! port_busy "$port" && ! ss -Htan "sport = :$port" 2>/dev/null | grep -q .; then
+            BENCH_PORTS+=("$port")
+            FREE_PORT=$port
+            return 0
+        fi
+        tries=$((tries + 1))
+        [ "$tries" -lt 1000 ] || die "no free port found"
+    done
+}
+
+# Waits until 127.0.0.1:$1 accepts, failing early if process $2 exited. $3 names it.
+wait_for_port() {
+    local port=$1 pid=$2 what=$3 i
+    for i in $(seq 1 200); do
+        port_busy "$port" && return 0
+        kill -0 "$pid" 2>/dev/null || return 1
+        sleep 0.1
+        : "$i"
+    done
+    warn "$what did not listen on port $port within 20s"
+    return 1
+}
+
+# --- PostgreSQL ------------------------------------------------------------------------------
+
+# start_cluster NAME PORT MAX_CONNECTIONS: a trust-auth, loopback-only, TCP-only cluster in
+# $BENCH_DIR/NAME. fsync is off: it is thrown away after the run, and the benchmark measures the
+# pooler, not the disk.
+start_cluster() {
+    local name=$1 port=$2 max_conn=$3 dir="$BENCH_DIR/$1"
+    log "PostgreSQL $name: initdb + start on 127.0.0.1:$port (max_connections=$max_conn)"
+    mkdir -p "$dir"
+    chmod 700 "$dir"
+    [ "$(id -u)" -ne 0 ] || chown postgres: "$dir"
+    (cd "$BENCH_DIR" && as_pg "$PG_BIN/initdb" -D "$dir" -U postgres --auth=trust -E UTF8 \
+        --locale=C --no-instructions >"$BENCH_DIR/$name.initdb.log" 2>&1) ||
+        {
+            cat "$BENCH_DIR/$name.initdb.log" >&2
+            die "initdb failed for $name"
+        }
+    cat >>"$dir/postgresql.conf" <<CONF
+
+# benches/lib.sh: a throwaway benchmark cluster
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = ''
+max_connections = $max_conn
+shared_buffers = 256MB
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+CONF
+    printf 'host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n' \
+        >"$dir/pg_hba.conf"
+    BENCH_CLUSTERS+=("$dir")
+    if ! (cd "$BENCH_DIR" && as_pg "$PG_BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 \
+        start >/dev/null); then
+        tail -n 30 "$dir/server.log" >&2 || true
+        die "PostgreSQL $name did not start"
+    fi
+}
+
+# psql_at PORT DB [psql args...]: psql as the postgres superuser, unaligned, quiet.
+psql_at() {
+    local port=$1 db=$2
+    shift 2
+    PGCONNECT_TIMEOUT=10 "$PG_BIN/psql" -X -q -A -t -w -v ON_ERROR_STOP=1 \
+        -h 127.0.0.1 -p "$port" -U postgres -d "$db" "$@"
+}
+
+# The benchmark role and database on the cluster at PORT: role bench (password bench-secret,
+# md5 in the poolers' userlist; the clusters themselves trust loopback) and database bench.
+create_bench_db() {
+    local port=$1
+    psql_at "$port" postgres \
+        -c "CREATE ROLE bench LOGIN PASSWORD 'bench-secret'" \
+        -c "CREATE DATABASE bench OWNER bench"
+}
+
+BENCH_USER=bench
+BENCH_PASSWORD=bench-secret
+
+write_userlist() {
+    printf '"%s" "%s"\n' "$BENCH_USER" "$BENCH_PASSWORD" >"$1"
+    chmod 644 "$1"
+}
+
+# Local ports of the established TCP connections process PID holds to PORT, comma-separated.
+owned_ports() {
+    ss -Htnp state established "( dport = :$2 )" 2>/dev/null |
+        awk -v p="pid=$1," 'index($0, p) { n = split($3, a, ":"); print a[n] }' | paste -sd, -
+}
+
+# start_conn_sampler PORT FILE of|except PID...: every 0.5 s, in the background, appends to
+# FILE how many client backends of database bench pg_stat_activity shows on the cluster at
+# PORT whose client socket belongs to one of the PIDs (`of`) or to none of them (`except`).
+# Sockets are matched to processes with ss(8), so each pooler's server connections are told
+# apart from the other pooler's idle ones. Sets SAMPLER_PID.
+start_conn_sampler() {
+    local port=$1 file=$2 how=$3
+    shift 3
+    : >"$file"
+    (
+        trap 'exit 0' TERM
+        local pid list more filter
+        while :; do
+            list=""
+            for pid in "$@"; do
+                more=$(owned_ports "$pid" "$port")
+                [ -z "$more" ] || list="${list:+$list,}$more"
+            done
+            filter="client_port = ANY ('{$list}'::int[])"
+            [ "$how" = of ] || filter="NOT ($filter)"
+            psql_at "$port" postgres -c "SELECT count(*) FROM pg_stat_activity
+                WHERE datname = 'bench' AND backend_type = 'client backend'
+                  AND pid <> pg_backend_pid() AND $filter" >>"$file" 2>/dev/null || true
+            sleep 0.5
+        done
+    ) &
+    SAMPLER_PID=$!
+    BENCH_PIDS+=("$SAMPLER_PID")
+}
+
+# stop_conn_sampler PID...
+stop_conn_sampler() {
+    local pid
+    for pid in "$@"; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        forget_pid "$pid"
+    done
+}
+
+max_of_file() { sort -n "$1" | tail -n 1 | grep . || echo 0; }
+
+# --- Weir ------------------------------------------------------------------------------------
+
+# start_weir CONFIG PORT: runs Weir in the background (log next to the config); sets WEIR_PID.
+start_weir() {
+    local config=$1 port=$2 logfile="${1%.toml}.log"
+    "$WEIR_BIN" --check "$config" >"${1%.toml}.check.log" 2>&1 ||
+        {
+            cat "${1%.toml}.check.log" >&2
+            die "weir --check $config failed"
+        }
+    log "Weir on 127.0.0.1:$port (WEIR_WORKERS=${WEIR_WORKERS:-default}, log: $logfile)"
+    "$WEIR_BIN" --log-level "${WEIR_LOG:-warn}" "$config" >"$logfile" 2>&1 &
+    WEIR_PID=$!
+    BENCH_PIDS+=("$WEIR_PID")
+    wait_for_port "$port" "$WEIR_PID" Weir || {
+        tail -n 30 "$logfile" >&2
+        die "Weir did not start"
+    }
+}
+
+# --- CPU time --------------------------------------------------------------------------------
+
+CLK_TCK=$(getconf CLK_TCK)
+
+# utime + stime of PID in clock ticks (fields 14 and 15 of /proc/PID/stat; the comm field
+# may contain spaces, so count from the closing parenthesis).
+cpu_ticks() {
+    local stat rest
+    stat=$(cat "/proc/$1/stat") || {
+        echo 0
+        return
+    }
+    rest=${stat##*) }
+    # shellcheck disable=SC2086
+    set -- $rest
+    echo $((${12} + ${13}))
+}
+
+# --- pgbench ---------------------------------------------------------------------------------
+
+pgbench_bin() {
+    if [ -x "$PG_BIN/pgbench" ]; then echo "$PG_BIN/pgbench"; else command -v pgbench; fi
+}
+
+# Values parsed from one pgbench output file into PB_* variables.
+parse_pgbench() {
+    local out=$1
+    PB_TPS=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$out" | tail -n 1)
+    PB_TXNS=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out" | tail -n 1)
+    PB_FAILED=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out" | tail -n 1)
+    PB_LAT=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$out" | tail -n 1)
+    # "client 3 aborted in command ..." or, in pgbench 15, "client 3 script 0 aborted in ...".
+    PB_ABORTED=$(grep -cE 'client [0-9]+ (script [0-9]+ )?aborted' "$out" || true)
+    PB_TPS=$(printf '%.1f' "${PB_TPS:-0}")
+    PB_TXNS=${PB_TXNS:-0}
+    PB_FAILED=${PB_FAILED:-0}
+    PB_LAT=${PB_LAT:--}
+}
+
+NOTES=() # lines printed under the results table
+
+# judge_run LABEL OUTFILE STATUS: RUN_STATE=ok, or FAIL(...) with the reason and pgbench's
+# first distinct errors appended to NOTES. Call after parse_pgbench.
+judge_run() {
+    local label=$1 out=$2 status=$3 line
+    RUN_STATE=ok
+    if [ "$status" -ne 0 ] || [ "$PB_ABORTED" -gt 0 ]; then
+        RUN_STATE="FAIL($status)"
+        NOTES+=("$label: pgbench exit $status, $PB_ABORTED of $CLIENTS clients aborted; first errors:")
+        while IFS= read -r line; do NOTES+=("    $line"); done < <(pgbench_errors "$out" 3)
+    elif [ "$PB_TXNS" = 0 ]; then
+        RUN_STATE="FAIL(no-txns)"
+        NOTES+=("$label: no transaction completed in ${DURATION}s (connecting $CLIENTS clients can take that long on a busy machine); raise DURATION")
+    fi
+}
+
+# The first distinct error messages of a pgbench run, for the notes under the table.
+pgbench_errors() {
+    grep -E 'error|FATAL|ERROR' "$1" | sed -E 's/client [0-9]+/client N/g; s/P[0-9]+_[0-9]+/P*_*/g' |
+        sort | uniq -c | sort -rn | head -n "${2:-3}"
+}
+
+# fdiv A B [DIGITS]: A / B as a decimal, or "-" when either is missing or B is zero.
+fdiv() {
+    awk -v a="$1" -v b="$2" -v d="${3:-2}" 'BEGIN {
+        if (a == "-" || b == "-" || a == "" || b == "" || b + 0 == 0) { print "-"; exit }
+        printf "%.*f\n", d, a / b }'
+}
