@@ -32,6 +32,32 @@ struct Entry {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ParamSet {
     entries: Vec<Entry>,
+    /// Order-independent hash of the entries (key, value, reported).
+    hash: u64,
+    /// On a server's set: the hash of a client set found to need no sync
+    /// against the current entries (cleared by any change).
+    matched: MatchCache,
+}
+
+/// Not part of a set's identity: always equal.
+#[derive(Debug, Clone, Copy, Default)]
+struct MatchCache(Option<u64>);
+
+impl PartialEq for MatchCache {
+    fn eq(&self, _: &MatchCache) -> bool {
+        true
+    }
+}
+
+impl Eq for MatchCache {}
+
+fn entry_hash(e: &Entry) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    e.key.hash(&mut h);
+    e.value.hash(&mut h);
+    e.reported.hash(&mut h);
+    h.finish()
 }
 
 impl ParamSet {
@@ -41,6 +67,27 @@ impl ParamSet {
             p.set_reported(k, v);
         }
         p
+    }
+
+    /// Recomputes the content hash after a change.
+    fn changed(&mut self) {
+        self.hash = self
+            .entries
+            .iter()
+            .map(entry_hash)
+            .fold(0u64, u64::wrapping_add);
+        self.matched = MatchCache(None);
+    }
+
+    /// True when this server set was already found to match `wanted`
+    /// (nothing changed on either side since).
+    pub fn known_match(&self, wanted: &ParamSet) -> bool {
+        self.matched.0 == Some(wanted.hash)
+    }
+
+    /// Remembers that this server set matches `wanted` as it is now.
+    pub fn remember_match(&mut self, wanted: &ParamSet) {
+        self.matched = MatchCache(Some(wanted.hash));
     }
 
     fn find(&self, key: &str) -> Option<usize> {
@@ -57,6 +104,9 @@ impl ParamSet {
         match self.find(name) {
             Some(i) => {
                 let e = &mut self.entries[i];
+                if e.value == value && (e.reported || !reported) {
+                    return;
+                }
                 if e.value != value {
                     e.value.clear();
                     e.value.push_str(value);
@@ -73,6 +123,7 @@ impl ParamSet {
                 reported,
             }),
         }
+        self.changed();
     }
 
     /// Records a value PostgreSQL reported (ParameterStatus).
@@ -93,6 +144,7 @@ impl ParamSet {
     pub fn remove(&mut self, name: &str) {
         if let Some(i) = self.find(name) {
             self.entries.remove(i);
+            self.changed();
         }
     }
 
@@ -105,14 +157,17 @@ impl ParamSet {
     /// The subset a new client inherits as its defaults: the tracked reported
     /// parameters of a fresh server connection.
     pub fn tracked_defaults(&self) -> ParamSet {
-        ParamSet {
+        let mut p = ParamSet {
             entries: self
                 .entries
                 .iter()
                 .filter(|e| TRACKED_REPORTED.contains(&e.key.as_str()))
                 .cloned()
                 .collect(),
-        }
+            ..ParamSet::default()
+        };
+        p.changed();
+        p
     }
 
     /// The statement that makes a server with parameters `self` match what
@@ -167,6 +222,7 @@ impl ParamSet {
                     if TRACKED_REPORTED.contains(&e.key.as_str()) && self.get(key).is_some() {
                         let v = self.get(key).unwrap_or_default().to_string();
                         wanted.entries[i].value = v;
+                        wanted.changed();
                     } else {
                         self.put(&e.name, &e.value, false);
                     }

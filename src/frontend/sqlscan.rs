@@ -67,10 +67,11 @@ impl Seen {
 
 /// Reads one query string (possibly several statements).
 pub fn observe(sql: &str, seen: &mut Seen) {
-    if contains_ci(sql, "advisory_lock") {
+    let (stmts, advisory) = statements(sql);
+    if advisory {
         seen.dirty.advisory = true;
     }
-    for stmt in statements(sql) {
+    for stmt in stmts {
         observe_statement(&stmt, seen);
     }
 }
@@ -164,18 +165,22 @@ const INTERESTING: &[&str] = &[
     "listen",
     "create",
     "declare",
+    "alter",
+    "drop",
 ];
 
 /// Splits SQL into statements and returns each one's words (lower-cased
 /// identifiers and keywords; quoted identifiers keep their case; literals and
-/// punctuation are dropped). Only the first words matter to callers.
-fn statements(sql: &str) -> Vec<Vec<String>> {
+/// punctuation are dropped). Only the first words matter to callers. Also
+/// reports whether any word names an advisory-lock function.
+fn statements(sql: &str) -> (Vec<Vec<String>>, bool) {
     const MAX_WORDS: usize = 12;
     let b = sql.as_bytes();
     let mut out = Vec::new();
     let mut cur: Vec<String> = Vec::new();
     // Set when a statement's first word is of no interest: its words are not kept.
     let mut skip = false;
+    let mut advisory = false;
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
@@ -262,6 +267,10 @@ fn statements(sql: &str) -> Vec<Vec<String>> {
                         i += 1;
                     }
                 }
+                // pg_advisory_lock, pg_try_advisory_lock_shared, … (any schema).
+                if i - start >= 13 && !advisory {
+                    advisory = contains_ci(&sql[start..i], "advisory_lock");
+                }
                 if cur.is_empty() && !skip {
                     let word = &sql[start..i];
                     skip = !INTERESTING.iter().any(|k| k.eq_ignore_ascii_case(word));
@@ -276,7 +285,7 @@ fn statements(sql: &str) -> Vec<Vec<String>> {
     if !cur.is_empty() {
         out.push(cur);
     }
-    out
+    (out, advisory)
 }
 
 /// Index just past a quoted run starting at `start` (doubled quotes escape;
