@@ -7,7 +7,7 @@ use crate::backend::{Pool, PoolSettings, Target};
 use crate::config::{Config, Database, Secret};
 use crate::router::route::ShardRouter;
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// Which pool: database and login user, and for sharded databases the shard
@@ -20,10 +20,26 @@ pub struct PoolKey {
     pub replica: Option<usize>,
 }
 
+/// What the admin console paused (PAUSE, KILL): new transactions on these
+/// databases wait until RESUME. Kept across reloads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Paused {
+    /// PAUSE without a database.
+    pub all: bool,
+    pub databases: BTreeSet<String>,
+}
+
+impl Paused {
+    pub fn covers(&self, database: &str) -> bool {
+        self.all || self.databases.contains(database)
+    }
+}
+
 pub struct Cluster {
     pub config: Arc<Config>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     routers: Mutex<HashMap<String, Arc<ShardRouter>>>,
+    paused: Mutex<Paused>,
 }
 
 impl Cluster {
@@ -32,12 +48,31 @@ impl Cluster {
             config,
             pools: Mutex::new(HashMap::new()),
             routers: Mutex::new(HashMap::new()),
+            paused: Mutex::new(Paused::default()),
+        }
+    }
+
+    pub fn paused(&self) -> Paused {
+        self.paused.lock().clone()
+    }
+
+    /// Pauses or resumes every pool as `paused` says; pools created later
+    /// start paused if it covers their database.
+    pub fn set_paused(&self, paused: Paused) {
+        *self.paused.lock() = paused.clone();
+        for pool in self.pools() {
+            if paused.covers(&pool.settings.database) {
+                pool.pause();
+            } else {
+                pool.resume();
+            }
         }
     }
 
     /// Builds the cluster for a reloaded config, keeping unchanged pools.
     pub fn reload(old: &Cluster, config: Arc<Config>) -> Cluster {
         let new = Cluster::new(config);
+        *new.paused.lock() = old.paused();
         let old_pools = std::mem::take(&mut *old.pools.lock());
         let mut kept = HashMap::new();
         for (key, pool) in old_pools {
@@ -100,7 +135,13 @@ impl Cluster {
         Some(
             pools
                 .entry(key)
-                .or_insert_with(|| Pool::new(settings, user))
+                .or_insert_with(|| {
+                    let pool = Pool::new(settings, user);
+                    if self.paused.lock().covers(&db.name) {
+                        pool.pause();
+                    }
+                    pool
+                })
                 .clone(),
         )
     }
@@ -171,6 +212,7 @@ impl Cluster {
                 dbname: db.dbname.clone(),
                 params: db.server_params.clone(),
                 connect_timeout: g.server_connect_timeout,
+                tls: self.config.tls.server.clone(),
             },
             creds: Credentials {
                 user: login_user,

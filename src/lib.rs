@@ -9,9 +9,11 @@ pub mod backend;
 pub mod cluster;
 pub mod config;
 pub mod frontend;
+pub mod metrics;
 pub mod net;
 pub mod router;
 pub mod stats;
+pub mod tls;
 pub mod wire;
 
 use cluster::Cluster;
@@ -57,6 +59,8 @@ pub struct App {
     pub started: u64,
     /// Databases closed to new clients by the admin DISABLE command.
     pub disabled: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// The admin console's own state (stats periods, open consoles).
+    pub admin: admin::State,
 }
 
 impl App {
@@ -77,6 +81,7 @@ impl App {
             config_path,
             started: stats::now_us(),
             disabled: Default::default(),
+            admin: admin::State::default(),
         })
     }
 

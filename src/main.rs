@@ -79,7 +79,13 @@ fn switch_user(name: &str) -> Result<(), String> {
     let mut result: *mut libc::passwd = std::ptr::null_mut();
     // SAFETY: all pointers refer to live storage of the given sizes owned here.
     let rc = unsafe {
-        libc::getpwnam_r(cname.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result)
+        libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
     };
     if rc != 0 || result.is_null() {
         return Err(format!("no such OS user {name:?}"));
@@ -179,6 +185,14 @@ async fn serve(path: PathBuf, config: Config, run_as: Option<String>) -> ExitCod
             return ExitCode::from(1);
         }
     };
+    match weir::metrics::start(&app) {
+        Ok(Some(addr)) => tracing::info!(%addr, "serving Prometheus metrics at /metrics"),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "stats_port");
+            return ExitCode::from(1);
+        }
+    }
     if let Some(user) = &run_as {
         if let Err(e) = switch_user(user) {
             tracing::error!(error = %e, "-u");
@@ -197,9 +211,29 @@ async fn serve(path: PathBuf, config: Config, run_as: Option<String>) -> ExitCod
         tracing::error!("cannot install signal handlers");
         return ExitCode::from(1);
     };
+    weir::admin::start(&app);
+    // The admin console's SHUTDOWN arrives through the same watch.
+    let mut console = app.shutdown.subscribe();
     loop {
         tokio::select! {
             _ = hup.recv() => reload(&app, &path),
+            Ok(()) = console.changed() => {
+                let state = *console.borrow_and_update();
+                match state {
+                    Shutdown::Immediate => {
+                        tracing::info!("SHUTDOWN: exiting now");
+                        return ExitCode::SUCCESS;
+                    }
+                    Shutdown::Graceful => {
+                        tracing::info!("SHUTDOWN WAIT_FOR_SERVERS: waiting for in-flight transactions, then exiting");
+                        let _ = accept.await;
+                        drain(&app).await;
+                        tracing::info!("shutdown complete");
+                        return ExitCode::SUCCESS;
+                    }
+                    Shutdown::Running => {}
+                }
+            }
             _ = int.recv() => {
                 tracing::info!("SIGINT: waiting for in-flight transactions, then exiting");
                 let _ = app.shutdown.send(Shutdown::Graceful);

@@ -1,4 +1,4 @@
-//! Byte streams Weir talks over (TCP or Unix socket), and reading whole
+//! Byte streams Weir talks over (TCP, Unix socket, or TLS over TCP), and reading whole
 //! messages during login, before the relay takes over.
 
 use crate::wire::{self, WireError};
@@ -8,23 +8,129 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+use tokio_rustls::TlsStream;
 
 /// A client or server connection.
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// TLS over TCP: a client that negotiated TLS with Weir, or Weir's connection to a
+    /// server. Boxed because the TLS state is large and the plain variants are the hot path.
+    Tls(Box<TlsStream<TcpStream>>),
+    /// What a TCP socket leaves behind while a TLS handshake owns it, and after a failed one:
+    /// reads see end-of-file, writes fail.
+    Closed,
 }
 
 impl Stream {
     pub fn peer(&self) -> String {
         match self {
-            Stream::Tcp(s) => s
-                .peer_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|_| "?".into()),
             Stream::Unix(_) => "unix".into(),
+            Stream::Closed => "closed".into(),
+            tcp => tcp
+                .tcp()
+                .and_then(|s| s.peer_addr().ok())
+                .map_or_else(|| "?".into(), |a| a.to_string()),
         }
     }
+
+    /// The TCP socket underneath, plain or under TLS.
+    pub fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Stream::Tcp(s) => Some(s),
+            Stream::Tls(s) => Some(s.get_ref().0),
+            Stream::Unix(_) | Stream::Closed => None,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    /// Takes a plain TCP socket out (to run a TLS handshake on it), leaving `Closed`.
+    pub fn take_tcp(&mut self) -> Option<TcpStream> {
+        match std::mem::replace(self, Stream::Closed) {
+            Stream::Tcp(s) => Some(s),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
+
+    /// True while the socket is open and has nothing unread (an idle server connection that
+    /// PostgreSQL closed shows its FATAL message or EOF here). Under TLS the raw socket is
+    /// probed: any record arriving on an idle connection means it is no longer usable.
+    pub fn is_idle_open(&self) -> bool {
+        let mut probe = [0u8; 1];
+        let r = match self {
+            Stream::Unix(s) => s.try_read(&mut probe),
+            Stream::Closed => return false,
+            tcp => match tcp.tcp() {
+                Some(s) => s.try_read(&mut probe),
+                None => return false,
+            },
+        };
+        matches!(r, Err(ref e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Writes `bytes` if the socket takes them now, without waiting (a goodbye from `Drop`).
+    /// Under TLS the bytes are encrypted, and a close_notify follows them.
+    pub fn send_nowait(&mut self, bytes: &[u8]) {
+        match self {
+            Stream::Tcp(s) => {
+                let _ = s.try_write(bytes);
+            }
+            Stream::Unix(s) => {
+                let _ = s.try_write(bytes);
+            }
+            Stream::Tls(tls) => match &mut **tls {
+                TlsStream::Client(s) => {
+                    let (tcp, conn) = s.get_mut();
+                    send_tls_nowait(tcp, conn, bytes);
+                }
+                TlsStream::Server(s) => {
+                    let (tcp, conn) = s.get_mut();
+                    send_tls_nowait(tcp, conn, bytes);
+                }
+            },
+            Stream::Closed => {}
+        }
+    }
+}
+
+fn send_tls_nowait<D>(
+    tcp: &TcpStream,
+    conn: &mut tokio_rustls::rustls::ConnectionCommon<D>,
+    bytes: &[u8],
+) {
+    use std::io::Write;
+    if conn.writer().write_all(bytes).is_err() {
+        return;
+    }
+    conn.send_close_notify();
+    let mut socket = NoWait(tcp);
+    while conn.wants_write() {
+        if !matches!(conn.write_tls(&mut socket), Ok(n) if n > 0) {
+            return;
+        }
+    }
+}
+
+/// A synchronous writer over a non-blocking socket that fails instead of waiting.
+struct NoWait<'a>(&'a TcpStream);
+
+impl io::Write for NoWait<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn closed() -> io::Error {
+    io::ErrorKind::NotConnected.into()
 }
 
 impl AsyncRead for Stream {
@@ -36,6 +142,17 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => {
+                // tokio-rustls reports bytes written once they are encrypted; when the socket
+                // is full the records wait in its buffer until the next write or flush. Weir
+                // does not flush (on TCP it is a no-op) but always goes on to read the stream it
+                // wrote to, so flushing here guarantees every write is delivered.
+                if let Poll::Ready(Err(e)) = Pin::new(&mut **s).poll_flush(cx) {
+                    return Poll::Ready(Err(e));
+                }
+                Pin::new(&mut **s).poll_read(cx, buf)
+            }
+            Stream::Closed => Poll::Ready(Ok(())),
         }
     }
 }
@@ -49,18 +166,24 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            Stream::Closed => Poll::Ready(Err(closed())),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+            Stream::Closed => Poll::Ready(Ok(())),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            Stream::Closed => Poll::Ready(Ok(())),
         }
     }
     fn poll_write_vectored(
@@ -71,6 +194,8 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+            Stream::Closed => Poll::Ready(Err(closed())),
         }
     }
     fn is_write_vectored(&self) -> bool {

@@ -4,7 +4,7 @@
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -152,6 +152,8 @@ pub struct ServerInfo {
     state: AtomicU8,
     /// Weir pid of the client holding it (0 = none).
     pub client_pid: AtomicI32,
+    /// RECONNECT or a reload replaced it: closed when released (WAIT_CLOSE).
+    pub close_needed: AtomicBool,
 }
 
 impl ServerInfo {
@@ -177,6 +179,7 @@ impl ServerInfo {
             request_time: AtomicU64::new(now),
             state: AtomicU8::new(ServerState::Idle as u8),
             client_pid: AtomicI32::new(0),
+            close_needed: AtomicBool::new(false),
         }
     }
 

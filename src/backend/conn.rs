@@ -27,6 +27,8 @@ pub enum ConnectError {
     Timeout,
     #[error("could not connect to server {0}: {1}")]
     Connect(Address, std::io::Error),
+    #[error("server {0}: {1}")]
+    Tls(Address, crate::tls::ServerTlsError),
     #[error(transparent)]
     Login(#[from] LoginError),
 }
@@ -38,6 +40,8 @@ pub struct Target {
     pub dbname: String,
     pub params: Vec<(String, String)>,
     pub connect_timeout: Duration,
+    /// server_tls_sslmode and its certificates.
+    pub tls: crate::tls::ServerTls,
 }
 
 pub struct ServerConn {
@@ -96,7 +100,11 @@ impl ServerConn {
                 .map_err(|e| ConnectError::Connect(target.address.clone(), e))?;
             let _ = tcp.set_nodelay(true);
             let _ = socket2::SockRef::from(&tcp).set_keepalive(true);
-            let mut stream = Stream::Tcp(tcp);
+            let mut stream = target
+                .tls
+                .negotiate(tcp, &target.address.host)
+                .await
+                .map_err(|e| ConnectError::Tls(target.address.clone(), e))?;
             let mut buf = BytesMut::with_capacity(16 * 1024);
             let mut startup: Vec<(&str, &str)> = vec![
                 ("user", creds.user.as_str()),
@@ -130,12 +138,7 @@ impl ServerConn {
     /// True when the socket has neither closed nor sent anything unexpected
     /// since it went idle (a terminated backend sends FATAL then EOF).
     pub fn is_alive(&self) -> bool {
-        let mut probe = [0u8; 1];
-        let r = match &self.stream {
-            Stream::Tcp(s) => s.try_read(&mut probe),
-            Stream::Unix(s) => s.try_read(&mut probe),
-        };
-        matches!(r, Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        self.stream.is_idle_open()
     }
 
     /// Runs a simple query Weir issues itself; swallows its results and
@@ -233,8 +236,6 @@ impl Drop for ServerConn {
     fn drop(&mut self) {
         // Say goodbye so PostgreSQL does not log an unexpected EOF; best effort,
         // never blocks.
-        if let Stream::Tcp(s) = &self.stream {
-            let _ = s.try_write(&build::terminate());
-        }
+        self.stream.send_nowait(&build::terminate());
     }
 }

@@ -19,7 +19,8 @@ pub(super) async fn run(pool: Weak<Pool>) {
             tracing::debug!(db = %pool.settings.database, count = expired.len(), "closing idle server connections");
         }
         drop(expired);
-        if pool.settings.min_pool_size > 0 {
+        // A paused pool (PAUSE, KILL) closes its servers; do not reopen them.
+        if pool.settings.min_pool_size > 0 && !pool.is_paused() {
             pool.fill_min().await;
         }
     }

@@ -10,6 +10,7 @@ use super::login::Credentials;
 use super::params::ParamSet;
 use crate::config::secret::Secret;
 use crate::config::PoolMode;
+use crate::metrics::PoolMetrics;
 use crate::stats::{PoolTotals, Registry, ServerInfo};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
@@ -64,6 +65,8 @@ pub struct Pool {
     /// Bumped by RECONNECT: older connections are closed when returned.
     epoch: AtomicU64,
     pub totals: PoolTotals,
+    /// Prometheus handles for this pool (see `crate::metrics`).
+    pub metrics: PoolMetrics,
     pub servers: Registry<ServerInfo>,
 }
 
@@ -73,7 +76,8 @@ struct State {
     idle: Vec<ServerConn>,
     /// Connections that exist or are being opened (idle + lent + connecting).
     total: usize,
-    waiters: VecDeque<(u64, oneshot::Sender<Handoff>)>,
+    /// Queued clients: waiter id, when its checkout began, where to hand over.
+    waiters: VecDeque<(u64, Instant, oneshot::Sender<Handoff>)>,
     next_waiter: u64,
 }
 
@@ -109,10 +113,20 @@ pub struct PoolCounts {
     pub idle: usize,
     pub total: usize,
     pub waiting: usize,
+    /// How long the oldest queued client has waited (PgBouncer's maxwait).
+    pub max_wait: Duration,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // A sampler copies the totals into the metrics; the last ones go now.
+        self.metrics.export(&self.totals);
+    }
 }
 
 impl Pool {
     pub fn new(settings: PoolSettings, client_user: &str) -> Arc<Pool> {
+        let metrics = PoolMetrics::new(&settings);
         let pool = Arc::new(Pool {
             settings,
             client_user: client_user.to_string(),
@@ -125,6 +139,7 @@ impl Pool {
             resumed: Notify::new(),
             epoch: AtomicU64::new(0),
             totals: PoolTotals::default(),
+            metrics,
             servers: Registry::default(),
         });
         tokio::spawn(super::maintenance::run(Arc::downgrade(&pool)));
@@ -137,12 +152,17 @@ impl Pool {
             idle: st.idle.len(),
             total: st.total,
             waiting: st.waiters.len(),
+            max_wait: st
+                .waiters
+                .front()
+                .map_or(Duration::ZERO, |(_, since, _)| since.elapsed()),
         }
     }
 
     /// Marks the pool as replaced by a reload: returned connections are closed.
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Release);
+        self.mark_close_needed();
         let idle = std::mem::take(&mut self.state.lock().idle);
         drop(idle);
     }
@@ -170,21 +190,26 @@ impl Pool {
     /// RECONNECT: close idle connections now and the lent ones when returned.
     pub fn reconnect(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.mark_close_needed();
         let idle = std::mem::take(&mut self.state.lock().idle);
         drop(idle);
     }
 
-    /// Connections opened before the last RECONNECT that are still open.
-    pub fn old_connections(&self) -> usize {
-        let epoch = self.epoch.load(Ordering::Acquire);
-        let st = self.state.lock();
-        let lent_or_idle = st.total;
-        drop(st);
-        if epoch == 0 {
-            return 0;
+    /// Flags every open connection for SHOW SERVERS' close_needed.
+    fn mark_close_needed(&self) {
+        for info in self.servers.snapshot() {
+            info.close_needed.store(true, Ordering::Relaxed);
         }
-        // Idle ones were closed by reconnect(); what remains open is lent.
-        lent_or_idle.min(self.servers.len())
+    }
+
+    /// Connections opened before the last RECONNECT (or retirement) that are
+    /// still open.
+    pub fn old_connections(&self) -> usize {
+        self.servers
+            .snapshot()
+            .iter()
+            .filter(|s| s.close_needed.load(Ordering::Relaxed))
+            .count()
     }
 
     pub fn is_retired(&self) -> bool {
@@ -207,8 +232,17 @@ impl Pool {
         self.defaults.lock().clone()
     }
 
-    /// Lends a server connection, waiting in line if the pool is full.
+    /// Lends a server connection, waiting in line if the pool is full. A
+    /// failure counts as a pooler error in the pool's totals.
     pub async fn checkout(self: &Arc<Self>) -> Result<ServerConn, CheckoutError> {
+        let result = self.wait_for_server().await;
+        if result.is_err() {
+            PoolTotals::add(&self.totals.errors, 1);
+        }
+        result
+    }
+
+    async fn wait_for_server(self: &Arc<Self>) -> Result<ServerConn, CheckoutError> {
         let start = Instant::now();
         while self.paused.load(Ordering::Acquire) {
             let resumed = self.resumed.notified();
@@ -243,7 +277,7 @@ impl Pool {
                 let id = st.next_waiter;
                 st.next_waiter += 1;
                 let (tx, rx) = oneshot::channel();
-                st.waiters.push_back((id, tx));
+                st.waiters.push_back((id, start, tx));
                 First::Wait(id, rx)
             }
         };
@@ -315,7 +349,11 @@ impl Pool {
             }
             Handoff::Conn(mut conn) => {
                 // A dead connection: keep its slot and open a fresh one with it.
-                let slot = conn.slot.take().unwrap_or_else(|| self.new_slot());
+                let mut slot = conn.slot.take().unwrap_or_else(|| self.new_slot());
+                // The slot outlives its dead connection: unlist that one.
+                if let Some(id) = slot.server.take() {
+                    self.servers.remove(id);
+                }
                 drop(conn);
                 self.open(slot, start).await
             }
@@ -333,7 +371,7 @@ impl Pool {
         if st.total >= self.settings.pool_size + self.settings.reserve_size {
             return None;
         }
-        st.waiters.retain(|(w, _)| *w != id);
+        st.waiters.retain(|(w, _, _)| *w != id);
         if let Ok(h) = rx.try_recv() {
             return Some(h);
         }
@@ -346,7 +384,7 @@ impl Pool {
     /// Removes waiter `id`; returns a hand-off that raced with the removal.
     fn leave_queue(&self, id: u64, rx: &mut oneshot::Receiver<Handoff>) -> Option<Handoff> {
         let mut st = self.state.lock();
-        st.waiters.retain(|(w, _)| *w != id);
+        st.waiters.retain(|(w, _, _)| *w != id);
         drop(st);
         rx.try_recv().ok()
     }
@@ -364,10 +402,11 @@ impl Pool {
                 let mut slot = slot;
                 slot.server = Some(conn.id.0);
                 conn.epoch = self.epoch.load(Ordering::Acquire);
-                let local_port = match &conn.stream {
-                    crate::net::Stream::Tcp(t) => t.local_addr().map(|a| a.port()).unwrap_or(0),
-                    _ => 0,
-                };
+                let local_port = conn
+                    .stream
+                    .tcp()
+                    .and_then(|t| t.local_addr().ok())
+                    .map_or(0, |a| a.port());
                 let info = Arc::new(ServerInfo::new(
                     conn.id.0,
                     &self.settings.database,
@@ -409,6 +448,7 @@ impl Pool {
         PoolTotals::add(&self.totals.wait_count, 1);
         PoolTotals::add(&self.totals.wait_time_us, us);
         self.totals.max_wait_us.fetch_max(us, Ordering::Relaxed);
+        self.metrics.client_waited(us);
     }
 
     /// Returns a clean connection (idle, outside any transaction).
@@ -426,7 +466,7 @@ impl Pool {
         }
         let mut st = self.state.lock();
         let mut handoff = Handoff::Conn(conn);
-        while let Some((_, tx)) = st.waiters.pop_front() {
+        while let Some((_, _, tx)) = st.waiters.pop_front() {
             match tx.send(handoff) {
                 Ok(()) => return,
                 Err(back) => handoff = back,
@@ -440,7 +480,7 @@ impl Pool {
     /// Called when a slot is freed: hand it to the next waiter or shrink.
     fn release_slot(self: &Arc<Self>) {
         let mut st = self.state.lock();
-        while let Some((_, tx)) = st.waiters.pop_front() {
+        while let Some((_, _, tx)) = st.waiters.pop_front() {
             match tx.send(Handoff::Slot(Slot {
                 pool: Arc::downgrade(self),
                 server: None,
@@ -513,7 +553,7 @@ impl Drop for WaiterGuard<'_> {
             .state
             .lock()
             .waiters
-            .retain(|(w, _)| *w != self.id);
+            .retain(|(w, _, _)| *w != self.id);
         if let Ok(Handoff::Conn(conn)) = self.rx.try_recv() {
             self.pool.checkin(conn);
         }

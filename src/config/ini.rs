@@ -325,7 +325,8 @@ fn ignored_reason(key: &str) -> Option<&'static str> {
 /// `[pgbouncer]` settings that name a file.
 fn is_file_setting(key: &str) -> bool {
     matches!(key, "auth_file" | "auth_hba_file")
-        || (key.starts_with("client_tls_") || key.starts_with("server_tls_")) && key.ends_with("_file")
+        || (key.starts_with("client_tls_") || key.starts_with("server_tls_"))
+            && key.ends_with("_file")
 }
 
 /// Weir-only `[databases.NAME]` keys that a one-line connection string cannot express.

@@ -468,8 +468,8 @@ impl Config {
             }
             None => None,
         };
-        let tls = crate::tls::Tls::load(path, &doc.weir)
-            .map_err(|e| v.err("weir", e.key, e.message))?;
+        let tls =
+            crate::tls::Tls::load(path, &doc.weir).map_err(|e| v.err("weir", e.key, e.message))?;
         Ok(Config {
             path: path.to_path_buf(),
             general: doc.weir,

@@ -17,6 +17,7 @@ use crate::backend::{CheckoutError, Pool, ServerConn};
 use crate::cluster::Cluster;
 use crate::config::AuthType;
 use crate::config::{Database, PoolMode};
+use crate::metrics::QueryClock;
 use crate::net::Stream;
 use crate::router::route::{comment_hint, BindParams, Decision, Pin, ShardRouter};
 use crate::router::sql::Kind;
@@ -157,7 +158,7 @@ async fn login(
     peer: &str,
 ) -> Option<Login> {
     let generation = app.generation();
-    let params = match startup::read(stream, buf).await {
+    let params = match startup::read(stream, buf, &cluster.config.tls.client).await {
         Ok(Start::Login(p)) => p,
         Ok(Start::Cancel(key)) => {
             match app.cancels.lookup(key) {
@@ -342,7 +343,7 @@ async fn login(
         return None;
     }
     if g.log_connections {
-        tracing::info!(%peer, %user, db = %dbname, "login");
+        tracing::info!(%peer, %user, db = %dbname, tls = stream.is_tls(), "login");
     }
     Some(Login::Client(Box::new(LoggedIn {
         user,
@@ -363,15 +364,12 @@ fn hba_auth_type(
     user: &str,
 ) -> Option<AuthType> {
     use crate::auth::hba::{Method, Peer};
-    let peer = match stream {
-        Stream::Tcp(s) => Peer {
-            ip: s.peer_addr().ok().map(|a| a.ip()),
-            tls: false,
-        },
-        Stream::Unix(_) => Peer {
-            ip: None,
-            tls: false,
-        },
+    let peer = Peer {
+        ip: stream
+            .tcp()
+            .and_then(|s| s.peer_addr().ok())
+            .map(|a| a.ip()),
+        tls: stream.is_tls(),
     };
     match hba.method(peer, dbname, user) {
         Method::Trust => Some(AuthType::Trust),
@@ -471,6 +469,7 @@ struct Xact {
     up: Dir,
     down: Dir,
     progress: Progress,
+    clock: QueryClock,
 }
 
 impl Xact {
@@ -480,6 +479,7 @@ impl Xact {
             up: Dir::default(),
             down: Dir::default(),
             progress: Progress::default(),
+            clock: QueryClock::default(),
         }
     }
 }
@@ -506,6 +506,23 @@ impl Fresh {
 impl Drop for Fresh {
     fn drop(&mut self) {
         self.0.fresh.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Counts a client holding a server in `App::active`, however the
+/// transaction ends (the admin console's KILL aborts the session task).
+struct Active(Arc<App>);
+
+impl Active {
+    fn new(app: &Arc<App>) -> Active {
+        app.active.fetch_add(1, Ordering::AcqRel);
+        Active(app.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -611,7 +628,7 @@ impl Session {
                     return;
                 }
             };
-            self.app.active.fetch_add(1, Ordering::AcqRel);
+            let active = Active::new(&self.app);
             self.info.set_state(ClientState::Active);
             self.info.wait_since.store(0, Ordering::Relaxed);
             let now = now_us();
@@ -644,8 +661,10 @@ impl Session {
             self.info.server_pid.store(0, Ordering::Relaxed);
             let totals = &pool.totals;
             PoolTotals::add(&totals.xact_count, 1);
-            PoolTotals::add(&totals.xact_time_us, now_us().saturating_sub(now));
-            self.app.active.fetch_sub(1, Ordering::AcqRel);
+            let xact_us = now_us().saturating_sub(now);
+            PoolTotals::add(&totals.xact_time_us, xact_us);
+            pool.metrics.transaction_done(xact_us);
+            drop(active);
             if let After::Stop = after {
                 return;
             }
@@ -777,7 +796,11 @@ impl Session {
                 return self.answer(unit.len, Some(tag), None, status).await;
             }
         }
-        let analysis = router.analyze(&sql);
+        let (analysis, shape) = if unit.simple {
+            router.analyze_simple(&sql)
+        } else {
+            (router.analyze(&sql), None)
+        };
         if unit.simple && !analysis.multi {
             match analysis.kind {
                 Kind::Begin { read_only } if self.shard.held.is_none() => {
@@ -820,10 +843,13 @@ impl Session {
             );
             return self.answer(unit.len, None, Some(err), b'E').await;
         }
-        let params = unit
-            .bind
-            .and_then(|(a, b)| BindParams::parse(&self.cbuf[a..b]))
-            .unwrap_or_default();
+        let params = match &shape {
+            Some(s) => BindParams::from_text(&s.values),
+            None => unit
+                .bind
+                .and_then(|(a, b)| BindParams::parse(&self.cbuf[a..b]))
+                .unwrap_or_default(),
+        };
         let pin = comment_hint(&sql).or_else(|| self.shard.pin.clone());
         let (in_write_tx, in_read_tx) = match &self.shard.held {
             Some(h) => (!h.read_only, h.read_only),
@@ -907,14 +933,21 @@ impl Session {
                 };
             }
         }
-        let analysis = router.analyze(&sql);
+        let (analysis, shape) = if unit.simple {
+            router.analyze_simple(&sql)
+        } else {
+            (router.analyze(&sql), None)
+        };
         if matches!(analysis.kind, Kind::Begin { .. } | Kind::End) || analysis.multi {
             return InTx::Go(unit.len);
         }
-        let params = unit
-            .bind
-            .and_then(|(a, b)| BindParams::parse(&self.cbuf[a..b]))
-            .unwrap_or_default();
+        let params = match &shape {
+            Some(s) => BindParams::from_text(&s.values),
+            None => unit
+                .bind
+                .and_then(|(a, b)| BindParams::parse(&self.cbuf[a..b]))
+                .unwrap_or_default(),
+        };
         let pin = comment_hint(&sql).or_else(|| self.shard.pin.clone());
         match router.decide(&analysis, &params, pin.as_ref(), true) {
             Decision::Any { .. } => InTx::Go(unit.len),
@@ -1030,6 +1063,7 @@ impl Session {
                 skip_to_sync = ctx.skip_to_sync;
                 r
             };
+            x.clock.sent(x.progress.inflight);
             if let Err(e) = scanned {
                 fatal(&mut self.client, "08P01", &format!("protocol error: {e}")).await;
                 self.abandon(server, &x.progress, &x.up, &seen).await;
@@ -1159,10 +1193,12 @@ impl Session {
                     ) {
                         Ok(idle) => {
                             relay::forget_failed_parses(&mut tracker, &mut self.stmts);
+                            x.clock.answered(x.progress.inflight, &x.pool.metrics);
                             idle
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, ?server, "protocol error from server");
+                            PoolTotals::add(&x.pool.totals.errors, 1);
                             fatal(&mut self.client, "08P01", "server conn crashed?").await;
                             return After::Stop;
                         }
@@ -1195,6 +1231,7 @@ impl Session {
                 }
                 Event::ServerGone(e) => {
                     tracing::warn!(error = %e, ?server, peer = %self.peer, "server connection lost");
+                    PoolTotals::add(&x.pool.totals.errors, 1);
                     if let (Some(router), Some(shard), Some(r)) = (
                         &self.router,
                         self.pool.settings.shard,
@@ -1212,7 +1249,11 @@ impl Session {
 
     /// Brings the server's session parameters in line with this client's.
     async fn apply_params(&mut self, server: &mut ServerConn) -> Result<(), After> {
+        if server.params.known_match(&self.wanted) {
+            return Ok(());
+        }
         let Some((sql, changed)) = server.params.sync_statement(&self.wanted) else {
+            server.params.remember_match(&self.wanted);
             return Ok(());
         };
         match server.exec(&sql).await {

@@ -1,8 +1,10 @@
-//! The first phase of a client connection: SSLRequest/GSSENCRequest answered
-//! `N`, CancelRequest routed, StartupMessage parsed into who and what.
+//! The first phase of a client connection: SSLRequest answered per
+//! `client_tls_sslmode` (TLS handshake on `S`), GSSENCRequest answered `N`,
+//! CancelRequest routed, StartupMessage parsed into who and what.
 
 use super::cancel::FrontendKey;
 use crate::net::{read_startup, Stream};
+use crate::tls::ClientTls;
 use crate::wire::startup::{self, StartupPacket};
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
@@ -14,7 +16,11 @@ pub(super) enum Start {
     Refused(Option<(&'static str, String)>),
 }
 
-pub(super) async fn read(stream: &mut Stream, buf: &mut BytesMut) -> std::io::Result<Start> {
+pub(super) async fn read(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    tls: &ClientTls,
+) -> std::io::Result<Start> {
     loop {
         let Some(packet) = read_startup(stream, buf).await? else {
             return Ok(Start::Refused(None));
@@ -30,8 +36,15 @@ pub(super) async fn read(stream: &mut Stream, buf: &mut BytesMut) -> std::io::Re
         };
         match parsed {
             StartupPacket::Ssl | StartupPacket::GssEnc => {
-                // TLS is not configured: decline, the client continues in plaintext.
-                stream.write_all(b"N").await?;
+                let ssl = parsed == StartupPacket::Ssl;
+                if let Some(end) = encryption_request(stream, buf, tls, ssl).await? {
+                    return Ok(end);
+                }
+            }
+            StartupPacket::Startup { .. } if tls.required() && matches!(stream, Stream::Tcp(_)) => {
+                // PgBouncer's refusal of plaintext when client_tls_sslmode >= require (Unix
+                // sockets are exempt).
+                return Ok(Start::Refused(Some(("08P01", "SSL required".into()))));
             }
             StartupPacket::Cancel { pid, secret } => {
                 return Ok(Start::Cancel(FrontendKey { pid, secret }))
@@ -47,6 +60,54 @@ pub(super) async fn read(stream: &mut Stream, buf: &mut BytesMut) -> std::io::Re
                     ),
                 ))))
             }
+        }
+    }
+}
+
+/// Answers an SSLRequest (`ssl`) or a GSSENCRequest: `S` and a TLS handshake that turns
+/// `stream` into TLS when Weir offers TLS on this connection, `N` otherwise. `Some` ends the
+/// connection.
+async fn encryption_request(
+    stream: &mut Stream,
+    buf: &BytesMut,
+    tls: &ClientTls,
+    ssl: bool,
+) -> std::io::Result<Option<Start>> {
+    if !buf.is_empty() {
+        // Bytes sent before the answer were not encrypted: a man in the middle may have
+        // injected them (CVE-2021-23222). PgBouncer's wording.
+        let what = if ssl {
+            "SSL request"
+        } else {
+            "GSSAPI encryption request"
+        };
+        let message = format!("received unencrypted data after {what}");
+        return Ok(Some(Start::Refused(Some(("08P01", message)))));
+    }
+    if ssl && stream.is_tls() {
+        // PgBouncer: "SSL req inside SSL", closed without a message.
+        return Ok(Some(Start::Refused(None)));
+    }
+    // No TLS over a Unix socket, as in PgBouncer and PostgreSQL.
+    let tcp = if ssl && tls.offered() {
+        stream.take_tcp()
+    } else {
+        None
+    };
+    let Some(mut tcp) = tcp else {
+        // Declined: the client continues in plaintext (or gives up if it insists).
+        stream.write_all(b"N").await?;
+        return Ok(None);
+    };
+    tcp.write_all(b"S").await?;
+    match tls.accept(tcp).await {
+        Ok(encrypted) => {
+            *stream = encrypted;
+            Ok(None)
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "TLS handshake with a client failed");
+            Ok(Some(Start::Refused(None)))
         }
     }
 }

@@ -12,6 +12,7 @@
 pub mod hash;
 pub mod key;
 pub mod route;
+pub mod shape;
 pub mod sql;
 
 pub use hash::{hash_value, shard_for, RowHash, HASH_PARTITION_SEED};

@@ -1,6 +1,7 @@
 //! The routing decision for one statement of a sharded database: which
 //! shard, primary or replica, or every shard (fan-out), or a clear refusal.
 
+use super::shape::{self, Shape};
 use super::sql::{self, Analysis, KeyExpr, Kind, Merge, TableSpec};
 use super::{parse_key, parse_param, shard_for, KeyType, KeyValue, ParamFormat};
 use crate::config::Database;
@@ -41,6 +42,8 @@ pub struct ShardRouter {
     /// Replicas per shard.
     pub replicas: Vec<usize>,
     cache: Mutex<HashMap<String, Arc<Analysis>>>,
+    /// Shapes PostgreSQL's grammar refuses (their queries are analysed whole).
+    unshaped: Mutex<std::collections::HashSet<String>>,
     /// Round-robin position for replica reads.
     next: AtomicUsize,
     /// (shard, replica) kept out of rotation until the instant.
@@ -68,6 +71,7 @@ impl ShardRouter {
             read_from_replicas: db.read_from_replicas,
             replicas: db.shards.iter().map(|s| s.replicas.len()).collect(),
             cache: Mutex::new(HashMap::new()),
+            unshaped: Mutex::new(std::collections::HashSet::new()),
             next: AtomicUsize::new(0),
             banned: Mutex::new(HashMap::new()),
         })
@@ -102,6 +106,40 @@ impl ShardRouter {
             .lock()
             .get(&(shard, replica))
             .is_some_and(|until| *until > Instant::now())
+    }
+
+    /// Analyses a simple query by its shape (key-position literals lifted out,
+    /// see `shape`), so queries that differ only in those values share one
+    /// parse. The lifted values come back for `BindParams::from_text`.
+    pub fn analyze_simple<'a>(&self, sql: &'a str) -> (Arc<Analysis>, Option<Shape<'a>>) {
+        if let Some(shape) = shape::lift(sql) {
+            if let Some(a) = self.cache.lock().get(&shape.text) {
+                return (a.clone(), Some(shape));
+            }
+            let unparsable = self.unshaped.lock().contains(&shape.text);
+            if !unparsable {
+                match sql::analyze(&shape.text, &self.tables) {
+                    Ok(a) => {
+                        let a = Arc::new(a);
+                        let mut cache = self.cache.lock();
+                        if cache.len() >= CACHE_LIMIT {
+                            cache.clear();
+                        }
+                        cache.insert(shape.text.clone(), a.clone());
+                        return (a, Some(shape));
+                    }
+                    Err(_) => {
+                        // A literal where a parameter cannot stand: use the text itself.
+                        let mut set = self.unshaped.lock();
+                        if set.len() >= CACHE_LIMIT {
+                            set.clear();
+                        }
+                        set.insert(shape.text);
+                    }
+                }
+            }
+        }
+        (self.analyze(sql), None)
     }
 
     /// Analyses a query, from the cache when this text was seen before.
@@ -287,6 +325,14 @@ impl<'a> BindParams<'a> {
             }
         }
         Some(BindParams { formats, values })
+    }
+
+    /// Text values for `$1`, `$2`, … (literals lifted out of a query's shape).
+    pub fn from_text(values: &'a [std::borrow::Cow<'a, str>]) -> BindParams<'a> {
+        BindParams {
+            formats: Vec::new(),
+            values: values.iter().map(|v| Some(v.as_bytes())).collect(),
+        }
     }
 
     /// Format and value of `$n`.

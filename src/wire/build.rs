@@ -167,9 +167,105 @@ pub fn cancel_request(pid: i32, secret: i32) -> BytesMut {
     buf
 }
 
+/// SSLRequest: asks a server to switch to TLS before the StartupMessage.
+pub fn ssl_request() -> [u8; 8] {
+    let mut out = [0u8; 8];
+    out[..4].copy_from_slice(&8i32.to_be_bytes());
+    out[4..].copy_from_slice(&super::startup::SSL_REQUEST.to_be_bytes());
+    out
+}
+
+/// NoticeResponse with a DETAIL field (the admin console's SHOW HELP).
+pub fn notice_with_detail(code: &str, message: &str, detail: &str) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(32 + message.len() + detail.len());
+    let at = begin(&mut buf, b'N');
+    for (field, value) in [
+        (b'S', "NOTICE"),
+        (b'V', "NOTICE"),
+        (b'C', code),
+        (b'M', message),
+        (b'D', detail),
+    ] {
+        buf.put_u8(field);
+        put_cstr(&mut buf, value);
+    }
+    buf.put_u8(0);
+    finish(&mut buf, at);
+    buf
+}
+
+/// RowDescription of text-format columns: (name, type oid, type size).
+pub fn row_description(columns: &[(&str, u32, i16)]) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(8 + columns.len() * 32);
+    let at = begin(&mut buf, b'T');
+    buf.put_i16(columns.len() as i16);
+    for (name, oid, size) in columns {
+        put_cstr(&mut buf, name);
+        buf.put_u32(0); // no table
+        buf.put_i16(0); // no column number
+        buf.put_u32(*oid);
+        buf.put_i16(*size);
+        buf.put_i32(-1); // no type modifier
+        buf.put_i16(0); // text format
+    }
+    finish(&mut buf, at);
+    buf
+}
+
+/// DataRow of text values (`None` is NULL).
+pub fn data_row<S: AsRef<str>>(values: &[Option<S>]) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(8 + values.len() * 16);
+    let at = begin(&mut buf, b'D');
+    buf.put_i16(values.len() as i16);
+    for value in values {
+        match value {
+            Some(v) => {
+                buf.put_i32(v.as_ref().len() as i32);
+                buf.put_slice(v.as_ref().as_bytes());
+            }
+            None => buf.put_i32(-1),
+        }
+    }
+    finish(&mut buf, at);
+    buf
+}
+
+/// CommandComplete with its tag (`SHOW`, `PAUSE`, `SELECT 3`, …).
+pub fn command_complete(tag: &str) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(6 + tag.len());
+    let at = begin(&mut buf, b'C');
+    put_cstr(&mut buf, tag);
+    finish(&mut buf, at);
+    buf
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn result_set_messages_layout() {
+        let desc = row_description(&[("v", 23, 4)]);
+        assert_eq!(
+            &desc[..],
+            b"T\0\0\0\x1a\0\x01v\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0"
+        );
+        let row = data_row(&[Some("ab"), None]);
+        assert_eq!(&row[..], b"D\0\0\0\x10\0\x02\0\0\0\x02ab\xff\xff\xff\xff");
+        assert_eq!(&command_complete("SHOW")[..], b"C\0\0\0\x09SHOW\0");
+        let n = notice_with_detail("00000", "m", "d");
+        assert_eq!(crate::wire::error_fields(&n).message, "m");
+    }
+
+    #[test]
+    fn ssl_request_parses_as_one() {
+        let req = ssl_request();
+        assert_eq!(super::super::startup::packet_len(&req), Ok(Some(8)));
+        assert_eq!(
+            super::super::startup::parse(&req),
+            Ok(super::super::startup::StartupPacket::Ssl)
+        );
+    }
 
     #[test]
     fn ready_for_query_layout() {

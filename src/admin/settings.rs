@@ -1,0 +1,369 @@
+//! SHOW CONFIG and SET: the `[weir]` settings by PgBouncer's key names, how
+//! each is shown, and which ones SET can change while Weir runs.
+//!
+//! SET builds a new `Config` with the one value changed and hands it to the
+//! same reload path as RELOAD, so pools whose settings change are replaced
+//! exactly as after editing the file. Like PgBouncer, the next RELOAD reads
+//! the file again and overrides what SET changed.
+
+use crate::config::duration;
+use crate::config::{Config, General, NameList, PoolMode};
+use std::time::Duration;
+
+type Getter = fn(&General) -> String;
+type Setter = fn(&mut General, &str) -> Result<(), String>;
+
+struct Setting {
+    key: &'static str,
+    get: Getter,
+    /// `None`: fixed while running (needs a restart, or files SET cannot load).
+    set: Option<Setter>,
+}
+
+fn show_secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{}", d.as_secs())
+    } else {
+        format!("{s}")
+    }
+}
+
+fn show_bool(b: bool) -> String {
+    // PgBouncer shows booleans as 1 / 0.
+    if b { "1" } else { "0" }.to_string()
+}
+
+fn show_flag(b: &bool) -> String {
+    show_bool(*b)
+}
+
+fn show_opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map(ToString::to_string).unwrap_or_default()
+}
+
+fn parse_num(v: &str) -> Result<usize, String> {
+    v.trim()
+        .parse()
+        .map_err(|_| format!("invalid number {v:?}"))
+}
+
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "on" | "true" | "yes" => Ok(true),
+        "0" | "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("invalid boolean {v:?}")),
+    }
+}
+
+fn parse_list(v: &str) -> NameList {
+    NameList(
+        v.split(',')
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect(),
+    )
+}
+
+fn parse_pool_mode(v: &str) -> Result<PoolMode, String> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "session" => Ok(PoolMode::Session),
+        "transaction" => Ok(PoolMode::Transaction),
+        "statement" => Ok(PoolMode::Statement),
+        _ => Err(format!("invalid pool_mode {v:?}")),
+    }
+}
+
+macro_rules! fixed {
+    ($k:ident, $show:expr) => {
+        Setting {
+            key: stringify!($k),
+            get: |g| $show(&g.$k),
+            set: None,
+        }
+    };
+}
+
+macro_rules! number {
+    ($k:ident) => {
+        Setting {
+            key: stringify!($k),
+            get: |g| g.$k.to_string(),
+            set: Some(|g, v| {
+                g.$k = parse_num(v)?;
+                Ok(())
+            }),
+        }
+    };
+}
+
+macro_rules! seconds {
+    ($k:ident) => {
+        Setting {
+            key: stringify!($k),
+            get: |g| show_secs(g.$k),
+            set: Some(|g, v| {
+                g.$k = duration::parse(v)?;
+                Ok(())
+            }),
+        }
+    };
+}
+
+macro_rules! flag {
+    ($k:ident) => {
+        Setting {
+            key: stringify!($k),
+            get: |g| show_bool(g.$k),
+            set: Some(|g, v| {
+                g.$k = parse_bool(v)?;
+                Ok(())
+            }),
+        }
+    };
+}
+
+macro_rules! string {
+    ($k:ident) => {
+        Setting {
+            key: stringify!($k),
+            get: |g| g.$k.clone(),
+            set: Some(|g, v| {
+                g.$k = v.to_string();
+                Ok(())
+            }),
+        }
+    };
+}
+
+macro_rules! list {
+    ($k:ident) => {
+        Setting {
+            key: stringify!($k),
+            get: |g| g.$k.0.join(","),
+            set: Some(|g, v| {
+                g.$k = parse_list(v);
+                Ok(())
+            }),
+        }
+    };
+}
+
+/// Every setting, sorted by key as PgBouncer (1.25) lists them.
+fn settings() -> Vec<Setting> {
+    let mut all = vec![
+        list!(admin_users),
+        flag!(application_name_add_host),
+        fixed!(auth_dbname, show_opt),
+        fixed!(auth_file, show_opt),
+        fixed!(auth_hba_file, show_opt),
+        fixed!(auth_query, String::clone),
+        fixed!(auth_type, ToString::to_string),
+        fixed!(auth_user, show_opt),
+        seconds!(ban_time),
+        seconds!(client_idle_timeout),
+        seconds!(client_login_timeout),
+        fixed!(client_tls_ca_file, show_opt),
+        fixed!(client_tls_cert_file, show_opt),
+        fixed!(client_tls_key_file, show_opt),
+        fixed!(client_tls_sslmode, ToString::to_string),
+        number!(default_pool_size),
+        seconds!(idle_transaction_timeout),
+        list!(ignore_startup_parameters),
+        fixed!(listen_addr, String::clone),
+        fixed!(listen_port, ToString::to_string),
+        flag!(log_connections),
+        flag!(log_disconnections),
+        flag!(log_pooler_errors),
+        number!(max_client_conn),
+        number!(max_db_connections),
+        number!(max_prepared_statements),
+        number!(max_user_connections),
+        number!(min_pool_size),
+        Setting {
+            key: "pool_mode",
+            get: |g| g.pool_mode.to_string(),
+            set: Some(|g, v| {
+                g.pool_mode = parse_pool_mode(v)?;
+                Ok(())
+            }),
+        },
+        seconds!(query_timeout),
+        seconds!(query_wait_timeout),
+        number!(reserve_pool_size),
+        seconds!(reserve_pool_timeout),
+        string!(server_check_query),
+        seconds!(server_check_delay),
+        seconds!(server_connect_timeout),
+        seconds!(server_idle_timeout),
+        seconds!(server_lifetime),
+        seconds!(server_login_retry),
+        string!(server_reset_query),
+        flag!(server_reset_query_always),
+        flag!(server_round_robin),
+        fixed!(server_tls_ca_file, show_opt),
+        fixed!(server_tls_cert_file, show_opt),
+        fixed!(server_tls_key_file, show_opt),
+        fixed!(server_tls_sslmode, ToString::to_string),
+        seconds!(shutdown_timeout),
+        fixed!(so_reuseport, show_flag),
+        fixed!(stats_addr, String::clone),
+        fixed!(stats_port, show_opt),
+        list!(stats_users),
+        fixed!(tcp_keepalive, show_flag),
+        fixed!(unix_socket_dir, String::clone),
+    ];
+    all.sort_by_key(|s| s.key);
+    all
+}
+
+/// SHOW CONFIG rows: key, value, default, changeable (`yes` = SET takes it).
+pub fn rows(g: &General) -> Vec<[String; 4]> {
+    let defaults = General::default();
+    settings()
+        .iter()
+        .map(|s| {
+            [
+                s.key.to_string(),
+                (s.get)(g),
+                (s.get)(&defaults),
+                if s.set.is_some() { "yes" } else { "no" }.to_string(),
+            ]
+        })
+        .collect()
+}
+
+/// Why a SET was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetError {
+    UnknownKey,
+    /// Fixed while running.
+    NotChangeable,
+    Invalid(String),
+}
+
+impl std::fmt::Display for SetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            SetError::UnknownKey => f.write_str("unknown parameter"),
+            SetError::NotChangeable => f.write_str("cannot be changed while running"),
+            SetError::Invalid(m) => f.write_str(m),
+        }
+    }
+}
+
+/// The config with `key` set to `value`, validated as the loader would.
+pub fn apply(config: &Config, key: &str, value: &str) -> Result<Config, SetError> {
+    let list = settings();
+    let setting = list
+        .iter()
+        .find(|s| s.key.eq_ignore_ascii_case(key))
+        .ok_or(SetError::UnknownKey)?;
+    let set = setting.set.ok_or(SetError::NotChangeable)?;
+    let mut new = config.clone();
+    set(&mut new.general, value).map_err(SetError::Invalid)?;
+    validate(&new.general).map_err(SetError::Invalid)?;
+    inherit(&config.general, &mut new);
+    Ok(new)
+}
+
+fn validate(g: &General) -> Result<(), String> {
+    if g.default_pool_size == 0 {
+        return Err("default_pool_size must be at least 1".into());
+    }
+    if g.max_client_conn == 0 {
+        return Err("max_client_conn must be at least 1".into());
+    }
+    if g.min_pool_size > g.default_pool_size {
+        return Err(format!(
+            "min_pool_size ({}) exceeds default_pool_size ({})",
+            g.min_pool_size, g.default_pool_size
+        ));
+    }
+    Ok(())
+}
+
+/// Databases copied some `[weir]` values when the config loaded; those that
+/// still equal the old global value took it from there and follow the change.
+fn inherit(old: &General, new: &mut Config) {
+    let g = new.general.clone();
+    for db in new.databases.values_mut() {
+        if db.min_pool_size == old.min_pool_size {
+            db.min_pool_size = g.min_pool_size;
+        }
+        if db.reserve_pool_size == old.reserve_pool_size {
+            db.reserve_pool_size = g.reserve_pool_size;
+        }
+        if db.max_db_connections == old.max_db_connections {
+            db.max_db_connections = g.max_db_connections;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(text: &str) -> Config {
+        Config::from_toml(Path::new("/tmp/weir.toml"), text).expect("config")
+    }
+
+    #[test]
+    fn show_config_lists_keys_sorted_with_defaults() {
+        let c = config("[weir]\ndefault_pool_size = 7\nreserve_pool_timeout = \"250ms\"\n");
+        let rows = rows(&c.general);
+        let keys: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        assert_eq!(keys, sorted);
+        let row = |k: &str| rows.iter().find(|r| r[0] == k).cloned().expect(k);
+        assert_eq!(
+            row("default_pool_size"),
+            ["default_pool_size", "7", "20", "yes"]
+        );
+        assert_eq!(row("reserve_pool_timeout")[1], "0.25");
+        assert_eq!(row("query_wait_timeout")[1], "120");
+        assert_eq!(row("listen_port")[3], "no");
+        assert_eq!(row("log_connections")[1], "1");
+        // pgbouncer_exporter parses these two as numbers.
+        assert!(row("max_client_conn")[1].parse::<f64>().is_ok());
+        assert!(row("max_user_connections")[1].parse::<f64>().is_ok());
+    }
+
+    #[test]
+    fn set_changes_one_value_and_inherited_database_values() {
+        let c = config(
+            "[weir]\nreserve_pool_size = 5\n\
+             [databases.a]\nport = 5432\n\
+             [databases.b]\nport = 5432\nreserve_pool_size = 1\n",
+        );
+        let n = apply(&c, "default_pool_size", "3").expect("set");
+        assert_eq!(n.general.default_pool_size, 3);
+        let n = apply(&c, "RESERVE_POOL_SIZE", "2").expect("set");
+        assert_eq!(n.databases["a"].reserve_pool_size, 2);
+        assert_eq!(n.databases["b"].reserve_pool_size, 1);
+        let n = apply(&c, "query_wait_timeout", "0.5").expect("set");
+        assert_eq!(n.general.query_wait_timeout, Duration::from_millis(500));
+        let n = apply(&c, "pool_mode", "session").expect("set");
+        assert_eq!(n.general.pool_mode, PoolMode::Session);
+    }
+
+    #[test]
+    fn set_refuses_unknown_fixed_and_invalid() {
+        let c = config("");
+        assert_eq!(apply(&c, "nope", "1").err(), Some(SetError::UnknownKey));
+        assert_eq!(
+            apply(&c, "listen_port", "1").err(),
+            Some(SetError::NotChangeable)
+        );
+        assert!(matches!(
+            apply(&c, "default_pool_size", "0"),
+            Err(SetError::Invalid(_))
+        ));
+        assert!(matches!(
+            apply(&c, "max_client_conn", "many"),
+            Err(SetError::Invalid(_))
+        ));
+    }
+}

@@ -1,0 +1,503 @@
+//! The admin console end to end: psql against the virtual `pgbouncer`
+//! database sees PgBouncer 1.24's SHOW columns, and the control commands
+//! change what clients experience (PAUSE, RESUME, KILL, RELOAD, SET,
+//! SHUTDOWN), with `stats_users` limited to SHOW.
+
+mod common;
+
+use common::{PgCluster, PgOptions, Weir};
+use std::future::Future;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
+
+const APP_PASSWORD: &str = "app-secret";
+const ADMIN_PASSWORD: &str = "admin-secret";
+const STATS_PASSWORD: &str = "stats-secret";
+
+/// How long a condition polled through the console may take to hold.
+const SETTLE: Duration = Duration::from_secs(15);
+
+fn app_cluster() -> PgCluster {
+    let cluster = PgCluster::start_with(PgOptions::default());
+    cluster.create_user("app", APP_PASSWORD, "scram-sha-256");
+    cluster.create_database("app", "app");
+    cluster
+}
+
+/// weir.toml with database `app` (pool `pool_size`), a sharded `shop` whose
+/// shards all point at the same server (only SHOW SHARDS looks at it), an
+/// admin user and a stats user.
+fn config(pg_port: u16, pool_size: usize) -> String {
+    format!(
+        "[weir]\nadmin_users = [\"admin\"]\nstats_users = [\"stats\"]\nreserve_pool_size = 0\n\n\
+         [users.app]\npassword = \"{APP_PASSWORD}\"\n\
+         [users.admin]\npassword = \"{ADMIN_PASSWORD}\"\n\
+         [users.stats]\npassword = \"{STATS_PASSWORD}\"\n\n\
+         [databases.app]\nhost = \"127.0.0.1\"\nport = {pg_port}\npool_size = {pool_size}\n\n\
+         [databases.shop]\ndbname = \"app\"\n\
+         shards = [ {{ primary = \"127.0.0.1:{pg_port}\" }}, \
+                    {{ primary = \"127.0.0.1:{pg_port}\", replicas = [\"127.0.0.1:{pg_port}\"] }} ]\n\
+         sharded_tables = [ {{ table = \"orders\", column = \"id\", type = \"bigint\" }} ]\n"
+    )
+}
+
+fn start(pool_size: usize) -> (PgCluster, Weir) {
+    let cluster = app_cluster();
+    let weir = Weir::start(&config(cluster.port, pool_size));
+    (cluster, weir)
+}
+
+/// psql against the console in CSV mode (a header line, then rows).
+fn psql_console(weir: &Weir, user: &str, password: &str, sql: &str) -> Output {
+    Command::new(common::pg_bin("psql"))
+        .args(["-X", "--csv", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+        .args(["-p", &weir.port.to_string(), "-U", user, "-d", "pgbouncer"])
+        .args(["-c", sql])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run psql")
+}
+
+fn stdout_ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: psql failed with {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// PgBouncer 1.24's columns, in order (usage.md and admin.c / stats.c).
+const SOCKET_COLUMNS: &str = "type,user,database,replication,state,addr,port,local_addr,\
+local_port,connect_time,request_time,wait,wait_us,close_needed,ptr,link,remote_pid,tls,\
+application_name,prepared_statements,id";
+
+const EXPECTED_HEADERS: &[(&str, &str)] = &[
+    (
+        "SHOW POOLS",
+        "database,user,cl_active,cl_waiting,cl_active_cancel_req,cl_waiting_cancel_req,\
+         sv_active,sv_active_cancel,sv_being_canceled,sv_idle,sv_used,sv_tested,sv_login,\
+         maxwait,maxwait_us,pool_mode,load_balance_hosts",
+    ),
+    (
+        "SHOW STATS",
+        "database,total_server_assignment_count,total_xact_count,total_query_count,\
+         total_received,total_sent,total_xact_time,total_query_time,total_wait_time,\
+         total_client_parse_count,total_server_parse_count,total_bind_count,\
+         avg_server_assignment_count,avg_xact_count,avg_query_count,avg_recv,avg_sent,\
+         avg_xact_time,avg_query_time,avg_wait_time,avg_client_parse_count,\
+         avg_server_parse_count,avg_bind_count",
+    ),
+    (
+        "SHOW STATS_TOTALS",
+        "database,server_assignment_count,xact_count,query_count,bytes_received,bytes_sent,\
+         xact_time,query_time,wait_time,client_parse_count,server_parse_count,bind_count",
+    ),
+    (
+        "SHOW STATS_AVERAGES",
+        "database,server_assignment_count,xact_count,query_count,bytes_received,bytes_sent,\
+         xact_time,query_time,wait_time,avg_client_parse_count,avg_server_parse_count,\
+         avg_bind_count",
+    ),
+    ("SHOW TOTALS", "name,value"),
+    ("SHOW CLIENTS", SOCKET_COLUMNS),
+    ("SHOW SERVERS", SOCKET_COLUMNS),
+    (
+        "SHOW DATABASES",
+        "name,host,port,database,force_user,pool_size,min_pool_size,reserve_pool_size,\
+         server_lifetime,pool_mode,load_balance_hosts,max_connections,current_connections,\
+         max_client_connections,current_client_connections,paused,disabled",
+    ),
+    (
+        "SHOW USERS",
+        "name,pool_size,reserve_pool_size,pool_mode,max_user_connections,current_connections,\
+         max_user_client_connections,current_client_connections",
+    ),
+    ("SHOW CONFIG", "key,value,default,changeable"),
+    ("SHOW LISTS", "list,items"),
+    ("SHOW MEM", "name,size,used,free,memtotal"),
+    ("SHOW VERSION", "version"),
+    ("SHOW SHARDS", "database,shard,role,host,port,state"),
+];
+
+fn normalize(header: &str) -> String {
+    header
+        .split(',')
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn every_show_header_matches_pgbouncer() {
+    let (_cluster, weir) = start(2);
+    // A client with a transaction behind it, so pools, servers and stats have rows.
+    let out = Command::new(common::pg_bin("psql"))
+        .args(["-X", "-A", "-t", "-h", "127.0.0.1"])
+        .args(["-p", &weir.port.to_string(), "-U", "app", "-d", "app"])
+        .args(["-c", "SELECT 1"])
+        .env("PGPASSWORD", APP_PASSWORD)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run psql");
+    assert_eq!(stdout_ok(&out, "client query").trim(), "1");
+
+    for (sql, expected) in EXPECTED_HEADERS {
+        let out = psql_console(&weir, "admin", ADMIN_PASSWORD, sql);
+        let text = stdout_ok(&out, sql);
+        let header = text.lines().next().unwrap_or_default();
+        assert_eq!(header, normalize(expected), "{sql}");
+    }
+
+    // Case-insensitive, optional semicolon; rows are there.
+    let pools = stdout_ok(
+        &psql_console(&weir, "admin", ADMIN_PASSWORD, "show pools;"),
+        "show pools;",
+    );
+    assert!(
+        pools.lines().any(|l| l.starts_with("app,app,")),
+        "SHOW POOLS has no app/app row:\n{pools}"
+    );
+    let stats = stdout_ok(
+        &psql_console(&weir, "admin", ADMIN_PASSWORD, "SHOW STATS"),
+        "SHOW STATS",
+    );
+    let app_stats = stats
+        .lines()
+        .find(|l| l.starts_with("app,"))
+        .unwrap_or_else(|| panic!("SHOW STATS has no app row:\n{stats}"));
+    let xacts: u64 = app_stats
+        .split(',')
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(xacts >= 1, "total_xact_count after a query: {app_stats}");
+    let shards = stdout_ok(
+        &psql_console(&weir, "admin", ADMIN_PASSWORD, "SHOW SHARDS"),
+        "SHOW SHARDS",
+    );
+    let roles: Vec<&str> = shards
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').nth(2))
+        .collect();
+    assert_eq!(roles, ["primary", "primary", "replica"], "{shards}");
+    assert!(
+        shards.lines().skip(1).all(|l| l.ends_with(",healthy")),
+        "{shards}"
+    );
+
+    // SHOW HELP answers with a NOTICE; an unknown command with PgBouncer's error.
+    let help = psql_console(&weir, "admin", ADMIN_PASSWORD, "SHOW HELP");
+    stdout_ok(&help, "SHOW HELP");
+    assert!(String::from_utf8_lossy(&help.stderr).contains("Console usage"));
+    let bad = psql_console(&weir, "admin", ADMIN_PASSWORD, "SHOW NOPE");
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr)
+            .contains("invalid command 'SHOW NOPE', use SHOW HELP;"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
+
+// -------------------------------------------------------------------------------------------
+// Control commands, through tokio-postgres
+// -------------------------------------------------------------------------------------------
+
+async fn console(weir: &Weir, user: &str, password: &str) -> Client {
+    common::connect(&weir.url(user, password, "pgbouncer")).await
+}
+
+async fn app_client(weir: &Weir) -> Client {
+    common::connect(&weir.url("app", APP_PASSWORD, "app")).await
+}
+
+async fn rows(client: &Client, sql: &str) -> Vec<SimpleQueryRow> {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {}", common::describe_error(&e)))
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Runs a console command that must succeed.
+async fn run(client: &Client, sql: &str) {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {}", common::describe_error(&e)));
+}
+
+/// `column` of the row of `SHOW what` whose `key_col` is `key`.
+async fn show_value(
+    admin: &Client,
+    what: &str,
+    key_col: &str,
+    key: &str,
+    column: &str,
+) -> Option<String> {
+    rows(admin, &format!("SHOW {what}"))
+        .await
+        .into_iter()
+        .find(|r| r.get(key_col) == Some(key))
+        .and_then(|r| r.get(column).map(str::to_string))
+}
+
+/// Polls `condition` until it holds; panics naming `what` after [`SETTLE`].
+async fn until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + SETTLE;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn scalar(client: &Client, sql: &str) -> String {
+    rows(client, sql)
+        .await
+        .first()
+        .and_then(|r| r.get(0).map(str::to_string))
+        .unwrap_or_else(|| panic!("{sql}: no row"))
+}
+
+#[tokio::test]
+async fn pause_waits_for_servers_and_blocks_new_transactions_until_resume() {
+    let (_cluster, weir) = start(2);
+    let admin = console(&weir, "admin", ADMIN_PASSWORD).await;
+    let watcher = console(&weir, "admin", ADMIN_PASSWORD).await;
+    let holder = app_client(&weir).await;
+    let waiter = app_client(&weir).await;
+    assert_eq!(scalar(&waiter, "SELECT 1").await, "1");
+
+    // PAUSE does not answer while a transaction holds a server.
+    run(&holder, "BEGIN").await;
+    assert_eq!(scalar(&holder, "SELECT 2").await, "2");
+    let pause = tokio::spawn(async move {
+        run(&admin, "PAUSE app").await;
+        admin
+    });
+    until("SHOW DATABASES to mark app paused", || async {
+        show_value(&watcher, "DATABASES", "name", "app", "paused")
+            .await
+            .as_deref()
+            == Some("1")
+    })
+    .await;
+    assert!(
+        !pause.is_finished(),
+        "PAUSE answered while a server was in use"
+    );
+    run(&holder, "COMMIT").await;
+    let admin = pause.await.expect("PAUSE task");
+    assert_eq!(
+        show_value(&admin, "POOLS", "database", "app", "sv_active")
+            .await
+            .as_deref(),
+        Some("0")
+    );
+
+    // A new transaction now waits…
+    let blocked = tokio::spawn(async move { scalar(&waiter, "SELECT 42").await });
+    until("the paused client to show as waiting", || async {
+        show_value(&admin, "POOLS", "database", "app", "cl_waiting")
+            .await
+            .as_deref()
+            == Some("1")
+    })
+    .await;
+    assert!(
+        !blocked.is_finished(),
+        "a transaction ran on a paused database"
+    );
+    // …until RESUME.
+    run(&admin, "RESUME app").await;
+    assert_eq!(blocked.await.expect("blocked task"), "42");
+    assert_eq!(
+        show_value(&admin, "DATABASES", "name", "app", "paused")
+            .await
+            .as_deref(),
+        Some("0")
+    );
+
+    // PgBouncer's errors for resuming what is not paused.
+    let err = admin
+        .simple_query("RESUME")
+        .await
+        .expect_err("RESUME unpaused");
+    let db = err.as_db_error().expect("server error");
+    assert_eq!(db.code().code(), "08P01");
+    assert_eq!(db.message(), "pooler is not paused/suspended");
+    let err = admin
+        .simple_query("PAUSE nope")
+        .await
+        .expect_err("PAUSE nope");
+    assert_eq!(
+        err.as_db_error().map(|e| e.message()),
+        Some("no such database: nope")
+    );
+}
+
+#[tokio::test]
+async fn kill_drops_the_database_clients_and_servers() {
+    let (cluster, weir) = start(2);
+    let admin = console(&weir, "admin", ADMIN_PASSWORD).await;
+    let victim = app_client(&weir).await;
+    let pid = scalar(&victim, "SELECT pg_backend_pid()").await;
+
+    run(&admin, "KILL app").await;
+    until("the killed client to be gone from SHOW CLIENTS", || async {
+        rows(&admin, "SHOW CLIENTS").await.is_empty()
+    })
+    .await;
+    assert!(
+        victim.simple_query("SELECT 1").await.is_err(),
+        "a killed client could still run a query"
+    );
+    until("the server connection to close", || async {
+        let sql = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}");
+        cluster.psql("postgres", &sql) == "0"
+    })
+    .await;
+    // Killed databases stay paused until RESUME, as in PgBouncer.
+    assert_eq!(
+        show_value(&admin, "DATABASES", "name", "app", "paused")
+            .await
+            .as_deref(),
+        Some("1")
+    );
+    run(&admin, "RESUME app").await;
+    let fresh = app_client(&weir).await;
+    assert_eq!(scalar(&fresh, "SELECT 1").await, "1");
+}
+
+#[tokio::test]
+async fn reload_and_set_apply_a_changed_pool_size() {
+    let (cluster, weir) = start(1);
+    let admin = console(&weir, "admin", ADMIN_PASSWORD).await;
+    let first = app_client(&weir).await;
+    let second = app_client(&weir).await;
+
+    // Pool of one: a second transaction waits for the first.
+    run(&first, "BEGIN").await;
+    scalar(&first, "SELECT 1").await;
+    let queued = tokio::spawn(async move {
+        run(&second, "BEGIN").await;
+        second
+    });
+    until("the second client to wait for the only server", || async {
+        show_value(&admin, "POOLS", "database", "app", "cl_waiting")
+            .await
+            .as_deref()
+            == Some("1")
+    })
+    .await;
+    run(&first, "COMMIT").await;
+    let second = queued.await.expect("queued task");
+    run(&second, "COMMIT").await;
+
+    // RELOAD with pool_size = 2: two transactions at once.
+    weir.rewrite_config(&config(cluster.port, 2));
+    run(&admin, "RELOAD").await;
+    assert_eq!(
+        show_value(&admin, "DATABASES", "name", "app", "pool_size")
+            .await
+            .as_deref(),
+        Some("2")
+    );
+    run(&first, "BEGIN").await;
+    run(&second, "BEGIN").await;
+    let a = scalar(&first, "SELECT pg_backend_pid()").await;
+    let b = scalar(&second, "SELECT pg_backend_pid()").await;
+    assert_ne!(a, b, "two concurrent transactions share one server");
+    run(&first, "COMMIT").await;
+    run(&second, "COMMIT").await;
+
+    // SET changes a runtime setting the same way.
+    run(&admin, "SET default_pool_size = 7").await;
+    assert_eq!(
+        show_value(&admin, "CONFIG", "key", "default_pool_size", "value")
+            .await
+            .as_deref(),
+        Some("7")
+    );
+    let err = admin
+        .simple_query("SET listen_port = 1")
+        .await
+        .expect_err("SET listen_port");
+    assert_eq!(err.as_db_error().map(|e| e.message()), Some("SET failed"));
+}
+
+#[tokio::test]
+async fn stats_users_may_only_show() {
+    let (_cluster, weir) = start(2);
+    let stats = console(&weir, "stats", STATS_PASSWORD).await;
+    assert_eq!(rows(&stats, "SHOW LISTS").await.len(), 14);
+    rows(&stats, "SHOW POOLS").await;
+    for sql in [
+        "PAUSE",
+        "PAUSE app",
+        "RESUME",
+        "RELOAD",
+        "KILL app",
+        "SET default_pool_size = 3",
+        "SHUTDOWN",
+        "DISABLE app",
+    ] {
+        let err = stats.simple_query(sql).await.expect_err(sql);
+        let db = err
+            .as_db_error()
+            .unwrap_or_else(|| panic!("{sql}: {err:?}"));
+        assert_eq!(db.code().code(), "08P01", "{sql}");
+        assert_eq!(db.message(), "admin access needed", "{sql}");
+    }
+    // The console stays usable after a refusal.
+    assert_eq!(
+        scalar(&stats, "SHOW VERSION").await.split(' ').next(),
+        Some("Weir")
+    );
+    // A user in neither list cannot log in to the console.
+    let refused = common::try_connect(&weir.url("app", APP_PASSWORD, "pgbouncer")).await;
+    assert!(refused.is_err(), "app logged in to the admin console");
+}
+
+#[tokio::test]
+async fn disable_refuses_new_clients_until_enable() {
+    let (_cluster, weir) = start(2);
+    let admin = console(&weir, "admin", ADMIN_PASSWORD).await;
+    run(&admin, "DISABLE app").await;
+    let refused = common::try_connect(&weir.url("app", APP_PASSWORD, "app")).await;
+    assert!(refused.is_err(), "a disabled database accepted a client");
+    run(&admin, "ENABLE app").await;
+    let client = app_client(&weir).await;
+    assert_eq!(scalar(&client, "SELECT 1").await, "1");
+    // RECONNECT then WAIT_CLOSE: the idle server is replaced, nothing old stays.
+    run(&admin, "RECONNECT app").await;
+    run(&admin, "WAIT_CLOSE app").await;
+    assert_eq!(scalar(&client, "SELECT 2").await, "2");
+}
+
+#[test]
+fn shutdown_command_stops_weir() {
+    let (_cluster, mut weir) = start(2);
+    // PgBouncer does not answer SHUTDOWN: psql sees the connection close.
+    let _ = psql_console(&weir, "admin", ADMIN_PASSWORD, "SHUTDOWN");
+    let status = weir
+        .wait_exit(Duration::from_secs(20))
+        .expect("weir still running after SHUTDOWN");
+    assert!(status.success(), "weir exited with {status}");
+}
