@@ -6,6 +6,8 @@
 //! Only statement-initial keywords are read (plus a search for advisory-lock
 //! calls), skipping quotes, dollar quotes and comments; no full parse.
 
+use crate::router::shape::{skip_block_comment, skip_dollar_quote, skip_quoted};
+
 /// Server state a client left that another client must not inherit.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Dirty {
@@ -197,23 +199,7 @@ fn statements(sql: &str) -> (Vec<Vec<String>>, bool) {
                     i += 1;
                 }
             }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                let mut depth = 0;
-                while i < b.len() {
-                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
-                        depth += 1;
-                        i += 2;
-                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
-                        depth -= 1;
-                        i += 2;
-                        if depth == 0 {
-                            break;
-                        }
-                    } else {
-                        i += 1;
-                    }
-                }
-            }
+            b'/' if b.get(i + 1) == Some(&b'*') => i = skip_block_comment(b, i),
             b'\'' => i = skip_quoted(b, i, b'\''),
             b'"' => {
                 let end = skip_quoted(b, i, b'"');
@@ -225,27 +211,8 @@ fn statements(sql: &str) -> (Vec<Vec<String>>, bool) {
                 }
                 i = end;
             }
-            b'$' => {
-                // $tag$ ... $tag$ (or a parameter $1).
-                let tag_end = b[i + 1..]
-                    .iter()
-                    .position(|&x| !(x.is_ascii_alphanumeric() || x == b'_'))
-                    .map(|p| i + 1 + p);
-                match tag_end {
-                    Some(e)
-                        if b[e] == b'$' && !b[i + 1..e].first().is_some_and(u8::is_ascii_digit) =>
-                    {
-                        let tag = &b[i..=e];
-                        let body = e + 1;
-                        i = b[body..]
-                            .windows(tag.len())
-                            .position(|w| w == tag)
-                            .map(|p| body + p + tag.len())
-                            .unwrap_or(b.len());
-                    }
-                    _ => i += 1,
-                }
-            }
+            // $tag$ … $tag$ (or a parameter $1).
+            b'$' => i = skip_dollar_quote(b, i),
             c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
                 let start = i;
                 while i < b.len()
@@ -286,27 +253,6 @@ fn statements(sql: &str) -> (Vec<Vec<String>>, bool) {
         out.push(cur);
     }
     (out, advisory)
-}
-
-/// Index just past a quoted run starting at `start` (doubled quotes escape;
-/// backslashes are treated as escapes too, which only matters for E'' strings).
-fn skip_quoted(b: &[u8], start: usize, q: u8) -> usize {
-    let mut i = start + 1;
-    while i < b.len() {
-        if b[i] == q {
-            if b.get(i + 1) == Some(&q) {
-                i += 2;
-                continue;
-            }
-            return i + 1;
-        }
-        if b[i] == b'\\' && q == b'\'' && start > 0 && matches!(b[start - 1], b'E' | b'e') {
-            i += 2;
-            continue;
-        }
-        i += 1;
-    }
-    b.len()
 }
 
 #[cfg(test)]

@@ -245,7 +245,9 @@ fn followed_by_quote(b: &[u8], end: usize) -> bool {
     b.get(end) == Some(&b'\'')
 }
 
-fn skip_quoted(b: &[u8], start: usize, q: u8) -> usize {
+/// The end of a quoted token starting at `start` (`'…'`, `"…"`, doubled
+/// quotes inside; backslash escapes in an `E'…'` string).
+pub(crate) fn skip_quoted(b: &[u8], start: usize, q: u8) -> usize {
     let mut i = start + 1;
     while i < b.len() {
         if b[i] == q {
@@ -255,12 +257,17 @@ fn skip_quoted(b: &[u8], start: usize, q: u8) -> usize {
             }
             return i + 1;
         }
+        if b[i] == b'\\' && q == b'\'' && start > 0 && matches!(b[start - 1], b'E' | b'e') {
+            i += 2;
+            continue;
+        }
         i += 1;
     }
     b.len()
 }
 
-fn skip_block_comment(b: &[u8], start: usize) -> usize {
+/// The end of a (nested) `/* … */` comment starting at `start`.
+pub(crate) fn skip_block_comment(b: &[u8], start: usize) -> usize {
     let mut depth = 0;
     let mut i = start;
     while i < b.len() {
@@ -280,7 +287,8 @@ fn skip_block_comment(b: &[u8], start: usize) -> usize {
     b.len()
 }
 
-fn skip_dollar_quote(b: &[u8], start: usize) -> usize {
+/// The end of a `$tag$ … $tag$` string at `start` (just past a lone `$`).
+pub(crate) fn skip_dollar_quote(b: &[u8], start: usize) -> usize {
     let tag_end = b[start + 1..]
         .iter()
         .position(|&x| !(x.is_ascii_alphanumeric() || x == b'_'))

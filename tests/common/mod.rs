@@ -201,8 +201,8 @@ fn id_of(flag: &str) -> u32 {
         .expect("numeric id from `id`")
 }
 
-/// Hands a directory we created to the postgres OS user when we run as root.
-fn give_to_postgres(path: &Path) {
+/// Hands a directory (or file) we created to the postgres OS user when we run as root.
+pub fn give_to_postgres(path: &Path) {
     if running_as_root() {
         let (uid, gid) = postgres_ids();
         std::os::unix::fs::chown(path, Some(uid), Some(gid))
