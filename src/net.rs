@@ -248,3 +248,13 @@ pub async fn read_startup<S: AsyncRead + Unpin>(
         }
     }
 }
+
+/// Socket options for every TCP connection Weir makes or accepts: no Nagle
+/// delay, and TCP keepalive (PgBouncer's `tcp_keepalive`, OS timings) so a
+/// peer that vanished is noticed.
+pub fn tune_tcp(tcp: &tokio::net::TcpStream, keepalive: bool) {
+    let _ = tcp.set_nodelay(true);
+    if keepalive {
+        let _ = socket2::SockRef::from(tcp).set_keepalive(true);
+    }
+}

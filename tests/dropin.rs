@@ -272,3 +272,54 @@ fn rolling_restart_through_an_so_reuseport_pair_fails_no_transaction() {
     assert_eq!(support::psql_ok(&out, "psql to the new process"), "1");
     new.signal(libc::SIGTERM);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_timeout_cancels_a_long_query_and_closes_its_server() {
+    let cluster = app_cluster();
+    let weir = Weir::start(&support::app_config(
+        cluster.port,
+        "query_timeout = 1\ndefault_pool_size = 2",
+    ));
+    let client = common::connect(&weir.url("app", APP_PASSWORD, "app")).await;
+    let started = std::time::Instant::now();
+    let err = client
+        .simple_query("SELECT pg_sleep(30)")
+        .await
+        .expect_err("a 30 s query under query_timeout = 1");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the query ran for {:?}",
+        started.elapsed()
+    );
+    assert!(
+        common::describe_error(&err).contains("query_timeout"),
+        "{}",
+        common::describe_error(&err)
+    );
+    // The backend's query was cancelled, not left running.
+    common::eventually(Duration::from_secs(10), "pg_sleep to stop", || {
+        support::count_activity(&cluster, "app", "query LIKE '%pg_sleep(30)%'") == 0
+    });
+    // Other clients go on.
+    let other = common::connect(&weir.url("app", APP_PASSWORD, "app")).await;
+    assert_eq!(scalar(&other, "SELECT 1").await, "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_name_add_host_appends_the_client_address() {
+    let cluster = app_cluster();
+    let weir = Weir::start(&support::app_config(
+        cluster.port,
+        "application_name_add_host = true",
+    ));
+    let url = format!(
+        "{} application_name=billing",
+        weir.url("app", APP_PASSWORD, "app")
+    );
+    let client = common::connect(&url).await;
+    let name = scalar(&client, "SELECT current_setting('application_name')").await;
+    assert!(
+        name.starts_with("billing - 127.0.0.1:"),
+        "application_name {name:?}"
+    );
+}

@@ -98,7 +98,7 @@ impl ServerConn {
             let tcp = TcpStream::connect(addr)
                 .await
                 .map_err(|e| ConnectError::Connect(target.address.clone(), e))?;
-            let _ = tcp.set_nodelay(true);
+            crate::net::tune_tcp(&tcp, true);
             let _ = socket2::SockRef::from(&tcp).set_keepalive(true);
             let mut stream = target
                 .tls

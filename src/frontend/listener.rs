@@ -102,7 +102,7 @@ pub async fn serve_on(app: Arc<App>, listener: TcpListener) -> std::io::Result<(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    let _ = tcp.set_nodelay(true);
+                    crate::net::tune_tcp(&tcp, app.cluster().config.general.tcp_keepalive);
                     spawn_session(&app, Stream::Tcp(tcp), peer.to_string());
                 }
                 Err(e) => {
@@ -131,7 +131,7 @@ pub async fn serve_on(app: Arc<App>, listener: TcpListener) -> std::io::Result<(
                     })
                     .await
                     {
-                        let _ = tcp.set_nodelay(true);
+                        crate::net::tune_tcp(&tcp, app.cluster().config.general.tcp_keepalive);
                         spawn_session(&app, Stream::Tcp(tcp), peer.to_string());
                     }
                     return Ok(());

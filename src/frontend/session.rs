@@ -329,6 +329,14 @@ async fn login(
             k => wanted.set(k, v),
         }
     }
+    if g.application_name_add_host {
+        // As PgBouncer: "<application_name> - <host>:<port>" of the client.
+        let name = wanted
+            .get("application_name")
+            .unwrap_or_default()
+            .to_string();
+        wanted.set("application_name", &format!("{name} - {peer}"));
+    }
     let (key, cancel) = app.cancels.register();
     let mut out = BytesMut::with_capacity(512);
     out.put(build::auth(0, &[]));
@@ -1047,6 +1055,8 @@ impl Session {
         let mut tracker = Tracker::default();
         let mut seen = Seen::default();
         let mut skip_to_sync = false;
+        let query_limit = self.cluster.config.general.query_timeout;
+        let mut query_since: Option<tokio::time::Instant> = None;
         x.progress.budget = budget;
         loop {
             let scanned = {
@@ -1164,12 +1174,34 @@ impl Session {
                 &mut server,
                 &mut x.down,
             );
+            if x.progress.inflight == 0 {
+                query_since = None;
+            } else if query_since.is_none() {
+                query_since = Some(tokio::time::Instant::now());
+            }
             let event = if waiting_in_tx && !idle_tx_limit.is_zero() {
                 match tokio::time::timeout(idle_tx_limit, step).await {
                     Ok(ev) => ev,
                     Err(_) => {
                         fatal(&mut self.client, "25P03", "idle transaction timeout").await;
                         self.abandon(server, &x.progress, &x.up, &seen).await;
+                        return After::Stop;
+                    }
+                }
+            } else if let Some(since) = query_since.filter(|_| !query_limit.is_zero()) {
+                match tokio::time::timeout_at(since + query_limit, step).await {
+                    Ok(ev) => ev,
+                    Err(_) => {
+                        // As PgBouncer: the query is cancelled, its server closed,
+                        // and the client told why.
+                        tracing::warn!(peer = %self.peer, ?server, "query_timeout");
+                        PoolTotals::add(&self.pool.totals.errors, 1);
+                        tokio::spawn(cancel::forward(BackendKey {
+                            address: server.address.clone(),
+                            pid: server.backend_pid,
+                            secret: server.backend_secret,
+                        }));
+                        fatal(&mut self.client, "08P01", "query_timeout").await;
                         return After::Stop;
                     }
                 }
