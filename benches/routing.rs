@@ -65,6 +65,20 @@ fn bench(c: &mut Criterion) {
             router.decide(&a, &BindParams::default(), None, false)
         })
     });
+    // Simple queries that differ only in the key literal share one shape.
+    let mut m = 0u64;
+    c.bench_function("route_shape_hit_new_literal", |b| {
+        b.iter(|| {
+            m += 1;
+            let sql = format!("SELECT * FROM orders WHERE customer_id = {m} AND total > 1");
+            let (a, shape) = router.analyze_simple(black_box(&sql));
+            let params = match &shape {
+                Some(s) => BindParams::from_text(&s.values),
+                None => BindParams::default(),
+            };
+            router.decide(&a, &params, None, false)
+        })
+    });
     c.bench_function("hash_bigint_only", |b| {
         b.iter(|| shard_for(KeyType::Bigint, black_box(&KeyValue::Int(42)), 2))
     });

@@ -297,7 +297,10 @@ fn select(s: &SelectStmt, tables: &[TableSpec], a: &mut Analysis) {
     if let Some(w) = &s.where_clause {
         where_keys(w, &tables[t].column, &names, &mut a.keys);
     }
-    a.merge = merge_shape(s);
+    // How per-shard results combine matters only when the read may span shards.
+    if a.keys.len() != 1 {
+        a.merge = merge_shape(s);
+    }
 }
 
 fn visit_ranges(n: &Node, f: &mut impl FnMut(&pg_query::protobuf::RangeVar)) {
