@@ -4,8 +4,11 @@
 //! `SET weir.shard`/`weir.sharding_key`, and refusals.
 
 use crate::backend::prepared::{self, ClientStatements};
-use crate::router::route::Pin;
+use crate::router::route::{BindParams, Pin, ShardRouter};
+use crate::router::shape::Shape;
+use crate::router::sql::Analysis;
 use crate::wire::{self, tag, WireError};
+use std::sync::Arc;
 
 /// A `BEGIN` Weir has answered but not yet sent: it goes to the shard the
 /// first real statement picks.
@@ -132,6 +135,36 @@ pub(super) fn raise_query(code: &str, message: &str) -> bytes::BytesMut {
     crate::wire::build::query(&format!(
         "DO $weir$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = $m${message}$m$; END$weir$"
     ))
+}
+
+/// The analysis of a unit's SQL: by shape for a simple query (see
+/// `router::shape`), by its text otherwise.
+pub(super) fn analyze_unit<'a>(
+    router: &ShardRouter,
+    unit: &Unit,
+    sql: &'a str,
+) -> (Arc<Analysis>, Option<Shape<'a>>) {
+    if unit.simple {
+        router.analyze_simple(sql)
+    } else {
+        (router.analyze(sql), None)
+    }
+}
+
+/// The parameter values routing reads: the literals lifted from a simple
+/// query's shape, or the unit's Bind.
+pub(super) fn unit_params<'a>(
+    cbuf: &'a [u8],
+    unit: &Unit,
+    shape: &'a Option<Shape<'a>>,
+) -> BindParams<'a> {
+    match shape {
+        Some(s) => BindParams::from_text(&s.values),
+        None => unit
+            .bind
+            .and_then(|(a, b)| BindParams::parse(&cbuf[a..b]))
+            .unwrap_or_default(),
+    }
 }
 
 /// Remembers the text of unnamed Parses in a unit.

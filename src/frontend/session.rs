@@ -19,7 +19,7 @@ use crate::config::AuthType;
 use crate::config::{Database, PoolMode};
 use crate::metrics::QueryClock;
 use crate::net::Stream;
-use crate::router::route::{comment_hint, BindParams, Decision, Pin, ShardRouter};
+use crate::router::route::{comment_hint, Decision, Pin, ShardRouter};
 use crate::router::sql::Kind;
 use crate::stats::{now_us, ClientInfo, ClientState, PoolTotals, ServerState as SrvState};
 use crate::wire::{self, build, tag};
@@ -804,11 +804,7 @@ impl Session {
                 return self.answer(unit.len, Some(tag), None, status).await;
             }
         }
-        let (analysis, shape) = if unit.simple {
-            router.analyze_simple(&sql)
-        } else {
-            (router.analyze(&sql), None)
-        };
+        let (analysis, shape) = routing::analyze_unit(&router, &unit, &sql);
         if unit.simple && !analysis.multi {
             match analysis.kind {
                 Kind::Begin { read_only } if self.shard.held.is_none() => {
@@ -851,13 +847,7 @@ impl Session {
             );
             return self.answer(unit.len, None, Some(err), b'E').await;
         }
-        let params = match &shape {
-            Some(s) => BindParams::from_text(&s.values),
-            None => unit
-                .bind
-                .and_then(|(a, b)| BindParams::parse(&self.cbuf[a..b]))
-                .unwrap_or_default(),
-        };
+        let params = routing::unit_params(&self.cbuf, &unit, &shape);
         let pin = comment_hint(&sql).or_else(|| self.shard.pin.clone());
         let (in_write_tx, in_read_tx) = match &self.shard.held {
             Some(h) => (!h.read_only, h.read_only),
@@ -941,21 +931,11 @@ impl Session {
                 };
             }
         }
-        let (analysis, shape) = if unit.simple {
-            router.analyze_simple(&sql)
-        } else {
-            (router.analyze(&sql), None)
-        };
+        let (analysis, shape) = routing::analyze_unit(&router, &unit, &sql);
         if matches!(analysis.kind, Kind::Begin { .. } | Kind::End) || analysis.multi {
             return InTx::Go(unit.len);
         }
-        let params = match &shape {
-            Some(s) => BindParams::from_text(&s.values),
-            None => unit
-                .bind
-                .and_then(|(a, b)| BindParams::parse(&self.cbuf[a..b]))
-                .unwrap_or_default(),
-        };
+        let params = routing::unit_params(&self.cbuf, &unit, &shape);
         let pin = comment_hint(&sql).or_else(|| self.shard.pin.clone());
         match router.decide(&analysis, &params, pin.as_ref(), true) {
             Decision::Any { .. } => InTx::Go(unit.len),
