@@ -9,6 +9,8 @@ pub mod backend;
 pub mod cluster;
 pub mod config;
 pub mod frontend;
+/// Fuzz targets over the parsers peer and operator input reaches (`fuzz/`, `tests/fuzz_smoke.rs`).
+pub mod fuzzing;
 pub mod metrics;
 pub mod net;
 pub mod router;

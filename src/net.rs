@@ -213,8 +213,22 @@ pub async fn read_message<S: AsyncRead + Unpin>(
     s: &mut S,
     buf: &mut BytesMut,
 ) -> io::Result<Option<BytesMut>> {
+    read_message_max(s, buf, wire::MAX_MESSAGE_LEN).await
+}
+
+/// [`read_message`] for a peer that is not trusted yet: a message declaring a body longer than
+/// `max_body` bytes is refused from its header (`InvalidData`, before any of it is buffered), so a
+/// client that has not logged in cannot make Weir hold more than that.
+pub async fn read_message_max<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut BytesMut,
+    max_body: usize,
+) -> io::Result<Option<BytesMut>> {
     loop {
         if let Some(h) = wire::header(buf).map_err(invalid)? {
+            if h.total - 5 > max_body {
+                return Err(invalid(WireError::BadLength((h.total - 1) as i64)));
+            }
             if buf.len() >= h.total {
                 return Ok(Some(buf.split_to(h.total)));
             }

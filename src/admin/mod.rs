@@ -15,7 +15,7 @@
 //! - `result`: result sets on the wire
 
 pub mod command;
-mod parse;
+pub mod parse;
 pub mod result;
 pub mod settings;
 pub mod show;

@@ -135,8 +135,8 @@ impl<'a> Cursor<'a> {
     /// A keyword, case-insensitive, not followed by more word characters.
     fn keyword(&mut self, kw: &str) -> bool {
         let rest = self.rest();
-        let ok = rest.len() >= kw.len()
-            && rest[..kw.len()].eq_ignore_ascii_case(kw)
+        // `get`: the text may have a multi-byte character where the keyword would end.
+        let ok = rest.get(..kw.len()).is_some_and(|w| w.eq_ignore_ascii_case(kw))
             && !rest[kw.len()..].starts_with(is_word_char);
         if ok {
             self.pos += kw.len();
@@ -271,5 +271,12 @@ mod tests {
         );
         assert_eq!(parse("SET x ="), Err(ParseError::Syntax));
         assert_eq!(parse("SETx = 1"), Err(ParseError::Syntax));
+    }
+
+    #[test]
+    fn multibyte_text_where_a_keyword_would_end_is_a_syntax_error() {
+        // Found by the admin_command fuzz target: used to panic slicing inside the `�`.
+        assert_eq!(parse("\ns\u{fffd}ta"), Err(ParseError::Syntax));
+        assert_eq!(parse("s\u{e9}t x = 1"), Err(ParseError::Syntax));
     }
 }

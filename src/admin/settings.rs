@@ -177,6 +177,7 @@ fn settings() -> Vec<Setting> {
         flag!(log_pooler_errors),
         number!(max_client_conn),
         number!(max_db_connections),
+        number!(max_packet_size),
         number!(max_prepared_statements),
         number!(max_user_connections),
         number!(min_pool_size),

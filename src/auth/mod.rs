@@ -8,7 +8,7 @@ pub mod query;
 pub mod scram;
 
 use crate::config::{secret::ScramVerifier, AuthType, Secret};
-use crate::net::{read_message, Stream};
+use crate::net::{read_message_max, Stream};
 use crate::wire::{self, build};
 use bytes::BytesMut;
 use rand::RngCore;
@@ -59,15 +59,8 @@ pub async fn authenticate(
     if matches!(auth_type, AuthType::Trust | AuthType::Any) {
         return Ok(Proof::default());
     }
-    let unknown;
-    let secret = match secret {
-        Some(s) => s,
-        None => {
-            let mut raw = [0u8; 16];
-            rand::thread_rng().fill_bytes(&mut raw);
-            unknown = Secret::Plain(format!("{raw:?}"));
-            &unknown
-        }
+    let Some(secret) = secret else {
+        return unknown_user(stream, buf, auth_type, user).await;
     };
     match (auth_type, secret) {
         (AuthType::Plain, _) => cleartext(stream, buf, user, secret).await,
@@ -84,8 +77,50 @@ pub async fn authenticate(
     }
 }
 
+/// The same exchange as for a known user, run against a secret no password matches, so neither
+/// the answer, its timing nor Weir's memory tells which users exist. Nothing is cached or
+/// derived per name: a SCRAM client gets PostgreSQL's kind of mock verifier (salt and keys
+/// derived from a per-process secret and the name, so a name always sees the same salt).
+async fn unknown_user(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    auth_type: AuthType,
+    user: &str,
+) -> Result<Proof, AuthError> {
+    let proof = match auth_type {
+        AuthType::Plain => {
+            let mut raw = [0u8; 32];
+            rand::thread_rng().fill_bytes(&mut raw);
+            cleartext(stream, buf, user, &Secret::Md5(hex(&raw))).await
+        }
+        AuthType::Md5 => {
+            let mut raw = [0u8; 16];
+            rand::thread_rng().fill_bytes(&mut raw);
+            md5_exchange(stream, buf, user, &Secret::Md5(hex(&raw))).await
+        }
+        _ => scram(stream, buf, user, Arc::new(scram::mock_verifier(user))).await,
+    };
+    // However the exchange went, an unknown user does not get in.
+    proof.and(Err(AuthError::WrongPassword(user.into())))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Longest authentication message body Weir reads, as PostgreSQL (`PG_MAX_AUTH_TOKEN_LENGTH`):
+/// a longer one is refused from its header, before it is buffered.
+pub const MAX_AUTH_MESSAGE: usize = 65_535;
+
 async fn read_password(stream: &mut Stream, buf: &mut BytesMut) -> Result<BytesMut, AuthError> {
-    let msg = read_message(stream, buf).await?.ok_or(AuthError::Closed)?;
+    let msg = match read_message_max(stream, buf, MAX_AUTH_MESSAGE).await {
+        Ok(Some(msg)) => msg,
+        Ok(None) => return Err(AuthError::Closed),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            return Err(AuthError::Protocol("invalid message length".into()))
+        }
+        Err(e) => return Err(e.into()),
+    };
     if msg[0] != wire::tag::PASSWORD {
         return Err(AuthError::Protocol(format!(
             "expected password response, got message type {}",

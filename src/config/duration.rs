@@ -31,7 +31,8 @@ fn seconds(value: f64) -> Result<Duration, String> {
     if !value.is_finite() || value < 0.0 {
         return Err(format!("time value {value} must be a non-negative number"));
     }
-    Ok(Duration::from_secs_f64(value))
+    // `try_`: a value beyond `Duration`'s range (about 585 billion years) is an error, not a panic.
+    Duration::try_from_secs_f64(value).map_err(|_| format!("time value {value} is too large"))
 }
 
 /// serde adapter: `#[serde(deserialize_with = "duration::de")]`.
@@ -76,5 +77,13 @@ mod tests {
         assert_eq!(parse("1h").unwrap(), Duration::from_secs(3600));
         assert!(parse("5 fortnights").is_err());
         assert!(parse("abc").is_err());
+    }
+
+    #[test]
+    fn a_value_beyond_duration_range_is_an_error() {
+        // Found by the pgbouncer_ini fuzz target: `server_lifetime = 99999999999999999999d`
+        // used to panic in `Duration::from_secs_f64`.
+        assert!(parse("99999999999999999999d").is_err());
+        assert!(parse("1").is_ok());
     }
 }

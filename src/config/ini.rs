@@ -268,7 +268,6 @@ const IGNORED: &[(&[&str], &str)] = &[
             "listen_backlog",
             "pkt_buf",
             "sbuf_loopcnt",
-            "max_packet_size",
             "tcp_defer_accept",
             "tcp_socket_buffer",
             "tcp_keepcnt",

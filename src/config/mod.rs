@@ -166,6 +166,10 @@ pub struct General {
     #[serde(deserialize_with = "duration::de")]
     pub shutdown_timeout: Duration,
     pub max_prepared_statements: usize,
+    /// Largest statement (a simple Query, or an extended batch up to Sync) Weir holds whole to
+    /// route it on a sharded database; a larger one is refused (08P01). PgBouncer's name;
+    /// capped at 1 GiB, PostgreSQL's own limit.
+    pub max_packet_size: usize,
     pub auth_type: AuthType,
     pub auth_file: Option<String>,
     /// pg_hba.conf-format rules for `auth_type = hba`.
@@ -231,6 +235,7 @@ impl Default for General {
             server_reset_query_always: false,
             shutdown_timeout: d(0),
             max_prepared_statements: 200,
+            max_packet_size: 2_147_483_647,
             auth_type: AuthType::ScramSha256,
             auth_file: None,
             auth_hba_file: None,
@@ -697,21 +702,33 @@ fn unenforced_limits(path: &Path, doc: &Document) -> Vec<String> {
     out
 }
 
-/// Parses `host:port` (port defaults to 5432).
+/// Parses `host:port` or `[host]:port` (an IPv6 address in brackets); the port defaults to
+/// 5432, so `host` and `[::1]` are addresses too.
 pub fn parse_address(text: &str) -> Result<Address, String> {
-    match text.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() => Ok(Address {
-            host: host.trim_matches(['[', ']']).to_string(),
-            port: port
-                .parse()
-                .map_err(|_| format!("invalid port in address {text:?}"))?,
-        }),
-        _ if !text.is_empty() => Ok(Address {
-            host: text.to_string(),
-            port: 5432,
-        }),
-        _ => Err("empty address".into()),
+    if text.is_empty() {
+        return Err("empty address".into());
     }
+    let (host, port) = match text.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !text.ends_with(']') => (host, Some(port)),
+        _ => (text, None),
+    };
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return Err(format!("empty host in address {text:?}"));
+    }
+    let port = match port {
+        Some(p) => p
+            .parse()
+            .map_err(|_| format!("invalid port in address {text:?}"))?,
+        None => 5432,
+    };
+    Ok(Address {
+        host: host.to_string(),
+        port,
+    })
 }
 
 /// Finds the 1-based line where `key` is set inside `[section]` of a TOML text.
@@ -802,6 +819,23 @@ sharded_tables = [ { table = "orders", column = "customer_id", type = "bigint" }
             e.to_string(),
             "/tmp/weir.toml:3: weir.default_pool_size: must be at least 1"
         );
+    }
+
+    #[test]
+    fn addresses_take_brackets_and_default_the_port() {
+        let a = |host: &str, port| Ok(Address {
+            host: host.into(),
+            port,
+        });
+        assert_eq!(parse_address("db:6000"), a("db", 6000));
+        assert_eq!(parse_address("db"), a("db", 5432));
+        assert_eq!(parse_address("[::1]:6000"), a("::1", 6000));
+        // Found by the weir_toml fuzz target: these used to give "invalid port" and an
+        // empty host.
+        assert_eq!(parse_address("[::1]"), a("::1", 5432));
+        assert!(parse_address("[]:5").is_err());
+        assert!(parse_address("db:port").is_err());
+        assert!(parse_address("").is_err());
     }
 
     #[test]

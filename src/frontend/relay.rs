@@ -26,6 +26,9 @@ use tokio_util::io::poll_read_buf;
 const HIGH_WATER: usize = 256 * 1024;
 /// Messages bigger than this are streamed through rather than buffered whole.
 const STREAM_OVER: usize = 64 * 1024;
+/// A simple Query up to this size is held until complete so its SQL is read for session
+/// state; a larger one streams through and the server is inspected at the end instead.
+pub const OBSERVE_QUERY_UP_TO: usize = 1 << 20;
 
 /// One direction of the relay: buffered bytes, of which `ready` are scanned
 /// and may be written, and `pass` more bytes of a large message still to come.
@@ -157,17 +160,20 @@ pub fn scan_client(
         }
         match h.tag {
             tag::QUERY => {
-                if !complete && h.total <= STREAM_OVER {
+                if !complete && h.total <= OBSERVE_QUERY_UP_TO {
                     return Ok(());
                 }
                 progress.inflight += 1;
                 progress.queries += 1;
                 progress.after_execute = false;
                 ctx.tracker.push(Expect::Simple);
-                if complete {
-                    if let Some((sql, _)) = wire::cstr(wire::body(&buf[at..at + h.total]), 0) {
-                        observe_sql(sql, ctx);
-                    }
+                let sql = complete
+                    .then(|| wire::cstr(wire::body(&buf[at..at + h.total]), 0))
+                    .flatten();
+                match sql {
+                    Some((sql, _)) => observe_sql(sql, ctx),
+                    // Streamed unread, or not text: what it did is found out afterwards.
+                    None => ctx.seen.unobserved = true,
                 }
             }
             tag::FUNCTION_CALL => {
@@ -655,7 +661,7 @@ mod tests {
     #[test]
     fn large_query_streams_through_as_it_arrives() {
         let mut f = Fixture::new();
-        let q = build::query(&"x".repeat(STREAM_OVER + 10));
+        let q = build::query(&"x".repeat(OBSERVE_QUERY_UP_TO + 10));
         let mut buf = BytesMut::from(&q[..7]);
         let mut dir = Dir::default();
         let mut p = Progress::default();
@@ -666,6 +672,35 @@ mod tests {
         f.scan(&mut buf, &mut dir, &mut p).unwrap();
         assert_eq!(dir.ready, q.len());
         assert_eq!(dir.pass, 0);
+    }
+
+    #[test]
+    fn query_up_to_the_observe_limit_is_held_and_read() {
+        let mut f = Fixture::new();
+        let sql = format!("SET search_path = a; SELECT '{}'", "x".repeat(70_000));
+        let q = build::query(&sql);
+        let mut buf = BytesMut::from(&q[..q.len() / 2]);
+        let mut dir = Dir::default();
+        let mut p = Progress::default();
+        f.scan(&mut buf, &mut dir, &mut p).unwrap();
+        assert_eq!((dir.ready, dir.pass), (0, 0), "held until complete");
+        buf.extend_from_slice(&q[q.len() / 2..]);
+        f.scan(&mut buf, &mut dir, &mut p).unwrap();
+        assert_eq!(dir.ready, q.len());
+        assert_eq!(f.seen.params, vec!["search_path"]);
+        assert!(!f.seen.unobserved);
+    }
+
+    #[test]
+    fn query_over_the_observe_limit_streams_and_is_marked_unobserved() {
+        let mut f = Fixture::new();
+        let q = build::query(&"x".repeat(OBSERVE_QUERY_UP_TO + 1));
+        let mut buf = BytesMut::from(&q[..1000]);
+        let mut dir = Dir::default();
+        let mut p = Progress::default();
+        f.scan(&mut buf, &mut dir, &mut p).unwrap();
+        assert_eq!(dir.ready, 1000);
+        assert!(f.seen.unobserved);
     }
 
     #[test]

@@ -117,6 +117,19 @@ pub(super) fn unit(
     }
 }
 
+/// Bytes the unit at the front of `buf` spans at least, as far as its headers tell: the
+/// messages seen so far, the whole of a message whose header has arrived included.
+pub(super) fn pending_len(buf: &[u8]) -> usize {
+    let mut pos = 0;
+    while let Ok(Some(h)) = wire::header(&buf[pos..]) {
+        pos += h.total;
+        if pos >= buf.len() || matches!(h.tag, tag::SYNC | tag::FLUSH | tag::QUERY) {
+            break;
+        }
+    }
+    pos.max(buf.len())
+}
+
 /// `SET LOCAL …` or `SET TRANSACTION …`: state of the transaction only, so it
 /// can travel with a held `BEGIN`.
 pub(super) fn is_transaction_set(sql: &str) -> bool {
@@ -185,12 +198,23 @@ pub(super) fn note_unnamed(buf: &[u8], last: &mut Option<String>) {
 }
 
 /// `SET weir.shard = N`, `SET weir.sharding_key = 'v'`, `RESET weir.…`:
-/// `Some(Some(pin))` sets, `Some(None)` clears, `None` is not such a command.
-pub(super) fn weir_setting(sql: &str) -> Option<Option<Pin>> {
-    let t = sql.trim().trim_end_matches(';').trim();
+/// `Some(Ok(Some(pin)))` sets, `Some(Ok(None))` clears, `Some(Err(why))` is such a command
+/// Weir refuses (a bad value, or more statements after it that would otherwise be lost),
+/// `None` is not such a command.
+pub(super) fn weir_setting(sql: &str) -> Option<Result<Option<Pin>, String>> {
+    let t = sql
+        .trim()
+        .trim_end_matches(|c: char| c == ';' || c.is_whitespace());
     let lower = t.to_ascii_lowercase();
     if let Some(rest) = lower.strip_prefix("reset ") {
-        return rest.trim().starts_with("weir.").then_some(None);
+        let name = rest.trim();
+        if !name.starts_with("weir.") {
+            return None;
+        }
+        return Some(match name {
+            "weir.shard" | "weir.sharding_key" => Ok(None),
+            _ => Err(format!("unrecognized configuration parameter \"{name}\"")),
+        });
     }
     let rest = lower.strip_prefix("set ")?.trim_start();
     let rest = rest.strip_prefix("session ").unwrap_or(rest).trim_start();
@@ -201,18 +225,48 @@ pub(super) fn weir_setting(sql: &str) -> Option<Option<Pin>> {
     }
     let value_at = t.len() - rest.len() + name_end;
     let value = t[value_at..].trim_start();
-    let value = value
-        .strip_prefix('=')
-        .or_else(|| value.strip_prefix("to"))
-        .or_else(|| value.strip_prefix("TO"))
-        .unwrap_or(value)
-        .trim()
-        .trim_matches('\'');
-    match name {
-        "weir.shard" => Some(value.parse().ok().map(Pin::Shard)),
-        "weir.sharding_key" => Some(Some(Pin::Key(value.to_string()))),
-        _ => None,
+    let value = match value.strip_prefix('=') {
+        Some(v) => v,
+        None if value.len() >= 2 && value[..2].eq_ignore_ascii_case("to") => &value[2..],
+        None => value,
     }
+    .trim();
+    let Some(value) = setting_value(value) else {
+        return Some(Err(format!(
+            "SET {name} takes one value and must be a statement of its own (got: {value})"
+        )));
+    };
+    Some(match name {
+        "weir.shard" => value
+            .parse()
+            .map(|s| Some(Pin::Shard(s)))
+            .map_err(|_| format!("invalid value for parameter \"weir.shard\": \"{value}\"")),
+        "weir.sharding_key" => Ok(Some(Pin::Key(value))),
+        _ => Err(format!("unrecognized configuration parameter \"{name}\"")),
+    })
+}
+
+/// The one value of a SET: a quoted literal (doubled quotes inside) or a bare word; `None`
+/// when anything follows it (another statement).
+fn setting_value(v: &str) -> Option<String> {
+    if let Some(body) = v.strip_prefix('\'') {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some(q) = rest.find('\'') {
+            out.push_str(&rest[..q]);
+            rest = &rest[q + 1..];
+            match rest.strip_prefix('\'') {
+                Some(after) => {
+                    out.push('\'');
+                    rest = after;
+                }
+                None => return rest.trim().is_empty().then_some(out),
+            }
+        }
+        return None;
+    }
+    let bare = !v.is_empty() && !v.contains(|c: char| c.is_whitespace() || c == ';' || c == '\'');
+    bare.then(|| v.to_string())
 }
 
 #[cfg(test)]
@@ -223,14 +277,37 @@ mod tests {
     fn reads_weir_settings() {
         assert_eq!(
             weir_setting("SET weir.shard = 1"),
-            Some(Some(Pin::Shard(1)))
+            Some(Ok(Some(Pin::Shard(1))))
         );
         assert_eq!(
             weir_setting("set weir.sharding_key to 'abc';"),
-            Some(Some(Pin::Key("abc".into())))
+            Some(Ok(Some(Pin::Key("abc".into()))))
         );
-        assert_eq!(weir_setting("RESET weir.shard"), Some(None));
+        assert_eq!(
+            weir_setting("set weir.sharding_key = 'it''s'"),
+            Some(Ok(Some(Pin::Key("it's".into()))))
+        );
+        assert_eq!(weir_setting("RESET weir.shard"), Some(Ok(None)));
         assert_eq!(weir_setting("SET search_path = x"), None);
+        assert_eq!(weir_setting("SELECT 'SET weir.shard = 1'"), None);
+    }
+
+    #[test]
+    fn refuses_weir_settings_that_would_swallow_statements() {
+        for sql in [
+            "SET weir.shard = 1; INSERT INTO t VALUES (1)",
+            "SET weir.sharding_key = 'a'; DELETE FROM t",
+            "SET weir.shard = one",
+            "SET weir.shard = 1 2",
+            "SET weir.sharding_key = 'unterminated",
+            "SET weir.nothing = 1",
+        ] {
+            assert!(
+                matches!(weir_setting(sql), Some(Err(_))),
+                "{sql}: {:?}",
+                weir_setting(sql)
+            );
+        }
     }
 
     #[test]

@@ -752,24 +752,46 @@ impl Session {
         }
     }
 
-    /// Reads until a whole routable unit is at the front of the buffer.
-    /// `Ok(None)`: too large to hold back (it goes on as it is).
-    async fn read_unit(&mut self) -> Result<Option<routing::Unit>, ()> {
+    /// Reads until a whole routable unit is at the front of the buffer: a statement is
+    /// routed by its key whatever its size, so it is held whole up to `max_packet_size`; a
+    /// larger one is refused (the connection is closed, as PgBouncer does for a packet over
+    /// that limit), never sent somewhere unrouted. `Err`: the client is gone or was refused.
+    async fn read_unit(&mut self) -> Result<routing::Unit, ()> {
+        let limit = self
+            .cluster
+            .config
+            .general
+            .max_packet_size
+            .min(wire::MAX_MESSAGE_LEN);
         loop {
-            match routing::unit(&self.cbuf, &self.stmts, &self.shard.last_unnamed) {
-                Ok(Some(u)) => {
+            let pending = match routing::unit(&self.cbuf, &self.stmts, &self.shard.last_unnamed)
+            {
+                Ok(Some(u)) if u.len <= limit => {
                     routing::note_unnamed(&self.cbuf[..u.len], &mut self.shard.last_unnamed);
-                    return Ok(Some(u));
+                    return Ok(u);
                 }
-                Ok(None) if self.cbuf.len() > 1 << 20 => return Ok(None),
-                Ok(None) => match self.client.read_buf(&mut self.cbuf).await {
-                    Ok(0) | Err(_) => return Err(()),
-                    Ok(_) => {}
-                },
+                Ok(Some(u)) => u.len,
+                Ok(None) => routing::pending_len(&self.cbuf),
                 Err(e) => {
                     fatal(&mut self.client, "08P01", &format!("protocol error: {e}")).await;
                     return Err(());
                 }
+            };
+            if pending > limit {
+                tracing::warn!(peer = %self.peer, bytes = pending, limit, "statement over max_packet_size refused");
+                let msg = format!(
+                    "statement of {pending} bytes is larger than max_packet_size ({limit}) and cannot be routed to a shard"
+                );
+                fatal(&mut self.client, "08P01", &msg).await;
+                return Err(());
+            }
+            if pending > self.cbuf.len() {
+                // Room for the rest of a large message at once, not by doubling.
+                self.cbuf.reserve(pending - self.cbuf.len());
+            }
+            match self.client.read_buf(&mut self.cbuf).await {
+                Ok(0) | Err(_) => return Err(()),
+                Ok(_) => {}
             }
         }
     }
@@ -780,16 +802,8 @@ impl Session {
         let Some(router) = self.router.clone() else {
             return Routed::Pool(self.pool.clone(), usize::MAX);
         };
-        let unit = match self.read_unit().await {
-            Ok(Some(u)) => u,
-            Ok(None) => {
-                // Too large to hold back: the primary of shard 0 takes it.
-                return match self.cluster.shard_pool(&self.db, &self.user, 0, None) {
-                    Some(p) => Routed::Pool(p, usize::MAX),
-                    None => Routed::Closed,
-                };
-            }
-            Err(()) => return Routed::Closed,
+        let Ok(unit) = self.read_unit().await else {
+            return Routed::Closed;
         };
         let sql = unit.sql.clone().unwrap_or_default();
         let status = match &self.shard.held {
@@ -798,10 +812,17 @@ impl Session {
             None => b'I',
         };
         if unit.simple {
-            if let Some(pin) = routing::weir_setting(&sql) {
-                let tag = if pin.is_some() { "SET" } else { "RESET" };
-                self.shard.pin = pin;
-                return self.answer(unit.len, Some(tag), None, status).await;
+            match routing::weir_setting(&sql) {
+                Some(Ok(pin)) => {
+                    let tag = if pin.is_some() { "SET" } else { "RESET" };
+                    self.shard.pin = pin;
+                    return self.answer(unit.len, Some(tag), None, status).await;
+                }
+                Some(Err(msg)) => {
+                    let err = build::error("ERROR", "22023", &msg);
+                    return self.refuse(unit.len, unit.synced, err, status).await;
+                }
+                None => {}
             }
         }
         let (analysis, shape) = routing::analyze_unit(&router, &unit, &sql);
@@ -911,10 +932,8 @@ impl Session {
         let Some(router) = self.router.clone() else {
             return InTx::Go(usize::MAX);
         };
-        let unit = match self.read_unit().await {
-            Ok(Some(u)) => u,
-            Ok(None) => return InTx::Go(usize::MAX),
-            Err(()) => return InTx::Closed,
+        let Ok(unit) = self.read_unit().await else {
+            return InTx::Closed;
         };
         if !unit.executes || status == b'E' {
             // Nothing runs, or the server refuses it anyway.
@@ -922,13 +941,17 @@ impl Session {
         }
         let sql = unit.sql.clone().unwrap_or_default();
         if unit.simple {
-            if let Some(pin) = routing::weir_setting(&sql) {
-                let tag = if pin.is_some() { "SET" } else { "RESET" };
-                self.shard.pin = pin;
-                return match self.answer(unit.len, Some(tag), None, status).await {
-                    Routed::Closed => InTx::Closed,
-                    _ => InTx::Answered,
-                };
+            match routing::weir_setting(&sql) {
+                Some(Ok(pin)) => {
+                    let tag = if pin.is_some() { "SET" } else { "RESET" };
+                    self.shard.pin = pin;
+                    return match self.answer(unit.len, Some(tag), None, status).await {
+                        Routed::Closed => InTx::Closed,
+                        _ => InTx::Answered,
+                    };
+                }
+                Some(Err(msg)) => return InTx::Refuse(unit.len, msg),
+                None => {}
             }
         }
         let (analysis, shape) = routing::analyze_unit(&router, &unit, &sql);
@@ -1060,8 +1083,8 @@ impl Session {
                 return After::Stop;
             }
             relay::insert_fakes(&mut server.buf, &mut x.down, &mut tracker);
-            if x.progress.terminated && x.progress.at_rest(&x.up) {
-                self.abandon(server, &x.progress, &x.up, &seen).await;
+            if x.progress.terminated {
+                self.terminated(server, &mut x, &seen).await;
                 return After::Stop;
             }
             if self.router.is_some()
@@ -1300,6 +1323,27 @@ impl Session {
         }
     }
 
+    /// The client sent Terminate while it holds `server`. What it sent before goes to the
+    /// server first (a pipelined `COMMIT` + Terminate still commits, as on PostgreSQL, which
+    /// reads the COMMIT before the end of the stream); then the server is returned if nothing
+    /// is in flight, closed otherwise — never left waiting for a client that is gone.
+    async fn terminated(&mut self, mut server: ServerConn, x: &mut Xact, seen: &Seen) {
+        if x.up.ready > 0 {
+            let sent = tokio::time::timeout(
+                CLEANUP_TIMEOUT,
+                server.stream.write_all(&self.cbuf[..x.up.ready]),
+            )
+            .await;
+            if !matches!(sent, Ok(Ok(()))) {
+                return;
+            }
+            x.up.sent += x.up.ready as u64;
+            self.cbuf.advance(x.up.ready);
+            x.up.ready = 0;
+        }
+        self.abandon(server, &x.progress, &x.up, seen).await;
+    }
+
     /// The client is leaving (or broke the protocol) while it holds `server`:
     /// keep the server only if it can be brought back to a clean idle state.
     async fn abandon(
@@ -1332,6 +1376,19 @@ impl Session {
         if seen.is_empty() || self.mode() == PoolMode::Session {
             return true;
         }
+        let inspected;
+        let seen = if seen.unobserved {
+            match tokio::time::timeout(CLEANUP_TIMEOUT, inspect(server, seen)).await {
+                Ok(Some(s)) => {
+                    self.app.statements.bump_epoch();
+                    inspected = s;
+                    &inspected
+                }
+                _ => return false,
+            }
+        } else {
+            seen
+        };
         let names = self.changed_params(server, seen);
         if !names.is_empty() {
             let sql = format!(
@@ -1420,4 +1477,53 @@ impl Session {
         }
         self.pool.checkin(server);
     }
+}
+
+/// What a transaction whose SQL Weir could not read left on `server`, asked of the server
+/// itself: every parameter set at session level (`pg_settings.source = 'session'`), SQL
+/// prepared statements, LISTEN channels, session advisory locks, holdable cursors and
+/// temporary tables, and whether Weir's own prepared statements are still all there. The
+/// result adds to `seen` so the usual clean-up follows. `None`: the server failed.
+async fn inspect(server: &mut ServerConn, seen: &Seen) -> Option<Seen> {
+    const SQL: &str = "SELECT \
+        (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql), \
+        (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE NOT from_sql), \
+        (SELECT count(*) FROM pg_catalog.pg_listening_channels()), \
+        (SELECT count(*) FROM pg_catalog.pg_locks \
+            WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()), \
+        (SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable), \
+        (SELECT count(*) FROM pg_catalog.pg_class \
+            WHERE relnamespace = pg_catalog.pg_my_temp_schema()), \
+        (SELECT pg_catalog.json_agg(name) FROM pg_catalog.pg_settings WHERE source = 'session')";
+    let row = server.query_row(SQL).await.ok()?;
+    let count = |i: usize| -> u64 {
+        row.get(i)
+            .and_then(|v| v.as_deref())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut out = seen.clone();
+    out.unobserved = false;
+    out.reset_all = true;
+    out.dirty.prepared |= count(0) > 0;
+    if count(1) != server.prepared.len() as u64 {
+        // Some of Weir's statements were deallocated by SQL: forget them all.
+        out.dirty.prepared = true;
+    }
+    out.dirty.listen |= count(2) > 0;
+    out.dirty.advisory |= count(3) > 0;
+    out.dirty.hold_cursor |= count(4) > 0;
+    out.dirty.temp |= count(5) > 0;
+    let names: Vec<String> = row
+        .get(6)
+        .and_then(|v| v.as_deref())
+        .and_then(|v| serde_json::from_str(v).ok())
+        .unwrap_or_default();
+    for name in names {
+        let name = name.to_ascii_lowercase();
+        if !out.params.contains(&name) {
+            out.params.push(name);
+        }
+    }
+    Some(out)
 }

@@ -59,6 +59,10 @@ pub struct Seen {
     /// DDL that may change a prepared statement's result type (ALTER, DROP,
     /// CREATE OR REPLACE); consumed by the relay.
     pub ddl: bool,
+    /// SQL whose effect on session state this light scan cannot know: a query too large to
+    /// hold back (streamed through unread) or a `set_config(…)` call. The server is inspected
+    /// when the transaction ends (`pg_settings`, `pg_prepared_statements`, …).
+    pub unobserved: bool,
 }
 
 impl Seen {
@@ -69,9 +73,12 @@ impl Seen {
 
 /// Reads one query string (possibly several statements).
 pub fn observe(sql: &str, seen: &mut Seen) {
-    let (stmts, advisory) = statements(sql);
-    if advisory {
+    let (stmts, calls) = statements(sql);
+    if calls.advisory {
         seen.dirty.advisory = true;
+    }
+    if calls.set_config {
+        seen.unobserved = true;
     }
     for stmt in stmts {
         observe_statement(&stmt, seen);
@@ -175,14 +182,14 @@ const INTERESTING: &[&str] = &[
 /// identifiers and keywords; quoted identifiers keep their case; literals and
 /// punctuation are dropped). Only the first words matter to callers. Also
 /// reports whether any word names an advisory-lock function.
-fn statements(sql: &str) -> (Vec<Vec<String>>, bool) {
+fn statements(sql: &str) -> (Vec<Vec<String>>, Calls) {
     const MAX_WORDS: usize = 12;
     let b = sql.as_bytes();
     let mut out = Vec::new();
     let mut cur: Vec<String> = Vec::new();
     // Set when a statement's first word is of no interest: its words are not kept.
     let mut skip = false;
-    let mut advisory = false;
+    let mut calls = Calls::default();
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
@@ -235,8 +242,13 @@ fn statements(sql: &str) -> (Vec<Vec<String>>, bool) {
                     }
                 }
                 // pg_advisory_lock, pg_try_advisory_lock_shared, … (any schema).
-                if i - start >= 13 && !advisory {
-                    advisory = contains_ci(&sql[start..i], "advisory_lock");
+                if i - start >= 13 && !calls.advisory {
+                    calls.advisory = contains_ci(&sql[start..i], "advisory_lock");
+                }
+                // set_config(name, value, false) sets a parameter for the session.
+                if i - start >= 10 && !calls.set_config {
+                    let word = sql[start..i].as_bytes();
+                    calls.set_config = word[word.len() - 10..].eq_ignore_ascii_case(b"set_config");
                 }
                 if cur.is_empty() && !skip {
                     let word = &sql[start..i];
@@ -252,7 +264,14 @@ fn statements(sql: &str) -> (Vec<Vec<String>>, bool) {
     if !cur.is_empty() {
         out.push(cur);
     }
-    (out, advisory)
+    (out, calls)
+}
+
+/// Functions whose call changes session state, wherever they appear in a statement.
+#[derive(Debug, Default, Clone, Copy)]
+struct Calls {
+    advisory: bool,
+    set_config: bool,
 }
 
 #[cfg(test)]
@@ -308,6 +327,14 @@ mod tests {
         assert!(!seen("DECLARE c CURSOR FOR SELECT 1").dirty.hold_cursor);
         let d = seen("LISTEN a; PREPARE p AS SELECT 1").dirty;
         assert_eq!(d.cleanup_sql(), "DEALLOCATE ALL; UNLISTEN *");
+    }
+
+    #[test]
+    fn set_config_calls_are_unobserved_state() {
+        assert!(seen("SELECT set_config('search_path', 'x', false)").unobserved);
+        assert!(seen("select PG_CATALOG.SET_CONFIG('a.b', '1', false)").unobserved);
+        assert!(!seen("SELECT 'set_config(1)'").unobserved);
+        assert!(!seen("SELECT my_set_configs()").unobserved);
     }
 
     #[test]

@@ -199,22 +199,48 @@ impl ShardRouter {
         in_write_tx: bool,
     ) -> Decision {
         let read = a.kind == Kind::Select && a.read_only && !in_write_tx;
-        if let Some(pin) = pin {
-            return match pin {
-                Pin::Shard(s) if *s < self.shards => Decision::Shard { shard: *s, read },
-                Pin::Shard(s) => Decision::Refuse(format!(
-                    "shard {s} does not exist (database \"{}\" has {} shards)",
-                    self.database, self.shards
-                )),
-                Pin::Key(k) => match (!self.tables.is_empty())
-                    .then(|| self.shard_of_text(a.table.unwrap_or(0), k))
-                {
-                    Some(Ok(shard)) => Decision::Shard { shard, read },
-                    Some(Err(e)) => Decision::Refuse(e),
-                    None => Decision::Shard { shard: 0, read },
-                },
-            };
+        let keyed = self.decide_by_keys(a, params, read);
+        let Some(pin) = pin else {
+            return keyed;
+        };
+        let pinned = match self.pinned_shard(a, pin) {
+            Ok(shard) => shard,
+            Err(e) => return Decision::Refuse(e),
+        };
+        match keyed {
+            // A hint or SET weir.* never moves a row away from the shard its key names.
+            Decision::Shard { shard, .. } if a.table.is_some() && !a.keys.is_empty() => {
+                if shard == pinned {
+                    Decision::Shard { shard, read }
+                } else {
+                    Decision::Refuse(format!(
+                        "the sharding key of this statement belongs to shard {shard}, but a hint or SET weir.* names shard {pinned}; remove the hint or fix the key"
+                    ))
+                }
+            }
+            Decision::Refuse(e) if a.table.is_some() && !a.keys.is_empty() => Decision::Refuse(e),
+            _ => Decision::Shard {
+                shard: pinned,
+                read,
+            },
         }
+    }
+
+    /// The shard a hint or `SET weir.*` names.
+    fn pinned_shard(&self, a: &Analysis, pin: &Pin) -> Result<usize, String> {
+        match pin {
+            Pin::Shard(s) if *s < self.shards => Ok(*s),
+            Pin::Shard(s) => Err(format!(
+                "shard {s} does not exist (database \"{}\" has {} shards)",
+                self.database, self.shards
+            )),
+            Pin::Key(k) if !self.tables.is_empty() => self.shard_of_text(a.table.unwrap_or(0), k),
+            Pin::Key(_) => Ok(0),
+        }
+    }
+
+    /// The decision the statement's own sharding keys (or their absence) make.
+    fn decide_by_keys(&self, a: &Analysis, params: &BindParams<'_>, read: bool) -> Decision {
         let Some(t) = a.table else {
             if let Some(name) = &a.sharded_elsewhere {
                 return Decision::Refuse(format!(
@@ -275,12 +301,23 @@ impl ShardRouter {
     }
 }
 
-/// A hint in a comment: `/* weir: shard=N */` or `/* weir: sharding_key=V */`.
+/// A hint in a comment: `/* weir: shard=N */` or `/* weir: sharding_key=V */` (also in a
+/// `-- weir: …` comment). Only real comments count: text inside string literals, quoted
+/// identifiers and dollar quotes is data, never a hint. The first hint wins.
 pub fn comment_hint(sql: &str) -> Option<Pin> {
-    let at = sql.find("weir:")?;
-    let rest = sql[at + 5..].trim_start();
-    let end = rest.find("*/").unwrap_or(rest.len());
-    let body = rest[..end].trim();
+    let mut found = None;
+    for_each_comment(sql, |c| {
+        if found.is_none() {
+            found = hint_in(c);
+        }
+        found.is_none()
+    });
+    found
+}
+
+fn hint_in(comment: &str) -> Option<Pin> {
+    let at = comment.find("weir:")?;
+    let body = comment[at + 5..].trim();
     let (k, v) = body.split_once('=')?;
     let v = v.trim().trim_matches(['\'', '"']);
     match k.trim() {
@@ -288,6 +325,78 @@ pub fn comment_hint(sql: &str) -> Option<Pin> {
         "sharding_key" => Some(Pin::Key(v.to_string())),
         _ => None,
     }
+}
+
+/// Calls `f` with the text of each comment of `sql` (without `--`, `/*`, `*/`), skipping
+/// string literals (`'…'`, `E'…'` with backslash escapes), quoted identifiers and dollar
+/// quotes, as PostgreSQL's lexer does; `f` returns false to stop.
+pub fn for_each_comment(sql: &str, mut f: impl FnMut(&str) -> bool) {
+    let b = sql.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                let end = b[i..]
+                    .iter()
+                    .position(|&c| c == b'\n')
+                    .map_or(b.len(), |p| i + p);
+                if !f(&sql[i + 2..end]) {
+                    return;
+                }
+                i = end;
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let end = shape::skip_block_comment(b, i);
+                let inner_end = if b[..end].ends_with(b"*/") && end >= i + 4 {
+                    end - 2
+                } else {
+                    end
+                };
+                if !f(&sql[i + 2..inner_end]) {
+                    return;
+                }
+                i = end;
+            }
+            b'\'' | b'"' => i = skip_quoted(b, i, false),
+            b'$' => i = shape::skip_dollar_quote(b, i),
+            c if c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80 => {
+                // A word: `$` inside it (a$b) is not a dollar quote.
+                let start = i;
+                while i < b.len()
+                    && (b[i].is_ascii_alphanumeric()
+                        || b[i] == b'_'
+                        || b[i] == b'$'
+                        || b[i] >= 0x80)
+                {
+                    i += 1;
+                }
+                // E'…' (the word is just E) takes backslash escapes; DATE'…' does not.
+                if i == start + 1 && matches!(b[start], b'E' | b'e') && b.get(i) == Some(&b'\'') {
+                    i = skip_quoted(b, i, true);
+                }
+            }
+            _ => i += 1,
+        }
+    }
+}
+
+/// The end of a quoted literal or identifier at `start`: a doubled quote stays inside, and
+/// with `escapes` (an `E'…'` string) so does a backslash-escaped character.
+fn skip_quoted(b: &[u8], start: usize, escapes: bool) -> usize {
+    let q = b[start];
+    let mut i = start + 1;
+    while i < b.len() {
+        if escapes && b[i] == b'\\' {
+            i += 2;
+        } else if b[i] == q && b.get(i + 1) == Some(&q) {
+            i += 2;
+        } else if b[i] == q {
+            return i + 1;
+        } else {
+            i += 1;
+        }
+    }
+    b.len()
 }
 
 /// The parameters of a Bind message, by 1-based number.
