@@ -203,7 +203,9 @@ async fn oversized_messages_before_login_are_refused_from_their_header() {
     let mut socks = Vec::new();
     for _ in 0..20 {
         let mut sock = TcpStream::connect(&addr).await.expect("connect");
-        sock.write_all(&startup("app", "app")).await.expect("startup");
+        sock.write_all(&startup("app", "app"))
+            .await
+            .expect("startup");
         // A password message declaring 500 MB, then 4 MB of it.
         let mut msg = vec![b'p'];
         msg.extend_from_slice(&(500_000_000i32).to_be_bytes());
@@ -229,7 +231,9 @@ async fn oversized_messages_before_login_are_refused_from_their_header() {
 
     // The limit's other side: a password message just under it is read (and is wrong).
     let mut sock = TcpStream::connect(&addr).await.expect("connect");
-    sock.write_all(&startup("app", "app")).await.expect("startup");
+    sock.write_all(&startup("app", "app"))
+        .await
+        .expect("startup");
     let body_len = weir::auth::MAX_AUTH_MESSAGE;
     let mut msg = vec![b'p'];
     msg.extend_from_slice(&((body_len + 4) as i32).to_be_bytes());
@@ -237,14 +241,18 @@ async fn oversized_messages_before_login_are_refused_from_their_header() {
     let data_len = body_len - 14 - 4;
     msg.extend_from_slice(&(data_len as i32).to_be_bytes());
     msg.extend(std::iter::repeat_n(b'n', data_len));
-    sock.write_all(&msg).await.expect("password message at the limit");
+    sock.write_all(&msg)
+        .await
+        .expect("password message at the limit");
     // Malformed SCRAM (bad GS2 header), not "invalid message length": it was read.
     assert_eq!(error_code(&mut sock).await.as_deref(), Some("08P01"));
 
     // Declared lengths below 4 before login.
     for bad in [0i32, 3, -1] {
         let mut sock = TcpStream::connect(&addr).await.expect("connect");
-        sock.write_all(&startup("app", "app")).await.expect("startup");
+        sock.write_all(&startup("app", "app"))
+            .await
+            .expect("startup");
         let mut msg = vec![b'p'];
         msg.extend_from_slice(&bad.to_be_bytes());
         sock.write_all(&msg).await.expect("header");
@@ -297,7 +305,9 @@ async fn unknown_users_leave_nothing_behind() {
         let addr = format!("127.0.0.1:{}", weir.port);
         async move {
             let mut sock = TcpStream::connect(&addr).await.expect("connect");
-            sock.write_all(&startup(user, "app")).await.expect("startup");
+            sock.write_all(&startup(user, "app"))
+                .await
+                .expect("startup");
             let mut first = b"n,,n=,r=abcdefghijklmnop".to_vec();
             let mut msg = vec![b'p'];
             let body_len = 14 + 4 + first.len();

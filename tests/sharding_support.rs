@@ -646,6 +646,12 @@ fn start_shard(replicas: bool) -> Shard {
 
 /// The reference configuration of the brief, pointed at `shards`.
 fn weir_config(shards: &[Shard]) -> String {
+    weir_config_with(shards, "")
+}
+
+/// Weir's config for `shards`, with `general` (newline-separated `key = value` lines) added to
+/// its `[weir]` section.
+pub fn weir_config_with(shards: &[Shard], general: &str) -> String {
     let shard_list: Vec<String> = shards
         .iter()
         .map(|s| {
@@ -677,6 +683,7 @@ fn weir_config(shards: &[Shard]) -> String {
          auth_type = \"scram-sha-256\"\n\
          default_pool_size = 4\n\
          ban_time = \"2s\"\n\
+         {general}\n\
          \n\
          [users.app]\n\
          password = \"{PASSWORD}\"\n\

@@ -569,6 +569,56 @@ mod tests {
     }
 
     #[test]
+    fn hints_are_read_only_in_real_comments() {
+        assert_eq!(
+            comment_hint("SELECT 1 -- weir: shard=1"),
+            Some(Pin::Shard(1))
+        );
+        assert_eq!(
+            comment_hint("/* a /* nested */ weir: sharding_key=k */ SELECT 1"),
+            Some(Pin::Key("k".into()))
+        );
+        for data in [
+            "INSERT INTO t VALUES (1, '/* weir: shard=1 */')",
+            "INSERT INTO t VALUES (1, '-- weir: shard=1')",
+            r"INSERT INTO t VALUES (1, E'\' /* weir: shard=1 */')",
+            "INSERT INTO t VALUES (1, 'it''s /* weir: shard=1 */')",
+            "INSERT INTO t VALUES (1, $$ /* weir: shard=1 */ $$)",
+            "INSERT INTO t VALUES (1, $q$ -- weir: shard=1 $q$)",
+            "SELECT \"/* weir: shard=1 */\" FROM t",
+            "SELECT 'unterminated /* weir: shard=1 */",
+        ] {
+            assert_eq!(comment_hint(data), None, "{data}");
+        }
+        // A word ending in E before a quote is not an escape string: the quote closes at '.
+        assert_eq!(
+            comment_hint(r"SELECT DATE'2020\' /* weir: shard=1 */"),
+            Some(Pin::Shard(1))
+        );
+        // Lone or odd bytes never panic.
+        for odd in ["/*", "--", "$", "$a", "E'", "/*/", "'", "\"", "é/*é*/"] {
+            let _ = comment_hint(odd);
+        }
+    }
+
+    #[test]
+    fn a_pin_never_moves_a_keyed_statement() {
+        let r = router();
+        let shard_of = |i: i64| shard_for(KeyType::Bigint, &KeyValue::Int(i), 2).unwrap() as usize;
+        let k0 = (0..50).find(|i| shard_of(*i) == 0).unwrap();
+        let sql = format!("/* weir: shard=1 */ INSERT INTO orders (customer_id) VALUES ({k0})");
+        assert!(matches!(decide(&r, &sql), Decision::Refuse(m) if m.contains("shard 0")));
+        let sql = format!("/* weir: shard=0 */ INSERT INTO orders (customer_id) VALUES ({k0})");
+        assert_eq!(
+            decide(&r, &sql),
+            Decision::Shard {
+                shard: 0,
+                read: false
+            }
+        );
+    }
+
+    #[test]
     fn multi_row_insert_across_shards_is_refused() {
         let r = router();
         let mut keys =
