@@ -823,10 +823,12 @@ sharded_tables = [ { table = "orders", column = "customer_id", type = "bigint" }
 
     #[test]
     fn addresses_take_brackets_and_default_the_port() {
-        let a = |host: &str, port| Ok(Address {
-            host: host.into(),
-            port,
-        });
+        let a = |host: &str, port| {
+            Ok(Address {
+                host: host.into(),
+                port,
+            })
+        };
         assert_eq!(parse_address("db:6000"), a("db", 6000));
         assert_eq!(parse_address("db"), a("db", 5432));
         assert_eq!(parse_address("[::1]:6000"), a("::1", 6000));

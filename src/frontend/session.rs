@@ -764,8 +764,7 @@ impl Session {
             .max_packet_size
             .min(wire::MAX_MESSAGE_LEN);
         loop {
-            let pending = match routing::unit(&self.cbuf, &self.stmts, &self.shard.last_unnamed)
-            {
+            let pending = match routing::unit(&self.cbuf, &self.stmts, &self.shard.last_unnamed) {
                 Ok(Some(u)) if u.len <= limit => {
                     routing::note_unnamed(&self.cbuf[..u.len], &mut self.shard.last_unnamed);
                     return Ok(u);
