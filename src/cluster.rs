@@ -35,6 +35,9 @@ impl Paused {
     }
 }
 
+/// Pools kept before unused ones of `*`-made databases are swept (see `sweep_auto_pools`).
+const AUTO_POOL_SWEEP_AT: usize = 256;
+
 pub struct Cluster {
     pub config: Arc<Config>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
@@ -132,6 +135,9 @@ impl Cluster {
         }
         let settings = self.settings_at(db, user, shard, replica)?;
         let mut pools = self.pools.lock();
+        if pools.len() >= AUTO_POOL_SWEEP_AT && !self.config.databases.contains_key(&db.name) {
+            self.sweep_auto_pools(&mut pools);
+        }
         Some(
             pools
                 .entry(key)
@@ -144,6 +150,28 @@ impl Cluster {
                 })
                 .clone(),
         )
+    }
+
+    /// Drops pools of databases that only the `*` entry made (a name a client chose, maybe
+    /// before logging in, as auth_query looks users up there) that hold no server and that
+    /// nobody uses, so such names cannot grow the map without bound.
+    fn sweep_auto_pools(&self, pools: &mut HashMap<PoolKey, Arc<Pool>>) {
+        pools.retain(|key, pool| {
+            self.config.databases.contains_key(&key.database)
+                || Arc::strong_count(pool) > 1
+                || pool.counts().total > 0
+        });
+    }
+
+    /// After a failed login to a database only the `*` entry made: forget its pools if they
+    /// hold no server and nobody else uses them (auth_query may have made one for the lookup).
+    pub fn forget_unused_auto(&self, database: &str) {
+        if self.config.databases.contains_key(database) {
+            return;
+        }
+        self.pools.lock().retain(|key, pool| {
+            key.database != database || Arc::strong_count(pool) > 1 || pool.counts().total > 0
+        });
     }
 
     fn shard_pool_fallback(&self, db: &Database, user: &str) -> Arc<Pool> {

@@ -54,8 +54,11 @@ pub fn weir_toml(data: &[u8]) {
     config::toml(&String::from_utf8_lossy(data));
 }
 
+/// One fuzz target: takes any bytes, panics only when a property fails.
+pub type Target = fn(&[u8]);
+
 /// Every target by name, for harnesses that run them all (the smoke test, the README).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("frame_scanner", frame_scanner),
     ("startup_packet", startup_packet),
     ("scram_messages", scram_messages),

@@ -42,17 +42,17 @@ async fn large_keyed_statements_are_routed_by_their_key() {
     let keys = keys(81);
     let big = |c: char| c.to_string().repeat(6 << 20);
     let mut rows = Vec::new();
-    for shard in 0..SHARDS {
+    for shard_keys in &keys {
         // Simple protocol, the key and a 6 MB payload as literals.
-        let row = Row::new(keys[shard][0].clone(), big('s'));
+        let row = Row::new(shard_keys[0].clone(), big('s'));
         client
             .simple_query(&NOTES.insert_literals(std::slice::from_ref(&row)))
             .await
             .unwrap_or_else(|e| panic!("simple 6 MB insert: {}", common::describe_error(&e)));
         rows.push(row);
         // Extended protocol, both as parameters.
-        let row = Row::new(keys[shard][1].clone(), big('e'));
-        let key = keys[shard][1].text();
+        let row = Row::new(shard_keys[1].clone(), big('e'));
+        let key = shard_keys[1].text();
         let params: [&(dyn ToSql + Sync); 2] = [&key, &row.payload];
         let stmt = client
             .prepare_typed(&NOTES.insert_parameters(1), &[Type::TEXT, Type::TEXT])

@@ -136,7 +136,9 @@ impl<'a> Cursor<'a> {
     fn keyword(&mut self, kw: &str) -> bool {
         let rest = self.rest();
         // `get`: the text may have a multi-byte character where the keyword would end.
-        let ok = rest.get(..kw.len()).is_some_and(|w| w.eq_ignore_ascii_case(kw))
+        let ok = rest
+            .get(..kw.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(kw))
             && !rest[kw.len()..].starts_with(is_word_char);
         if ok {
             self.pos += kw.len();

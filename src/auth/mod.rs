@@ -59,6 +59,8 @@ pub async fn authenticate(
     if matches!(auth_type, AuthType::Trust | AuthType::Any) {
         return Ok(Proof::default());
     }
+    // An empty stored password admits nobody, as in PgBouncer (PostgreSQL never stores one).
+    let secret = secret.filter(|s| !matches!(s, Secret::Plain(p) if p.is_empty()));
     let Some(secret) = secret else {
         return unknown_user(stream, buf, auth_type, user).await;
     };
@@ -145,11 +147,12 @@ async fn cleartext(
     stream.write_all(&build::auth(3, &[])).await?;
     let msg = read_password(stream, buf).await?;
     let given = body_cstr(&msg)?;
-    let ok = match secret {
-        Secret::Plain(p) => md5::same(p.as_bytes(), given.as_bytes()),
-        Secret::Md5(h) => md5::same(md5::inner_hash(user, given).as_bytes(), h.as_bytes()),
-        Secret::Scram(v) => scram_matches_plain(v, given),
-    };
+    let ok = !given.is_empty()
+        && match secret {
+            Secret::Plain(p) => md5::same(p.as_bytes(), given.as_bytes()),
+            Secret::Md5(h) => md5::same(md5::inner_hash(user, given).as_bytes(), h.as_bytes()),
+            Secret::Scram(v) => scram_matches_plain(v, given),
+        };
     if ok {
         Ok(Proof {
             scram_client_key: None,

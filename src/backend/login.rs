@@ -15,12 +15,23 @@ use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 
 /// What Weir presents to the server for one pool.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Credentials {
     pub user: String,
     pub secret: Option<Secret>,
     /// ClientKey from a client's SCRAM login, for pass-through to the server.
     pub scram_client_key: Option<[u8; 32]>,
+}
+
+/// Names the user and the kinds of secret only: a ClientKey is enough to log in with.
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("secret", &self.secret)
+            .field("scram_client_key", &self.scram_client_key.map(|_| ".."))
+            .finish()
+    }
 }
 
 #[derive(Debug, Error)]

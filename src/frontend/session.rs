@@ -204,7 +204,7 @@ async fn login(
                 role: crate::admin::Role::Admin,
             });
         }
-        return admin_login(stream, buf, cluster, user, peer).await;
+        return admin_login(stream, buf, cluster, user, &dbname, peer).await;
     }
     if app.clients.load(Ordering::Acquire) > g.max_client_conn {
         tracing::warn!(%peer, %user, db = %dbname, "no more connections allowed (max_client_conn)");
@@ -234,25 +234,7 @@ async fn login(
         fatal(stream, "3D000", &format!("no such database: {dbname}")).await;
         return None;
     };
-    let auth_type = match cluster.config.hba.as_ref() {
-        Some(hba) if g.auth_type == AuthType::Hba => {
-            match hba_auth_type(hba, stream, &dbname, &user) {
-                Some(t) => t,
-                None => {
-                    tracing::warn!(%peer, %user, db = %dbname, "rejected by auth_hba_file");
-                    let host = peer.rsplit_once(':').map_or(peer, |(h, _)| h);
-                    fatal(
-                        stream,
-                        "28000",
-                        &format!("pg_hba.conf rejects connection for host \"{host}\", user \"{user}\", database \"{dbname}\""),
-                    )
-                    .await;
-                    return None;
-                }
-            }
-        }
-        _ => g.auth_type,
-    };
+    let auth_type = auth_type_for(cluster, stream, &dbname, &user, peer).await?;
     let known = cluster.config.users.get(&user);
     let mut looked_up = None;
     if known.and_then(|u| u.secret.as_ref()).is_none()
@@ -263,6 +245,7 @@ async fn login(
             Ok(found) => looked_up = found,
             Err(e) => {
                 tracing::warn!(%peer, %user, db = %dbname, error = %e, "auth_query failed");
+                cluster.forget_unused_auto(&dbname);
                 fatal(stream, "08P01", &e.to_string()).await;
                 return None;
             }
@@ -278,7 +261,11 @@ async fn login(
     let secret = looked_up
         .as_ref()
         .or_else(|| known.and_then(|u| u.secret.as_ref()));
-    let proof = match auth::authenticate(stream, buf, auth_type, &user, secret).await {
+    let authenticated = auth::authenticate(stream, buf, auth_type, &user, secret).await;
+    if authenticated.is_err() {
+        cluster.forget_unused_auto(&dbname);
+    }
+    let proof = match authenticated {
         Ok(p) => p,
         Err(AuthError::Closed) | Err(AuthError::Io(_)) => return None,
         Err(e) => {
@@ -364,6 +351,38 @@ async fn login(
     })))
 }
 
+/// The authentication this connection must pass: `auth_type`, or what `auth_hba_file` asks of
+/// it (for the admin console too, as PgBouncer). `None`: rejected, and the client told so.
+async fn auth_type_for(
+    cluster: &Cluster,
+    stream: &mut Stream,
+    dbname: &str,
+    user: &str,
+    peer: &str,
+) -> Option<AuthType> {
+    let g = &cluster.config.general;
+    let Some(hba) = cluster
+        .config
+        .hba
+        .as_ref()
+        .filter(|_| g.auth_type == AuthType::Hba)
+    else {
+        return Some(g.auth_type);
+    };
+    if let Some(t) = hba_auth_type(hba, stream, dbname, user) {
+        return Some(t);
+    }
+    tracing::warn!(%peer, %user, db = %dbname, "rejected by auth_hba_file");
+    let host = peer.rsplit_once(':').map_or(peer, |(h, _)| h);
+    fatal(
+        stream,
+        "28000",
+        &format!("pg_hba.conf rejects connection for host \"{host}\", user \"{user}\", database \"{dbname}\""),
+    )
+    .await;
+    None
+}
+
 /// The authentication `auth_hba_file` asks of this connection; `None` rejects it.
 fn hba_auth_type(
     hba: &crate::auth::hba::Hba,
@@ -428,11 +447,13 @@ async fn admin_login(
     buf: &mut BytesMut,
     cluster: &Arc<Cluster>,
     user: String,
+    dbname: &str,
     peer: &str,
 ) -> Option<Login> {
     let g = &cluster.config.general;
+    let auth_type = auth_type_for(cluster, stream, dbname, &user, peer).await?;
     let known = cluster.config.users.get(&user);
-    if g.auth_type == AuthType::Trust && known.is_none() {
+    if auth_type == AuthType::Trust && known.is_none() {
         // As PgBouncer: trust skips the password, but the user must still be known.
         tracing::warn!(%peer, %user, "unknown user (auth_type trust)");
         let e = AuthError::WrongPassword(user.clone());
@@ -440,7 +461,7 @@ async fn admin_login(
         return None;
     }
     let secret = known.and_then(|u| u.secret.as_ref());
-    if let Err(e) = auth::authenticate(stream, buf, g.auth_type, &user, secret).await {
+    if let Err(e) = auth::authenticate(stream, buf, auth_type, &user, secret).await {
         if !matches!(e, AuthError::Closed | AuthError::Io(_)) {
             tracing::warn!(%peer, %user, error = %e, "admin console authentication failed");
             fatal(stream, e.code(), &e.to_string()).await;

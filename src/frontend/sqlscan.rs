@@ -247,7 +247,7 @@ fn statements(sql: &str) -> (Vec<Vec<String>>, Calls) {
                 }
                 // set_config(name, value, false) sets a parameter for the session.
                 if i - start >= 10 && !calls.set_config {
-                    let word = sql[start..i].as_bytes();
+                    let word = &b[start..i];
                     calls.set_config = word[word.len() - 10..].eq_ignore_ascii_case(b"set_config");
                 }
                 if cur.is_empty() && !skip {

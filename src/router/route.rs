@@ -386,9 +386,8 @@ fn skip_quoted(b: &[u8], start: usize, escapes: bool) -> usize {
     let q = b[start];
     let mut i = start + 1;
     while i < b.len() {
-        if escapes && b[i] == b'\\' {
-            i += 2;
-        } else if b[i] == q && b.get(i + 1) == Some(&q) {
+        let escaped = escapes && b[i] == b'\\';
+        if escaped || (b[i] == q && b.get(i + 1) == Some(&q)) {
             i += 2;
         } else if b[i] == q {
             return i + 1;
