@@ -334,3 +334,45 @@ async fn unknown_users_leave_nothing_behind() {
     assert_eq!(salt("ghost").await, salt("ghost").await);
     assert_ne!(salt("ghost").await, salt("phantom").await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_that_set_state_are_followed_on_every_execution() {
+    let (_cluster, weir) = tokio::task::spawn_blocking(|| app_cluster_and_weir(ONE_SERVER))
+        .await
+        .expect("start");
+    let first = common::connect(&app_url(&weir)).await;
+    let second = common::connect(&app_url(&weir)).await;
+    let default_path = scalar(&second, "SHOW search_path").await;
+    let default_timeout = scalar(&second, "SHOW statement_timeout").await;
+    // Prepared in one transaction, executed in later ones (Bind/Execute only).
+    let set_timeout = first
+        .prepare("SET statement_timeout = '4242s'")
+        .await
+        .expect("prepare SET");
+    let set_path = first
+        .prepare("SELECT set_config('search_path', 'leaked_a', false)")
+        .await
+        .expect("prepare set_config");
+    assert_eq!(
+        scalar(&second, "SHOW statement_timeout").await,
+        default_timeout
+    );
+    for round in 0..2 {
+        first.execute(&set_timeout, &[]).await.expect("SET");
+        first.query(&set_path, &[]).await.expect("set_config");
+        assert_eq!(
+            scalar(&second, "SHOW statement_timeout").await,
+            default_timeout,
+            "round {round}: a prepared SET leaked"
+        );
+        assert_eq!(
+            scalar(&second, "SHOW search_path").await,
+            default_path,
+            "round {round}: a prepared set_config leaked"
+        );
+        assert_eq!(scalar(&first, "SHOW statement_timeout").await, "4242s");
+        assert!(scalar(&first, "SHOW search_path")
+            .await
+            .contains("leaked_a"));
+    }
+}

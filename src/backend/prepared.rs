@@ -27,9 +27,20 @@ pub struct Stmt {
     /// A server said its result type changed: clients that hold it get
     /// PostgreSQL's error, and a new Parse of the same text gets a new statement.
     retired: AtomicBool,
+    /// Its SQL changes session state (a `SET`, `set_config`, `LISTEN`, …): each execution,
+    /// in whatever later transaction, must be followed as the Parse was.
+    touches_session: AtomicBool,
 }
 
 impl Stmt {
+    pub fn mark_touches_session(&self) {
+        self.touches_session.store(true, Ordering::Relaxed);
+    }
+
+    pub fn touches_session(&self) -> bool {
+        self.touches_session.load(Ordering::Relaxed)
+    }
+
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
     }
@@ -80,6 +91,7 @@ impl Registry {
             parse: parse.freeze(),
             epoch,
             retired: AtomicBool::new(false),
+            touches_session: AtomicBool::new(false),
         });
         map.insert(Bytes::copy_from_slice(key), stmt.clone());
         stmt

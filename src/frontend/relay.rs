@@ -177,6 +177,8 @@ pub fn scan_client(
                 }
             }
             tag::FUNCTION_CALL => {
+                // A fast-path call may be set_config or anything else: inspect afterwards.
+                ctx.seen.unobserved = true;
                 progress.inflight += 1;
                 progress.after_execute = false;
                 ctx.tracker.push(Expect::Simple);
@@ -265,7 +267,8 @@ fn rewrite_extended(
     match t {
         tag::PARSE => {
             let (name, rest) = prepared::parse_parts(msg).ok_or(WireError::Malformed("Parse"))?;
-            if let Some(q) = prepared::parse_query(rest) {
+            let query = prepared::parse_query(rest);
+            if let Some(q) = query {
                 observe_sql(q, ctx);
             }
             if name.is_empty() || !named {
@@ -283,6 +286,9 @@ fn rewrite_extended(
                 return Ok(Some(BytesMut::new()));
             }
             let stmt = ctx.registry.intern(rest);
+            if query.is_some_and(sqlscan::touches_session) {
+                stmt.mark_touches_session();
+            }
             ctx.stmts.insert(name, stmt.clone());
             if ctx.server.contains(stmt.id) {
                 ctx.server.touch(stmt.id);
@@ -307,6 +313,14 @@ fn rewrite_extended(
                     return Ok(None);
                 }
             };
+            if stmt.touches_session() {
+                // Executed again, maybe in a later transaction than its Parse.
+                if let Some(q) = prepared::parse_parts(&stmt.parse)
+                    .and_then(|(_, rest)| prepared::parse_query(rest))
+                {
+                    observe_sql(q, ctx);
+                }
+            }
             let mut out = BytesMut::with_capacity(msg.len() + 16);
             if !ensure_on_server(&stmt, ctx, &mut out) {
                 return Ok(Some(out));

@@ -85,6 +85,15 @@ pub fn observe(sql: &str, seen: &mut Seen) {
     }
 }
 
+/// Whether `sql` changes session state that outlives its transaction (so each execution of a
+/// prepared statement with this text must be followed). DDL alone does not count.
+pub fn touches_session(sql: &str) -> bool {
+    let mut seen = Seen::default();
+    observe(sql, &mut seen);
+    seen.ddl = false;
+    !seen.is_empty()
+}
+
 fn observe_statement(words: &[String], seen: &mut Seen) {
     let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
     match w(0) {
