@@ -6,7 +6,7 @@
 //! Only statement-initial keywords are read (plus a search for advisory-lock
 //! calls), skipping quotes, dollar quotes and comments; no full parse.
 
-use crate::router::shape::{skip_block_comment, skip_dollar_quote, skip_quoted};
+use crate::router::shape::{skip_block_comment, skip_dollar_quote, skip_quoted, word_end};
 
 /// Server state a client left that another client must not inherit.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -231,14 +231,7 @@ fn statements(sql: &str) -> (Vec<Vec<String>>, Calls) {
             b'$' => i = skip_dollar_quote(b, i),
             c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
                 let start = i;
-                while i < b.len()
-                    && (b[i].is_ascii_alphanumeric()
-                        || b[i] == b'_'
-                        || b[i] == b'$'
-                        || b[i] >= 0x80)
-                {
-                    i += 1;
-                }
+                i = word_end(b, i);
                 // Dotted names (custom GUCs such as myapp.tenant) stay one word.
                 while i < b.len()
                     && b[i] == b'.'

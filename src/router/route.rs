@@ -362,14 +362,7 @@ pub fn for_each_comment(sql: &str, mut f: impl FnMut(&str) -> bool) {
             c if c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80 => {
                 // A word: `$` inside it (a$b) is not a dollar quote.
                 let start = i;
-                while i < b.len()
-                    && (b[i].is_ascii_alphanumeric()
-                        || b[i] == b'_'
-                        || b[i] == b'$'
-                        || b[i] >= 0x80)
-                {
-                    i += 1;
-                }
+                i = shape::word_end(b, i);
                 // E'…' (the word is just E) takes backslash escapes; DATE'…' does not.
                 if i == start + 1 && matches!(b[start], b'E' | b'e') && b.get(i) == Some(&b'\'') {
                     i = skip_quoted(b, i, true);

@@ -195,14 +195,7 @@ pub fn lift(sql: &str) -> Option<Shape<'_>> {
             }
             c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
                 let start = i;
-                while i < b.len()
-                    && (b[i].is_ascii_alphanumeric()
-                        || b[i] == b'_'
-                        || b[i] == b'$'
-                        || b[i] >= 0x80)
-                {
-                    i += 1;
-                }
+                i = word_end(b, i);
                 prev_word.clear();
                 prev_word.push_str(&sql[start..i]);
                 prev = Tok::Other;
@@ -243,6 +236,18 @@ fn values_level(prev_word: &str) -> bool {
 /// across a newline in SQL) or typed by a preceding keyword is left alone.
 fn followed_by_quote(b: &[u8], end: usize) -> bool {
     b.get(end) == Some(&b'\'')
+}
+
+/// The end of an identifier or keyword starting at `start`: letters, digits, `_`, `$` (inside
+/// a word, as in `a$b`, it is no dollar quote) and non-ASCII bytes.
+pub(crate) fn word_end(b: &[u8], start: usize) -> usize {
+    let mut i = start;
+    while i < b.len()
+        && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] >= 0x80)
+    {
+        i += 1;
+    }
+    i
 }
 
 /// The end of a quoted token starting at `start` (`'…'`, `"…"`, doubled
