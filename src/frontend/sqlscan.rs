@@ -223,7 +223,10 @@ fn statements(sql: &str) -> (Vec<Vec<String>>, Calls) {
                     skip = true;
                 }
                 if !skip && cur.len() < MAX_WORDS {
-                    cur.push(sql[i + 1..end.saturating_sub(1).max(i + 1)].replace("\"\"", "\""));
+                    // Without its closing quote (unterminated) the name runs to the end.
+                    let closed = end > i + 1 && b[end - 1] == b'"';
+                    let inner = &b[i + 1..if closed { end - 1 } else { end }];
+                    cur.push(String::from_utf8_lossy(inner).replace("\"\"", "\""));
                 }
                 i = end;
             }
@@ -337,6 +340,13 @@ mod tests {
         assert!(seen("select PG_CATALOG.SET_CONFIG('a.b', '1', false)").unobserved);
         assert!(!seen("SELECT 'set_config(1)'").unobserved);
         assert!(!seen("SELECT my_set_configs()").unobserved);
+    }
+
+    #[test]
+    fn unterminated_quoted_name_ending_in_multibyte_text() {
+        // Found by the sql_routing fuzz target: used to slice inside the 'é'.
+        assert_eq!(seen("SET \"é").params, vec!["é"]);
+        assert_eq!(seen("SET \"a\"\"b\" = 1").params, vec!["a\"b"]);
     }
 
     #[test]

@@ -54,9 +54,6 @@ fn read_body(msg: &[u8]) {
     }
     let _ = prepared::bind_parts(msg);
     let _ = prepared::target_parts(msg);
-    if bind_count_is_negative(msg) {
-        return;
-    }
     if let Some(params) = BindParams::parse(msg) {
         for n in 0..=17 {
             let _ = params.get(n);
@@ -64,26 +61,6 @@ fn read_body(msg: &[u8]) {
     }
     for pos in [0, 5, msg.len(), msg.len() + 1] {
         let _ = wire::cstr(msg, pos);
-    }
-}
-
-/// KNOWN BUG, reported and not ours to fix (src/router/route.rs): `BindParams::parse` casts
-/// the i16 format and parameter counts straight to `usize`, so a negative count asks
-/// `Vec::with_capacity` for nearly `usize::MAX` and panics ("capacity overflow"). Such
-/// messages skip that reader until it is fixed; then delete this. Reproducers:
-/// `fuzz/regressions/frame_scanner/bind-negative-*`.
-fn bind_count_is_negative(msg: &[u8]) -> bool {
-    let Some((_, _, rest)) = prepared::bind_parts(msg) else {
-        return false;
-    };
-    let count = |at: usize| {
-        rest.get(at..at + 2)
-            .map(|b| i16::from_be_bytes([b[0], b[1]]))
-    };
-    match count(0) {
-        Some(n) if n < 0 => true,
-        Some(n) => count(2 + 2 * n as usize).is_some_and(|n| n < 0),
-        None => false,
     }
 }
 

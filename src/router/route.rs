@@ -405,16 +405,19 @@ impl<'a> BindParams<'a> {
         let (_, pos) = crate::wire::cstr(body, 0)?;
         let (_, mut pos) = crate::wire::cstr(body, pos)?;
         let rd16 = |p: usize| body.get(p..p + 2).map(|b| i16::from_be_bytes([b[0], b[1]]));
-        let nfmt = rd16(pos)? as usize;
+        // Counts are int16: a negative one is malformed (as PostgreSQL says), and capacity is
+        // bounded by what the message can hold.
+        let count = |p: usize| rd16(p).and_then(|c| usize::try_from(c).ok());
+        let nfmt = count(pos)?;
         pos += 2;
-        let mut formats = Vec::with_capacity(nfmt);
+        let mut formats = Vec::with_capacity(nfmt.min(body.len() / 2));
         for _ in 0..nfmt {
             formats.push(rd16(pos)?);
             pos += 2;
         }
-        let n = rd16(pos)? as usize;
+        let n = count(pos)?;
         pos += 2;
-        let mut values = Vec::with_capacity(n);
+        let mut values = Vec::with_capacity(n.min(body.len() / 4));
         for _ in 0..n {
             let len = i32::from_be_bytes(body.get(pos..pos + 4)?.try_into().ok()?);
             pos += 4;
@@ -621,6 +624,13 @@ mod tests {
         assert!(
             matches!(decide(&r, &sql), Decision::Refuse(m) if m.contains("more than one shard"))
         );
+    }
+
+    #[test]
+    fn negative_bind_counts_are_malformed() {
+        // Found by the frame_scanner fuzz target: used to panic with "capacity overflow".
+        assert!(BindParams::parse(b"B\0\0\0\x08\0\0\xff\xff").is_none());
+        assert!(BindParams::parse(b"B\0\0\0\x0a\0\0\0\0\xff\xff").is_none());
     }
 
     #[test]
