@@ -151,7 +151,14 @@ async fn cleartext(
         && match secret {
             Secret::Plain(p) => md5::same(p.as_bytes(), given.as_bytes()),
             Secret::Md5(h) => md5::same(md5::inner_hash(user, given).as_bytes(), h.as_bytes()),
-            Secret::Scram(v) => scram_matches_plain(v, given),
+            Secret::Scram(v) => {
+                // PBKDF2 with the verifier's iteration count (which auth_query may supply):
+                // off the reactor, as every key derivation.
+                let (v, pw) = (v.clone(), given.to_string());
+                tokio::task::spawn_blocking(move || scram_matches_plain(&v, &pw))
+                    .await
+                    .unwrap_or(false)
+            }
         };
     if ok {
         Ok(Proof {
