@@ -16,7 +16,10 @@
 # Traffic (1,000 clients in all), each pgbench with --max-tries=1 so any error counts:
 #   simple    400 clients  pgbench -S -M simple         (select-only, unsharded)
 #   extended  300 clients  pgbench -b simple-update -M extended
-#   prepared  200 clients  pgbench -b select-only@4 -b simple-update@1 -M prepared
+#   prepared  200 clients  pgbench -S -M prepared
+#             (select-only: pgbench 15 prepares with a blocking PQprepare, so one pgbench thread
+#             whose other clients hold every server inside BEGIN … END waits for itself — with
+#             any pooler whose pool is smaller than the clients of a thread)
 #   sharded   100 clients  key-routed SELECT + UPDATE on a 2-shard database, -M extended
 set -euo pipefail
 
@@ -34,7 +37,7 @@ TOTAL_CLIENTS=1000
 WORKLOADS=(
     "simple 400 simple -S bench"
     "extended 300 extended -b simple-update bench"
-    "prepared 200 prepared -b select-only@4 -b simple-update@1 bench"
+    "prepared 200 prepared -S bench"
     "sharded 100 extended -f SHARDED_SCRIPT shop"
 )
 
