@@ -126,6 +126,15 @@ impl RawClient {
         }
     }
 
+    /// Gives up the logged-in socket, for tests that write frames no driver would send.
+    pub fn into_stream(self) -> TcpStream {
+        assert!(
+            self.inbox.is_empty() && self.outbox.is_empty(),
+            "raw client: unread or unsent bytes when giving up the socket"
+        );
+        self.stream
+    }
+
     /// Queues Parse of `sql` as statement `name` (no parameter types given).
     pub fn parse(&mut self, name: &str, sql: &str) -> &mut Self {
         let mut msg = start(b'P');
