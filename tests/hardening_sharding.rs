@@ -10,19 +10,10 @@ use std::time::Duration;
 
 use support::common::{self, eventually};
 use support::{
-    simple, sqlstate_and_message, weir_config_with, Key, KeyGen, Row, Shop, NOTES, SHARDS,
+    assert_no_problems, simple, sqlstate_and_message, weir_config_with, Key, KeyGen, Row, Shop,
+    NOTES, SHARDS,
 };
 use tokio_postgres::types::{ToSql, Type};
-
-/// Panics listing every problem found, if any.
-fn assert_no_problems(what: &str, problems: &[String]) {
-    assert!(
-        problems.is_empty(),
-        "{what}: {} problem(s):\n  {}",
-        problems.len(),
-        problems.join("\n  ")
-    );
-}
 
 /// A key of `notes` (text) on each shard, distinct from every other test key.
 fn keys(seed: u64) -> [Vec<Key>; SHARDS] {

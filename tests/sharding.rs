@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use support::common::{self, eventually, quote_literal};
 use support::{
-    crash, eventually_async, insert_literals, insert_parameters, scalar, simple, simple_count,
-    sqlstate_and_message, Key, KeyGen, Row, Shop, Table, ACCOUNTS, DEVICES, NOTES, ORDERS, SHARDS,
-    TABLES,
+    assert_no_problems, crash, eventually_async, insert_literals, insert_parameters, scalar,
+    simple, simple_count, sqlstate_and_message, Key, KeyGen, Row, Shop, Table, ACCOUNTS, DEVICES,
+    NOTES, ORDERS, SHARDS, TABLES,
 };
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
@@ -32,16 +32,6 @@ use weir::router::KeyType;
 
 /// How long replication, bans and restarts get to take effect.
 const SETTLE: Duration = Duration::from_secs(20);
-
-/// Panics listing every problem found, if any.
-fn assert_no_problems(what: &str, problems: &[String]) {
-    assert!(
-        problems.is_empty(),
-        "{what}: {} problem(s):\n  {}",
-        problems.len(),
-        problems.join("\n  ")
-    );
-}
 
 /// Whether a statement was refused with SQLSTATE 0A000 and a message containing `needles`.
 fn refused<T>(result: &Result<T, String>, needles: &[&str]) -> bool {

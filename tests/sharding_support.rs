@@ -793,3 +793,13 @@ pub fn crash(cluster: &PgCluster) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Panics listing every problem found, if any.
+pub fn assert_no_problems(what: &str, problems: &[String]) {
+    assert!(
+        problems.is_empty(),
+        "{what}: {} problem(s):\n  {}",
+        problems.len(),
+        problems.join("\n  ")
+    );
+}
