@@ -44,6 +44,8 @@ pub struct App {
     pub cancels: CancelRegistry,
     /// Weir-wide prepared statements (query text and types → `weir_<n>`).
     pub statements: backend::prepared::Registry,
+    /// One copy of each distinct client parameter set (see `SharedParams`).
+    pub param_sets: backend::params::SharedParams,
     /// Connected clients (for max_client_conn).
     pub clients: AtomicUsize,
     /// Clients currently holding a server connection.
@@ -74,6 +76,7 @@ impl App {
             generation: AtomicU64::new(0),
             cancels: CancelRegistry::default(),
             statements: backend::prepared::Registry::default(),
+            param_sets: backend::params::SharedParams::default(),
             clients: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
             fresh: AtomicUsize::new(0),

@@ -43,6 +43,16 @@ impl Stream {
         }
     }
 
+    /// Waits until a read would make progress, without a buffer to read into: an idle
+    /// client holds none. Under TLS rustls keeps its own buffers, so this returns at once.
+    pub async fn readable(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.readable().await,
+            Stream::Unix(s) => s.readable().await,
+            Stream::Tls(_) | Stream::Closed => Ok(()),
+        }
+    }
+
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))
     }

@@ -8,6 +8,7 @@
 
 use crate::config::duration;
 use crate::config::{Config, General, NameList, PoolMode};
+use std::sync::Arc;
 use std::time::Duration;
 
 type Getter = fn(&General) -> String;
@@ -288,7 +289,7 @@ fn validate(g: &General) -> Result<(), String> {
 /// still equal the old global value took it from there and follow the change.
 fn inherit(old: &General, new: &mut Config) {
     let g = new.general.clone();
-    for db in new.databases.values_mut() {
+    for db in new.databases.values_mut().map(Arc::make_mut) {
         if db.min_pool_size == old.min_pool_size {
             db.min_pool_size = g.min_pool_size;
         }

@@ -109,7 +109,7 @@ impl Snapshot {
     pub(super) fn pool_user(&self, c: &ClientInfo) -> String {
         self.config
             .database(&c.database)
-            .and_then(|d| d.user)
+            .and_then(|d| d.user.clone())
             .unwrap_or_else(|| c.user.clone())
     }
 

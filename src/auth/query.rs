@@ -6,6 +6,7 @@ use crate::backend::params::quote_literal;
 use crate::cluster::Cluster;
 use crate::config::secret::Secret;
 use crate::config::Database;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Bound on one lookup (connecting included).
@@ -39,7 +40,7 @@ pub async fn lookup(
             .config
             .database(name)
             .ok_or_else(|| LookupError::NoAuthDatabase(name.clone()))?,
-        None => db.clone(),
+        None => Arc::new(db.clone()),
     };
     let pool = cluster.pool(&target, auth_user);
     let sql = query_for(&db.auth_query, user);

@@ -7,6 +7,7 @@ mod maintenance;
 pub mod params;
 pub mod pool;
 pub mod prepared;
+pub mod queue;
 
 pub use conn::{ServerConn, Target};
 pub use pool::{CheckoutError, Pool, PoolSettings};

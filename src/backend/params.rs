@@ -19,6 +19,10 @@ pub fn is_tracked(name: &str) -> bool {
         .any(|k| k.eq_ignore_ascii_case(name))
 }
 
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
     key: String,
@@ -28,10 +32,12 @@ struct Entry {
     reported: bool,
 }
 
-/// A small ordered map of parameters, keyed case-insensitively.
+/// A small ordered map of parameters, keyed case-insensitively. The entries are shared
+/// copy-on-write: most clients want the same parameters, and [`SharedParams`] lets them
+/// hold one copy between them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ParamSet {
-    entries: Vec<Entry>,
+    entries: Arc<Vec<Entry>>,
     /// Order-independent hash of the entries (key, value, reported).
     hash: u64,
     /// On a server's set: the hash of a client set found to need no sync
@@ -103,10 +109,11 @@ impl ParamSet {
     fn put(&mut self, name: &str, value: &str, reported: bool) {
         match self.find(name) {
             Some(i) => {
-                let e = &mut self.entries[i];
+                let e = &self.entries[i];
                 if e.value == value && (e.reported || !reported) {
                     return;
                 }
+                let e = &mut Arc::make_mut(&mut self.entries)[i];
                 if e.value != value {
                     e.value.clear();
                     e.value.push_str(value);
@@ -116,7 +123,7 @@ impl ParamSet {
                     e.name = name.to_string();
                 }
             }
-            None => self.entries.push(Entry {
+            None => Arc::make_mut(&mut self.entries).push(Entry {
                 key: name.to_ascii_lowercase(),
                 name: name.to_string(),
                 value: value.to_string(),
@@ -143,7 +150,7 @@ impl ParamSet {
 
     pub fn remove(&mut self, name: &str) {
         if let Some(i) = self.find(name) {
-            self.entries.remove(i);
+            Arc::make_mut(&mut self.entries).remove(i);
             self.changed();
         }
     }
@@ -158,12 +165,13 @@ impl ParamSet {
     /// parameters of a fresh server connection.
     pub fn tracked_defaults(&self) -> ParamSet {
         let mut p = ParamSet {
-            entries: self
-                .entries
-                .iter()
-                .filter(|e| TRACKED_REPORTED.contains(&e.key.as_str()))
-                .cloned()
-                .collect(),
+            entries: Arc::new(
+                self.entries
+                    .iter()
+                    .filter(|e| TRACKED_REPORTED.contains(&e.key.as_str()))
+                    .cloned()
+                    .collect(),
+            ),
             ..ParamSet::default()
         };
         p.changed();
@@ -176,7 +184,7 @@ impl ParamSet {
     pub fn sync_statement(&self, wanted: &ParamSet) -> Option<(String, Vec<String>)> {
         let mut sets = Vec::new();
         let mut changed = Vec::new();
-        for e in &wanted.entries {
+        for e in wanted.entries.iter() {
             if self.get(&e.key) != Some(e.value.as_str()) {
                 sets.push(format!(
                     "pg_catalog.set_config({}, {}, false)",
@@ -187,7 +195,7 @@ impl ParamSet {
             }
         }
         let mut resets = Vec::new();
-        for e in &self.entries {
+        for e in self.entries.iter() {
             if !e.reported && wanted.find(&e.key).is_none() {
                 resets.push(format!("RESET {}", quote_ident(&e.key)));
                 changed.push(e.key.clone());
@@ -221,7 +229,7 @@ impl ParamSet {
                     let e = wanted.entries[i].clone();
                     if TRACKED_REPORTED.contains(&e.key.as_str()) && self.get(key).is_some() {
                         let v = self.get(key).unwrap_or_default().to_string();
-                        wanted.entries[i].value = v;
+                        Arc::make_mut(&mut wanted.entries)[i].value = v;
                         wanted.changed();
                     } else {
                         self.put(&e.name, &e.value, false);
@@ -230,6 +238,61 @@ impl ParamSet {
                 None => self.remove(key),
             }
         }
+    }
+}
+
+/// Logins whose parameter sets are equal share one copy of the entries (a thousand idle
+/// clients of one app hold one set, not a thousand).
+#[derive(Default)]
+pub struct SharedParams {
+    sets: Mutex<SharedSets>,
+}
+
+#[derive(Default)]
+struct SharedSets {
+    by_hash: HashMap<u64, Vec<Weak<Vec<Entry>>>>,
+    /// Insertions since sets nobody holds any more were forgotten.
+    since_prune: usize,
+}
+
+/// Forget unheld sets after this many new ones.
+const PRUNE_EVERY: usize = 1024;
+
+impl SharedParams {
+    /// Makes `set` share the entries of an equal set already held, or offers its own.
+    pub fn share(&self, set: &mut ParamSet) {
+        let mut sets = self.sets.lock();
+        let bucket = sets.by_hash.entry(set.hash).or_default();
+        for held in bucket.iter().filter_map(Weak::upgrade) {
+            if *held == *set.entries {
+                set.entries = held;
+                return;
+            }
+        }
+        bucket.retain(|w| w.strong_count() > 0);
+        bucket.push(Arc::downgrade(&set.entries));
+        sets.since_prune += 1;
+        if sets.since_prune >= PRUNE_EVERY {
+            sets.since_prune = 0;
+            sets.by_hash.retain(|_, b| {
+                b.retain(|w| w.strong_count() > 0);
+                !b.is_empty()
+            });
+        }
+    }
+
+    /// Distinct sets held (for tests and SHOW MEM-like views).
+    pub fn len(&self) -> usize {
+        let sets = self.sets.lock();
+        sets.by_hash
+            .values()
+            .flatten()
+            .filter(|w| w.strong_count() > 0)
+            .count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -291,6 +354,23 @@ mod tests {
         let w = set(&[("TimeZone", "UTC")]);
         let (sql, _) = s.sync_statement(&w).unwrap();
         assert_eq!(sql, "RESET \"search_path\"");
+    }
+
+    #[test]
+    fn equal_sets_share_entries_until_one_changes() {
+        let shared = SharedParams::default();
+        let mut a = set(&[("TimeZone", "UTC"), ("DateStyle", "ISO, MDY")]);
+        let mut b = set(&[("TimeZone", "UTC"), ("DateStyle", "ISO, MDY")]);
+        shared.share(&mut a);
+        shared.share(&mut b);
+        assert!(Arc::ptr_eq(&a.entries, &b.entries));
+        assert_eq!(shared.len(), 1);
+        b.set("TimeZone", "Asia/Tokyo");
+        assert!(!Arc::ptr_eq(&a.entries, &b.entries));
+        assert_eq!(a.get("timezone"), Some("UTC"));
+        assert_eq!(b.get("timezone"), Some("Asia/Tokyo"));
+        drop(a);
+        assert_eq!(shared.len(), 0);
     }
 
     #[test]

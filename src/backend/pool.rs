@@ -8,17 +8,17 @@
 use super::conn::{ConnectError, ServerConn, Target};
 use super::login::Credentials;
 use super::params::ParamSet;
+use super::queue::{Counts, Grant, Limits, Pooled, Queue, Start};
 use crate::config::secret::Secret;
 use crate::config::PoolMode;
 use crate::metrics::PoolMetrics;
 use crate::stats::{PoolTotals, Registry, ServerInfo};
 use parking_lot::Mutex;
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 
 /// The fixed settings of one pool; two pools with equal settings are
 /// interchangeable, which is how reload keeps connections.
@@ -53,7 +53,7 @@ pub struct Pool {
     pub settings: PoolSettings,
     /// The client user whose login created the pool (settings derive from it).
     pub client_user: String,
-    state: Mutex<State>,
+    queue: Queue<ServerConn>,
     scram_key: Mutex<Option<[u8; 32]>>,
     /// A secret `auth_query` found, for users no config or auth file lists.
     looked_up: Mutex<Option<Secret>>,
@@ -70,24 +70,6 @@ pub struct Pool {
     pub servers: Registry<ServerInfo>,
 }
 
-#[derive(Default)]
-struct State {
-    /// Idle connections, most recently used last (LIFO, as PgBouncer's default).
-    idle: Vec<ServerConn>,
-    /// Connections that exist or are being opened (idle + lent + connecting).
-    total: usize,
-    /// Queued clients: waiter id, when its checkout began, where to hand over.
-    waiters: VecDeque<(u64, Instant, oneshot::Sender<Handoff>)>,
-    next_waiter: u64,
-}
-
-/// What a waiting client receives: a ready connection, or the right to open one.
-#[allow(clippy::large_enum_variant)] // moved once per hand-off; boxing would allocate
-enum Handoff {
-    Conn(ServerConn),
-    Slot(Slot),
-}
-
 /// The right to one server connection in a pool. Dropping it frees the slot
 /// for the next waiter (or shrinks the pool).
 pub struct Slot {
@@ -102,20 +84,19 @@ impl Drop for Slot {
             if let Some(id) = self.server {
                 pool.servers.remove(id);
             }
-            pool.release_slot();
+            pool.queue.release_slot();
         }
     }
 }
 
-/// Snapshot of a pool for SHOW POOLS and metrics.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PoolCounts {
-    pub idle: usize,
-    pub total: usize,
-    pub waiting: usize,
-    /// How long the oldest queued client has waited (PgBouncer's maxwait).
-    pub max_wait: Duration,
+impl Pooled for ServerConn {
+    fn is_alive(&self) -> bool {
+        ServerConn::is_alive(self)
+    }
 }
+
+/// Snapshot of a pool for SHOW POOLS and metrics.
+pub type PoolCounts = Counts;
 
 impl Drop for Pool {
     fn drop(&mut self) {
@@ -127,10 +108,16 @@ impl Drop for Pool {
 impl Pool {
     pub fn new(settings: PoolSettings, client_user: &str) -> Arc<Pool> {
         let metrics = PoolMetrics::new(&settings);
+        let limits = Limits {
+            pool_size: settings.pool_size,
+            reserve_size: settings.reserve_size,
+            reserve_timeout: settings.reserve_timeout,
+            wait_timeout: settings.query_wait_timeout,
+        };
         let pool = Arc::new(Pool {
             settings,
             client_user: client_user.to_string(),
-            state: Mutex::new(State::default()),
+            queue: Queue::new(limits),
             scram_key: Mutex::new(None),
             looked_up: Mutex::new(None),
             defaults: Mutex::new(None),
@@ -147,24 +134,19 @@ impl Pool {
     }
 
     pub fn counts(&self) -> PoolCounts {
-        let st = self.state.lock();
-        PoolCounts {
-            idle: st.idle.len(),
-            total: st.total,
-            waiting: st.waiters.len(),
-            max_wait: st
-                .waiters
-                .front()
-                .map_or(Duration::ZERO, |(_, since, _)| since.elapsed()),
-        }
+        self.queue.counts()
+    }
+
+    /// The lending queue, for the housekeeping task's sweep.
+    pub(super) fn queue(&self) -> &Queue<ServerConn> {
+        &self.queue
     }
 
     /// Marks the pool as replaced by a reload: returned connections are closed.
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Release);
         self.mark_close_needed();
-        let idle = std::mem::take(&mut self.state.lock().idle);
-        drop(idle);
+        drop(self.queue.take_idle());
     }
 
     /// PAUSE: new checkouts wait until [`Pool::resume`].
@@ -183,16 +165,15 @@ impl Pool {
 
     /// Servers currently lent to clients.
     pub fn active(&self) -> usize {
-        let st = self.state.lock();
-        st.total.saturating_sub(st.idle.len())
+        let c = self.queue.counts();
+        c.total.saturating_sub(c.idle)
     }
 
     /// RECONNECT: close idle connections now and the lent ones when returned.
     pub fn reconnect(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.mark_close_needed();
-        let idle = std::mem::take(&mut self.state.lock().idle);
-        drop(idle);
+        drop(self.queue.take_idle());
     }
 
     /// Flags every open connection for SHOW SERVERS' close_needed.
@@ -251,82 +232,12 @@ impl Pool {
             }
             resumed.await;
         }
-        #[allow(clippy::large_enum_variant)]
-        enum First {
-            Idle(ServerConn),
-            Open,
-            Wait(u64, oneshot::Receiver<Handoff>),
-        }
-        let mut dead = Vec::new();
-        let first = {
-            let mut st = self.state.lock();
-            let mut found = None;
-            while let Some(conn) = st.idle.pop() {
-                if conn.is_alive() {
-                    found = Some(conn);
-                    break;
-                }
-                dead.push(conn);
-            }
-            if let Some(conn) = found {
-                First::Idle(conn)
-            } else if st.total < self.settings.pool_size {
-                st.total += 1;
-                First::Open
-            } else {
-                let id = st.next_waiter;
-                st.next_waiter += 1;
-                let (tx, rx) = oneshot::channel();
-                st.waiters.push_back((id, start, tx));
-                First::Wait(id, rx)
-            }
+        let grant = match self.queue.start(start) {
+            Start::Idle(conn) => Grant::Conn(conn),
+            Start::Open => Grant::Slot,
+            Start::Wait(ticket) => ticket.wait().await,
         };
-        drop(dead);
-        let (id, rx) = match first {
-            First::Idle(mut conn) => {
-                self.record_wait(start);
-                conn.last_used = Instant::now();
-                return Ok(conn);
-            }
-            First::Open => return self.open(self.new_slot(), start).await,
-            First::Wait(id, rx) => (id, rx),
-        };
-        let mut waiter = WaiterGuard {
-            pool: self,
-            id,
-            rx,
-            done: false,
-        };
-        let reserve_at = tokio::time::Instant::from_std(start + self.settings.reserve_timeout);
-        let mut reserve_armed = self.settings.reserve_size > 0;
-        let deadline = (!self.settings.query_wait_timeout.is_zero())
-            .then(|| tokio::time::Instant::from_std(start + self.settings.query_wait_timeout));
-        loop {
-            tokio::select! {
-                handoff = &mut waiter.rx => {
-                    waiter.done = true;
-                    return match handoff {
-                        Ok(h) => self.take(h, start).await,
-                        // The sender is only dropped with the pool itself.
-                        Err(_) => Err(CheckoutError::WaitTimeout),
-                    };
-                }
-                _ = tokio::time::sleep_until(reserve_at), if reserve_armed => {
-                    reserve_armed = false;
-                    if let Some(h) = self.try_reserve(id, &mut waiter.rx) {
-                        waiter.done = true;
-                        return self.take(h, start).await;
-                    }
-                }
-                _ = sleep_until_opt(deadline) => {
-                    waiter.done = true;
-                    return match self.leave_queue(id, &mut waiter.rx) {
-                        Some(h) => self.take(h, start).await,
-                        None => Err(CheckoutError::WaitTimeout),
-                    };
-                }
-            }
-        }
+        self.take(grant, start).await
     }
 
     fn new_slot(self: &Arc<Self>) -> Slot {
@@ -338,16 +249,16 @@ impl Pool {
 
     async fn take(
         self: &Arc<Self>,
-        h: Handoff,
+        grant: Grant<ServerConn>,
         start: Instant,
     ) -> Result<ServerConn, CheckoutError> {
-        match h {
-            Handoff::Conn(mut conn) if conn.is_alive() => {
+        match grant {
+            Grant::Conn(mut conn) if conn.is_alive() => {
                 self.record_wait(start);
                 conn.last_used = Instant::now();
                 Ok(conn)
             }
-            Handoff::Conn(mut conn) => {
+            Grant::Conn(mut conn) => {
                 // A dead connection: keep its slot and open a fresh one with it.
                 let mut slot = conn.slot.take().unwrap_or_else(|| self.new_slot());
                 // The slot outlives its dead connection: unlist that one.
@@ -357,36 +268,16 @@ impl Pool {
                 drop(conn);
                 self.open(slot, start).await
             }
-            Handoff::Slot(slot) => self.open(slot, start).await,
+            Grant::Slot => {
+                if start.elapsed() >= self.settings.reserve_timeout
+                    && self.queue.counts().total > self.settings.pool_size
+                {
+                    tracing::info!(db = %self.settings.database, user = %self.settings.user, "opening reserve connection");
+                }
+                self.open(self.new_slot(), start).await
+            }
+            Grant::TimedOut => Err(CheckoutError::WaitTimeout),
         }
-    }
-
-    /// Opens a reserve connection for waiter `id` if the reserve has room.
-    fn try_reserve(
-        self: &Arc<Self>,
-        id: u64,
-        rx: &mut oneshot::Receiver<Handoff>,
-    ) -> Option<Handoff> {
-        let mut st = self.state.lock();
-        if st.total >= self.settings.pool_size + self.settings.reserve_size {
-            return None;
-        }
-        st.waiters.retain(|(w, _, _)| *w != id);
-        if let Ok(h) = rx.try_recv() {
-            return Some(h);
-        }
-        st.total += 1;
-        drop(st);
-        tracing::info!(db = %self.settings.database, user = %self.settings.user, "opening reserve connection");
-        Some(Handoff::Slot(self.new_slot()))
-    }
-
-    /// Removes waiter `id`; returns a hand-off that raced with the removal.
-    fn leave_queue(&self, id: u64, rx: &mut oneshot::Receiver<Handoff>) -> Option<Handoff> {
-        let mut st = self.state.lock();
-        st.waiters.retain(|(w, _, _)| *w != id);
-        drop(st);
-        rx.try_recv().ok()
     }
 
     async fn open(
@@ -464,105 +355,30 @@ impl Pool {
         {
             return; // dropping closes it and frees the slot
         }
-        let mut st = self.state.lock();
-        let mut handoff = Handoff::Conn(conn);
-        while let Some((_, _, tx)) = st.waiters.pop_front() {
-            match tx.send(handoff) {
-                Ok(()) => return,
-                Err(back) => handoff = back,
-            }
-        }
-        if let Handoff::Conn(conn) = handoff {
-            st.idle.push(conn);
-        }
-    }
-
-    /// Called when a slot is freed: hand it to the next waiter or shrink.
-    fn release_slot(self: &Arc<Self>) {
-        let mut st = self.state.lock();
-        while let Some((_, _, tx)) = st.waiters.pop_front() {
-            match tx.send(Handoff::Slot(Slot {
-                pool: Arc::downgrade(self),
-                server: None,
-            })) {
-                Ok(()) => return,
-                // The same slot comes back; forget it rather than drop it here.
-                Err(Handoff::Slot(slot)) => std::mem::forget(slot),
-                Err(Handoff::Conn(_)) => unreachable!("only slots are sent here"),
-            }
-        }
-        st.total = st.total.saturating_sub(1);
+        self.queue.checkin(conn);
     }
 
     /// Takes idle connections past their lifetime or idle timeout (keeping
     /// `min_pool_size`), for the maintenance task to close outside the lock.
     pub(super) fn expire_idle(&self) -> Vec<ServerConn> {
-        let mut st = self.state.lock();
         let now = Instant::now();
-        let keep_min = self.settings.min_pool_size;
-        let mut expired = Vec::new();
-        let mut i = 0;
-        while i < st.idle.len() {
-            let c = &st.idle[i];
-            let too_old = now.duration_since(c.created) >= self.settings.server_lifetime;
-            let idle_long = !self.settings.server_idle_timeout.is_zero()
-                && now.duration_since(c.last_used) >= self.settings.server_idle_timeout
-                && st.total - expired.len() > keep_min;
-            if too_old || idle_long || !c.is_alive() {
-                expired.push(st.idle.remove(i));
-            } else {
-                i += 1;
-            }
-        }
-        expired
+        let s = &self.settings;
+        self.queue.take_idle_where(|c, total| {
+            let too_old = now.duration_since(c.created) >= s.server_lifetime;
+            let idle_long = !s.server_idle_timeout.is_zero()
+                && now.duration_since(c.last_used) >= s.server_idle_timeout
+                && total > s.min_pool_size;
+            too_old || idle_long || !c.is_alive()
+        })
     }
 
     /// Opens connections up to `min_pool_size` (only when nobody is waiting).
     pub(super) async fn fill_min(self: &Arc<Self>) {
-        loop {
-            {
-                let mut st = self.state.lock();
-                if st.total >= self.settings.min_pool_size || !st.waiters.is_empty() {
-                    return;
-                }
-                st.total += 1;
-            }
+        while self.queue.claim_spare(self.settings.min_pool_size) {
             match self.open(self.new_slot(), Instant::now()).await {
                 Ok(conn) => self.checkin(conn),
                 Err(_) => return,
             }
         }
-    }
-}
-
-/// A place in the queue; leaving it early (client gone) removes it, and a
-/// connection handed over in that instant goes back to the pool.
-struct WaiterGuard<'a> {
-    pool: &'a Arc<Pool>,
-    id: u64,
-    rx: oneshot::Receiver<Handoff>,
-    done: bool,
-}
-
-impl Drop for WaiterGuard<'_> {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        self.pool
-            .state
-            .lock()
-            .waiters
-            .retain(|(w, _, _)| *w != self.id);
-        if let Ok(Handoff::Conn(conn)) = self.rx.try_recv() {
-            self.pool.checkin(conn);
-        }
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }

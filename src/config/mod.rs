@@ -13,6 +13,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 
@@ -386,7 +387,8 @@ pub struct Config {
     pub path: PathBuf,
     pub general: General,
     pub users: BTreeMap<String, User>,
-    pub databases: BTreeMap<String, Database>,
+    /// Shared, so each client holds a pointer, not a copy.
+    pub databases: BTreeMap<String, Arc<Database>>,
     /// Settings the loader accepted but did not use (pgbouncer.ini import).
     pub warnings: Vec<String>,
     /// The rules of `auth_hba_file` (`auth_type = hba`).
@@ -446,7 +448,10 @@ impl Config {
         }
         let mut databases = BTreeMap::new();
         for (name, section) in &doc.databases {
-            databases.insert(name.clone(), v.database(name, section, &doc.weir)?);
+            databases.insert(
+                name.clone(),
+                Arc::new(v.database(name, section, &doc.weir)?),
+            );
         }
         let warnings = unenforced_limits(path, &doc);
         let hba = match &doc.weir.auth_hba_file {
@@ -487,14 +492,14 @@ impl Config {
     }
 
     /// The database section for a client's database name, or the `*` fallback.
-    pub fn database(&self, name: &str) -> Option<Database> {
+    pub fn database(&self, name: &str) -> Option<Arc<Database>> {
         if let Some(db) = self.databases.get(name) {
             return Some(db.clone());
         }
-        let mut fallback = self.databases.get("*")?.clone();
+        let mut fallback = Database::clone(self.databases.get("*")?);
         fallback.name = name.to_string();
         fallback.dbname = name.to_string();
-        Some(fallback)
+        Some(Arc::new(fallback))
     }
 
     /// Renders the effective config (for `weir --check`).

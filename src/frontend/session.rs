@@ -43,7 +43,9 @@ pub(super) async fn run(
     let mut buf = BytesMut::with_capacity(8192);
     let cluster = app.cluster();
     let limit = cluster.config.general.client_login_timeout;
-    let attempt = login(&app, &cluster, &mut stream, &mut buf, &peer);
+    // Boxed: the login's state is large, and a logged-in client's task should not
+    // keep room for it.
+    let attempt = Box::pin(login(&app, &cluster, &mut stream, &mut buf, &peer));
     let session = if limit.is_zero() {
         attempt.await
     } else {
@@ -85,6 +87,7 @@ pub(super) async fn run(
         key: parts.key,
     };
     let mut session = Session {
+        shutdown: app.shutdown.subscribe(),
         fresh: Some(fresh),
         info,
         app: app.clone(),
@@ -142,7 +145,7 @@ enum Login {
 
 struct LoggedIn {
     user: String,
-    db: Database,
+    db: Arc<Database>,
     pool: Arc<Pool>,
     generation: u64,
     wanted: ParamSet,
@@ -324,6 +327,7 @@ async fn login(
             .to_string();
         wanted.set("application_name", &format!("{name} - {peer}"));
     }
+    app.param_sets.share(&mut wanted);
     let (key, cancel) = app.cancels.register();
     let mut out = BytesMut::with_capacity(512);
     out.put(build::auth(0, &[]));
@@ -556,6 +560,7 @@ impl Drop for Active {
 }
 
 struct Session {
+    shutdown: tokio::sync::watch::Receiver<Shutdown>,
     /// Set until the first transaction ends (see `App::fresh`).
     fresh: Option<Fresh>,
     info: Arc<ClientInfo>,
@@ -566,7 +571,7 @@ struct Session {
     cbuf: BytesMut,
     peer: String,
     user: String,
-    db: Database,
+    db: Arc<Database>,
     pool: Arc<Pool>,
     generation: u64,
     wanted: ParamSet,
@@ -619,7 +624,7 @@ impl Session {
             self.refresh();
             let mut budget = usize::MAX;
             if self.router.is_some() {
-                match self.route().await {
+                match Box::pin(self.route()).await {
                     Routed::Pool(p, len) => {
                         self.pool = p;
                         budget = len;
@@ -630,7 +635,7 @@ impl Session {
             }
             self.info.set_state(ClientState::Waiting);
             self.info.wait_since.store(now_us(), Ordering::Relaxed);
-            let mut checked = self.checkout().await;
+            let mut checked = Box::pin(self.checkout()).await;
             if checked.is_err() {
                 if let (Some(router), Some(shard), Some(r)) = (
                     &self.router,
@@ -641,7 +646,7 @@ impl Session {
                     router.ban(shard, r, self.cluster.config.general.ban_time);
                     if let Some(p) = self.cluster.shard_pool(&self.db, &self.user, shard, None) {
                         self.pool = p;
-                        checked = self.checkout().await;
+                        checked = Box::pin(self.checkout()).await;
                     }
                 }
             }
@@ -683,7 +688,9 @@ impl Session {
                 }
             }
             let pool = self.pool.clone();
-            let after = self.transaction(server, budget).await;
+            // Boxed, as the checkout and routing below: the task of an idle client keeps
+            // only what waiting for its next message needs.
+            let after = Box::pin(self.transaction(server, budget)).await;
             self.fresh = None;
             self.cancel.detach();
             self.info.set_state(ClientState::Idle);
@@ -702,7 +709,10 @@ impl Session {
 
     /// Waits until the client has started a message (or leaves).
     async fn wait_for_work(&mut self) -> Work {
-        let mut shutdown = self.app.shutdown.subscribe();
+        if self.cbuf.is_empty() && !self.client.is_tls() {
+            // An idle client holds no read buffer (see `read_client`).
+            self.cbuf = BytesMut::new();
+        }
         let idle_limit = self.cluster.config.general.client_idle_timeout;
         loop {
             match wire::header(&self.cbuf) {
@@ -714,7 +724,7 @@ impl Session {
                     return Work::Closed;
                 }
             }
-            let state = *shutdown.borrow_and_update();
+            let state = *self.shutdown.borrow_and_update();
             // A graceful shutdown still serves a client that connected before
             // the listener closed and has not had its first transaction.
             if state == Shutdown::Immediate || (state == Shutdown::Graceful && self.fresh.is_none())
@@ -730,11 +740,11 @@ impl Session {
                 }
             };
             tokio::select! {
-                n = self.client.read_buf(&mut self.cbuf) => match n {
+                n = read_client(&mut self.client, &mut self.cbuf) => match n {
                     Ok(0) | Err(_) => return Work::Closed,
                     Ok(_) => {}
                 },
-                _ = shutdown.changed() => {}
+                _ = self.shutdown.changed() => {}
                 _ = idle => {
                     fatal(&mut self.client, "08P01", "client_idle_timeout").await;
                     return Work::Closed;
@@ -1497,6 +1507,19 @@ impl Session {
         }
         self.pool.checkin(server);
     }
+}
+
+/// Bytes a client read starts with when it holds no buffer.
+const READ_CHUNK: usize = 8192;
+
+/// Reads from the client. A client that holds no buffer (idle) waits for data first and only
+/// then takes one, so thousands of idle clients cost no buffer memory.
+async fn read_client(client: &mut Stream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() == buf.len() {
+        client.readable().await?;
+        buf.reserve(READ_CHUNK);
+    }
+    client.read_buf(buf).await
 }
 
 /// What a transaction whose SQL Weir could not read left on `server`, asked of the server

@@ -43,9 +43,11 @@ fn shop() -> &'static Database {
     SHOP_DB.get_or_init(|| {
         let config = Config::from_toml(Path::new("/nonexistent-weir-fuzz/weir.toml"), SHOP)
             .expect("the fuzz database config is valid");
-        config
-            .database("shop")
-            .expect("the fuzz config has database shop")
+        Database::clone(
+            &config
+                .database("shop")
+                .expect("the fuzz config has database shop"),
+        )
     })
 }
 
