@@ -83,14 +83,40 @@ forget_pid() {
     BENCH_PIDS=("${keep[@]}")
 }
 
-# pgbench -c N needs about N descriptors in pgbench and N + pool in the pooler.
-raise_fd_limit() {
+# The soft open-files limit raise_fd_limit N aims at: 2 N + 1024, or the hard limit if lower.
+fd_limit_for() {
     local want=$(($1 * 2 + 1024)) hard
     hard=$(ulimit -Hn)
     [ "$hard" = unlimited ] || [ "$want" -le "$hard" ] || want=$hard
+    echo "$want"
+}
+
+# pgbench -c N needs about N descriptors in pgbench and N + pool in the pooler.
+raise_fd_limit() {
+    local want hard
+    want=$(fd_limit_for "$1")
+    hard=$(ulimit -Hn)
     [ "$(ulimit -Sn)" != unlimited ] && [ "$(ulimit -Sn)" -ge "$want" ] && return 0
     ulimit -Sn "$want" || die "cannot raise the open file limit to $want (hard limit: $hard)"
     [ "$want" -ge $(($1 + 64)) ] || die "open file limit $want is too low for $1 clients"
+}
+
+# The soft "Max open files" limit of running process PID, from /proc/PID/limits.
+proc_fd_limit() {
+    awk '/^Max open files/ { print $4 }' "/proc/$1/limits" 2>/dev/null
+}
+
+# check_fd_limit PID N WHAT: dies unless process PID (a pooler, started after raise_fd_limit N)
+# runs with a soft open-files limit of at least fd_limit_for N. Limits are inherited through
+# fork, exec and setpriv, but a PAM session (runuser, su) may reset them.
+check_fd_limit() {
+    local pid=$1 want have
+    want=$(fd_limit_for "$2")
+    have=$(proc_fd_limit "$pid")
+    [ -n "$have" ] || die "cannot read /proc/$pid/limits for $3"
+    [ "$have" = unlimited ] || [ "$have" -ge "$want" ] ||
+        die "$3 (pid $pid) runs with an open-files soft limit of $have, below the $want needed for $2 clients; is it started through PAM (runuser, su)?"
+    log "$3 (pid $pid): open-files soft limit $have (needed $want)"
 }
 
 build_weir() {
@@ -321,6 +347,15 @@ cpu_ticks() {
     echo $((${12} + ${13}))
 }
 
+# --- memory ----------------------------------------------------------------------------------
+
+# Resident set size of PID in kB (VmRSS from /proc/PID/status), or "-" if it is gone.
+rss_kb() {
+    local status
+    status=$(cat "/proc/$1/status" 2>/dev/null) || status=""
+    awk '/^VmRSS:/ { print $2; found = 1 } END { if (!found) print "-" }' <<<"$status"
+}
+
 # --- pgbench ---------------------------------------------------------------------------------
 
 pgbench_bin() {
@@ -340,6 +375,20 @@ parse_pgbench() {
     PB_TXNS=${PB_TXNS:-0}
     PB_FAILED=${PB_FAILED:-0}
     PB_LAT=${PB_LAT:--}
+}
+
+# latency_percentile PCT FILE...: the PCT-th percentile (nearest rank) of the latencies in
+# pgbench per-transaction logs (-l; 3rd field, µs; failed or skipped transactions, which log a
+# word there, are left out), in ms with 3 decimals, then the number of samples: "P99 N".
+# Prints "- 0" when there are no samples.
+latency_percentile() {
+    local pct=$1
+    shift
+    awk '$3 ~ /^[0-9]+$/ { print $3 }' "$@" 2>/dev/null | sort -n |
+        awk -v p="$pct" '{ v[NR] = $1 } END {
+            if (NR == 0) { print "- 0"; exit }
+            r = int(NR * p / 100); if (r < NR * p / 100) r++; if (r < 1) r = 1
+            printf "%.3f %d\n", v[r] / 1000, NR }'
 }
 
 NOTES=() # lines printed under the results table
