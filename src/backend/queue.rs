@@ -227,10 +227,7 @@ impl<C: Pooled> Queue<C> {
         let next = {
             let mut st = self.state.lock();
             let l = self.limits;
-            loop {
-                let Some(front) = st.waiters.front() else {
-                    break;
-                };
+            while let Some(front) = st.waiters.front() {
                 let waited = now.saturating_duration_since(front.since);
                 if !l.wait_timeout.is_zero() && waited >= l.wait_timeout {
                     expired.extend(st.waiters.pop_front());
