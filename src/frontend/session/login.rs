@@ -1,0 +1,352 @@
+//! Login: the startup packet, authentication (trust, md5, SCRAM, hba; the admin console's
+//! own users), the parameters the client wants, and the welcome it is sent.
+
+use super::*;
+
+pub(super) enum Login {
+    Client(Box<LoggedIn>),
+    Admin {
+        user: String,
+        role: crate::admin::Role,
+    },
+}
+
+pub(super) struct LoggedIn {
+    pub(super) user: String,
+    pub(super) db: Arc<Database>,
+    pub(super) pool: Arc<Pool>,
+    pub(super) generation: u64,
+    pub(super) wanted: ParamSet,
+    pub(super) key: FrontendKey,
+    pub(super) cancel: Arc<CancelEntry>,
+}
+
+pub(super) async fn login(
+    app: &Arc<App>,
+    cluster: &Arc<Cluster>,
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    peer: &str,
+) -> Option<Login> {
+    let generation = app.generation();
+    let params = match startup::read(stream, buf, &cluster.config.tls.client).await {
+        Ok(Start::Login(p)) => p,
+        Ok(Start::Cancel(key)) => {
+            match app.cancels.lookup(key) {
+                Some(target) => cancel::forward(target).await,
+                None => tracing::debug!(%peer, "cancel request for unknown or idle client"),
+            }
+            return None;
+        }
+        Ok(Start::Refused(Some((code, msg)))) => {
+            fatal(stream, code, &msg).await;
+            return None;
+        }
+        Ok(Start::Refused(None)) | Err(_) => return None,
+    };
+    let g = &cluster.config.general;
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let Some(user) = get("user").filter(|u| !u.is_empty()) else {
+        fatal(
+            stream,
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+        )
+        .await;
+        return None;
+    };
+    let dbname = get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
+    if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
+        fatal(
+            stream,
+            "08P01",
+            "replication connections are not supported by Weir",
+        )
+        .await;
+        return None;
+    }
+    if crate::admin::is_admin_db(&dbname) {
+        if user == "pgbouncer" && is_own_user(stream) {
+            // PgBouncer lets its own OS user in over the Unix socket.
+            return Some(Login::Admin {
+                user,
+                role: crate::admin::Role::Admin,
+            });
+        }
+        return admin_login(stream, buf, cluster, user, &dbname, peer).await;
+    }
+    if app.clients.load(Ordering::Acquire) > g.max_client_conn {
+        tracing::warn!(%peer, %user, db = %dbname, "no more connections allowed (max_client_conn)");
+        fatal(
+            stream,
+            "08P01",
+            "no more connections allowed (max_client_conn)",
+        )
+        .await;
+        return None;
+    }
+    if app.shutdown_state() == Shutdown::Immediate {
+        fatal(stream, "57P01", "Weir is shutting down").await;
+        return None;
+    }
+    if app.disabled.lock().contains(&dbname) {
+        fatal(
+            stream,
+            "08P01",
+            &format!("database \"{dbname}\" does not allow connections"),
+        )
+        .await;
+        return None;
+    }
+    let Some(db) = cluster.config.database(&dbname) else {
+        tracing::info!(%peer, %user, db = %dbname, "no such database");
+        fatal(stream, "3D000", &format!("no such database: {dbname}")).await;
+        return None;
+    };
+    let auth_type = auth_type_for(cluster, stream, &dbname, &user, peer).await?;
+    let known = cluster.config.users.get(&user);
+    let mut looked_up = None;
+    if known.and_then(|u| u.secret.as_ref()).is_none()
+        && db.auth_user.is_some()
+        && auth_type != AuthType::Any
+    {
+        match auth::query::lookup(cluster, &db, &user).await {
+            Ok(found) => looked_up = found,
+            Err(e) => {
+                tracing::warn!(%peer, %user, db = %dbname, error = %e, "auth_query failed");
+                cluster.forget_unused_auto(&dbname);
+                fatal(stream, "08P01", &e.to_string()).await;
+                return None;
+            }
+        }
+    }
+    if auth_type == AuthType::Trust && known.is_none() && looked_up.is_none() {
+        // As PgBouncer: trust skips the password, but the user must still be known.
+        tracing::warn!(%peer, %user, "unknown user (auth_type trust)");
+        let e = AuthError::WrongPassword(user.clone());
+        fatal(stream, e.code(), &e.to_string()).await;
+        return None;
+    }
+    let secret = looked_up
+        .as_ref()
+        .or_else(|| known.and_then(|u| u.secret.as_ref()));
+    let authenticated = auth::authenticate(stream, buf, auth_type, &user, secret).await;
+    if authenticated.is_err() {
+        cluster.forget_unused_auto(&dbname);
+    }
+    let proof = match authenticated {
+        Ok(p) => p,
+        Err(AuthError::Closed) | Err(AuthError::Io(_)) => return None,
+        Err(e) => {
+            tracing::warn!(%peer, %user, db = %dbname, error = %e, "client authentication failed");
+            fatal(stream, e.code(), &e.to_string()).await;
+            return None;
+        }
+    };
+    let pool = cluster.pool(&db, &user);
+    if looked_up.is_some() || proof.scram_client_key.is_some() {
+        // Every pool this user may reach (all shards and replicas) logs in the same way.
+        for p in cluster.user_pools(&db, &user) {
+            if let Some(s) = &looked_up {
+                p.set_looked_up_secret(s.clone());
+            }
+            if let Some(key) = proof.scram_client_key {
+                p.set_scram_key(key);
+            }
+        }
+    }
+    let defaults = match pool.defaults() {
+        Some(d) => d,
+        None => match pool.checkout().await {
+            Ok(conn) => {
+                let d = conn.params.clone();
+                pool.checkin(conn);
+                d
+            }
+            Err(e) => {
+                let (code, msg) = checkout_error(&e);
+                fatal(stream, &code, &msg).await;
+                return None;
+            }
+        },
+    };
+    let mut wanted = defaults.tracked_defaults();
+    for (k, v) in &params {
+        match k.as_str() {
+            "user" | "database" | "replication" => {}
+            "options" => match startup::parse_options(v) {
+                Ok(list) => list.iter().for_each(|(k, v)| wanted.set(k, v)),
+                Err(msg) => {
+                    fatal(stream, "08P01", &msg).await;
+                    return None;
+                }
+            },
+            k if g.ignore_startup_parameters.contains(k) => {}
+            k => wanted.set(k, v),
+        }
+    }
+    if g.application_name_add_host {
+        // As PgBouncer: "<application_name> - <host>:<port>" of the client.
+        let name = wanted
+            .get("application_name")
+            .unwrap_or_default()
+            .to_string();
+        wanted.set("application_name", &format!("{name} - {peer}"));
+    }
+    app.param_sets.share(&mut wanted);
+    let (key, cancel) = app.cancels.register();
+    let mut out = BytesMut::with_capacity(512);
+    out.put(build::auth(0, &[]));
+    for (name, value) in defaults.iter() {
+        let value = wanted.get(name).unwrap_or(value);
+        out.put(build::parameter_status(name, value));
+    }
+    out.put(build::backend_key_data(key.pid, key.secret));
+    out.put(build::ready_for_query(b'I'));
+    if stream.write_all(&out).await.is_err() {
+        app.cancels.unregister(key);
+        return None;
+    }
+    if g.log_connections {
+        tracing::info!(%peer, %user, db = %dbname, tls = stream.is_tls(), "login");
+    }
+    Some(Login::Client(Box::new(LoggedIn {
+        user,
+        db,
+        pool,
+        generation,
+        wanted,
+        key,
+        cancel,
+    })))
+}
+
+/// The authentication this connection must pass: `auth_type`, or what `auth_hba_file` asks of
+/// it (for the admin console too, as PgBouncer). `None`: rejected, and the client told so.
+async fn auth_type_for(
+    cluster: &Cluster,
+    stream: &mut Stream,
+    dbname: &str,
+    user: &str,
+    peer: &str,
+) -> Option<AuthType> {
+    let g = &cluster.config.general;
+    let Some(hba) = cluster
+        .config
+        .hba
+        .as_ref()
+        .filter(|_| g.auth_type == AuthType::Hba)
+    else {
+        return Some(g.auth_type);
+    };
+    if let Some(t) = hba_auth_type(hba, stream, dbname, user) {
+        return Some(t);
+    }
+    tracing::warn!(%peer, %user, db = %dbname, "rejected by auth_hba_file");
+    let host = peer.rsplit_once(':').map_or(peer, |(h, _)| h);
+    fatal(
+        stream,
+        "28000",
+        &format!("pg_hba.conf rejects connection for host \"{host}\", user \"{user}\", database \"{dbname}\""),
+    )
+    .await;
+    None
+}
+
+/// The authentication `auth_hba_file` asks of this connection; `None` rejects it.
+fn hba_auth_type(
+    hba: &crate::auth::hba::Hba,
+    stream: &Stream,
+    dbname: &str,
+    user: &str,
+) -> Option<AuthType> {
+    use crate::auth::hba::{Method, Peer};
+    let peer = Peer {
+        ip: stream
+            .tcp()
+            .and_then(|s| s.peer_addr().ok())
+            .map(|a| a.ip()),
+        tls: stream.is_tls(),
+    };
+    match hba.method(peer, dbname, user) {
+        Method::Trust => Some(AuthType::Trust),
+        Method::Md5 => Some(AuthType::Md5),
+        Method::Password => Some(AuthType::Plain),
+        Method::ScramSha256 => Some(AuthType::ScramSha256),
+        Method::Peer if peer_os_user(stream).as_deref() == Some(user) => Some(AuthType::Any),
+        Method::Peer | Method::Reject | Method::Cert => None,
+    }
+}
+
+/// The OS user name of a Unix-socket peer.
+fn peer_os_user(stream: &Stream) -> Option<String> {
+    let Stream::Unix(s) = stream else {
+        return None;
+    };
+    let uid = s.peer_cred().ok()?.uid();
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 4096];
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer refers to live, correctly sized storage owned here;
+    // getpwuid_r writes only within `buf` and `pwd`.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() || pwd.pw_name.is_null() {
+        return None;
+    }
+    // SAFETY: on success pw_name points to a NUL-terminated string inside `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+/// True for a Unix-socket peer running as this process's OS user.
+fn is_own_user(stream: &Stream) -> bool {
+    match stream {
+        Stream::Unix(s) => s
+            .peer_cred()
+            .map(|c| c.uid() == unsafe { libc::geteuid() })
+            .unwrap_or(false),
+        _ => false,
+    }
+}
+
+/// Authenticates a console user: only `admin_users` and `stats_users` get in
+/// (as PgBouncer; any authenticated user may connect when auth_type is trust
+/// only if listed).
+async fn admin_login(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    cluster: &Arc<Cluster>,
+    user: String,
+    dbname: &str,
+    peer: &str,
+) -> Option<Login> {
+    let g = &cluster.config.general;
+    let auth_type = auth_type_for(cluster, stream, dbname, &user, peer).await?;
+    let known = cluster.config.users.get(&user);
+    if auth_type == AuthType::Trust && known.is_none() {
+        // As PgBouncer: trust skips the password, but the user must still be known.
+        tracing::warn!(%peer, %user, "unknown user (auth_type trust)");
+        let e = AuthError::WrongPassword(user.clone());
+        fatal(stream, e.code(), &e.to_string()).await;
+        return None;
+    }
+    let secret = known.and_then(|u| u.secret.as_ref());
+    if let Err(e) = auth::authenticate(stream, buf, auth_type, &user, secret).await {
+        if !matches!(e, AuthError::Closed | AuthError::Io(_)) {
+            tracing::warn!(%peer, %user, error = %e, "admin console authentication failed");
+            fatal(stream, e.code(), &e.to_string()).await;
+        }
+        return None;
+    }
+    let role = if g.admin_users.contains(&user) {
+        crate::admin::Role::Admin
+    } else if g.stats_users.contains(&user) {
+        crate::admin::Role::Stats
+    } else {
+        fatal(stream, "08P01", "not allowed").await;
+        return None;
+    };
+    Some(Login::Admin { user, role })
+}

@@ -1,0 +1,726 @@
+//! One client connection from login to goodbye: authenticate, then for each
+//! transaction borrow a server from the pool, relay, and give it back clean.
+
+mod cleanup;
+mod login;
+mod shard;
+
+use self::login::Login;
+use super::cancel::{self, BackendKey, CancelEntry, FrontendKey};
+use super::fanout;
+use super::relay::{self, ClientCtx, Dir, Event, Progress, ServerState};
+use super::routing::{self, HeldBegin, ShardSession};
+use super::sqlscan::Seen;
+use super::startup::{self, Start};
+use super::tracker::Tracker;
+use crate::auth::{self, AuthError};
+use crate::backend::conn::ExecError;
+use crate::backend::params::ParamSet;
+use crate::backend::params::{is_tracked, quote_literal};
+use crate::backend::prepared::ClientStatements;
+use crate::backend::{CheckoutError, Pool, ServerConn};
+use crate::cluster::Cluster;
+use crate::config::AuthType;
+use crate::config::{Database, PoolMode};
+use crate::metrics::QueryClock;
+use crate::net::Stream;
+use crate::router::route::{comment_hint, Decision, Pin, ShardRouter};
+use crate::router::sql::Kind;
+use crate::stats::{now_us, ClientInfo, ClientState, PoolTotals, ServerState as SrvState};
+use crate::wire::{self, build, tag};
+use crate::{App, Shutdown};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Bound on Weir's own clean-up queries (ROLLBACK, reset) on a server.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(super) async fn run(
+    app: Arc<App>,
+    mut stream: Stream,
+    peer: String,
+    abort: Arc<std::sync::OnceLock<tokio::task::AbortHandle>>,
+    fresh: Fresh,
+) {
+    let mut buf = BytesMut::with_capacity(8192);
+    let cluster = app.cluster();
+    let limit = cluster.config.general.client_login_timeout;
+    // Boxed: the login's state is large, and a logged-in client's task should not
+    // keep room for it.
+    let attempt = Box::pin(login::login(&app, &cluster, &mut stream, &mut buf, &peer));
+    let session = if limit.is_zero() {
+        attempt.await
+    } else {
+        match tokio::time::timeout(limit, attempt).await {
+            Ok(s) => s,
+            Err(_) => {
+                tracing::info!(%peer, "client_login_timeout");
+                fatal(
+                    &mut stream,
+                    "08P01",
+                    "client_login_timeout (server down or wrong password?)",
+                )
+                .await;
+                None
+            }
+        }
+    };
+    let parts = match session {
+        Some(Login::Client(parts)) => *parts,
+        Some(Login::Admin { user, role }) => {
+            crate::admin::serve(app, stream, buf, user, role).await;
+            return;
+        }
+        None => return,
+    };
+    let info = Arc::new(ClientInfo::new(
+        app.next_client_id(),
+        &parts.user,
+        &parts.db.name,
+        &peer,
+        parts.wanted.get("application_name").unwrap_or_default(),
+        parts.key.pid,
+    ));
+    *info.abort.lock() = abort.get().cloned();
+    app.client_list.insert(info.id, info.clone());
+    let _registered = Registered {
+        app: app.clone(),
+        id: info.id,
+        key: parts.key,
+    };
+    let mut session = Session {
+        shutdown: app.shutdown.subscribe(),
+        fresh: Some(fresh),
+        info,
+        app: app.clone(),
+        cluster: cluster.clone(),
+        client: stream,
+        cbuf: buf,
+        peer,
+        user: parts.user,
+        db: parts.db,
+        pool: parts.pool,
+        generation: parts.generation,
+        wanted: parts.wanted,
+        key: parts.key,
+        cancel: parts.cancel,
+        stmts: ClientStatements::default(),
+        router: None,
+        shard: ShardSession::default(),
+    };
+    session.router = session.cluster.router(&session.db);
+    session.serve().await;
+    if cluster.config.general.log_disconnections {
+        tracing::info!(peer = %session.peer, user = %session.user, db = %session.db.name, "client closed");
+    }
+}
+
+/// Sends a FATAL error; the caller then closes the connection.
+pub(super) async fn fatal(stream: &mut Stream, code: &str, message: &str) {
+    let _ = stream
+        .write_all(&build::error("FATAL", code, message))
+        .await;
+    let _ = stream.flush().await;
+}
+
+/// Removes a session's traces however its task ends (including KILL).
+struct Registered {
+    app: Arc<App>,
+    id: u64,
+    key: FrontendKey,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.app.client_list.remove(self.id);
+        self.app.cancels.unregister(self.key);
+    }
+}
+
+fn checkout_error(e: &CheckoutError) -> (String, String) {
+    use crate::backend::conn::ConnectError;
+    use crate::backend::login::LoginError;
+    match e {
+        CheckoutError::WaitTimeout => ("08P01".into(), "query_wait_timeout".into()),
+        CheckoutError::Connect(ConnectError::Login(LoginError::Server(f))) => {
+            (f.code.clone(), f.message.clone())
+        }
+        CheckoutError::Connect(other) => ("08P01".into(), format!("server login failed: {other}")),
+    }
+}
+
+/// One transaction's relay state; its counters go to the pool's totals
+/// however the transaction ends.
+struct Xact {
+    pool: Arc<Pool>,
+    up: Dir,
+    down: Dir,
+    progress: Progress,
+    clock: QueryClock,
+}
+
+impl Xact {
+    fn new(pool: Arc<Pool>) -> Xact {
+        Xact {
+            pool,
+            up: Dir::default(),
+            down: Dir::default(),
+            progress: Progress::default(),
+            clock: QueryClock::default(),
+        }
+    }
+}
+
+impl Drop for Xact {
+    fn drop(&mut self) {
+        let t = &self.pool.totals;
+        PoolTotals::add(&t.query_count, self.progress.queries);
+        PoolTotals::add(&t.bytes_received, self.up.sent);
+        PoolTotals::add(&t.bytes_sent, self.down.sent);
+    }
+}
+
+/// Counts an accepted client in `App::fresh` until its first transaction ends.
+pub(super) struct Fresh(Arc<App>);
+
+impl Fresh {
+    pub(super) fn new(app: &Arc<App>) -> Fresh {
+        app.fresh.fetch_add(1, Ordering::AcqRel);
+        Fresh(app.clone())
+    }
+}
+
+impl Drop for Fresh {
+    fn drop(&mut self) {
+        self.0.fresh.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Counts a client holding a server in `App::active`, however the
+/// transaction ends (the admin console's KILL aborts the session task).
+struct Active(Arc<App>);
+
+impl Active {
+    fn new(app: &Arc<App>) -> Active {
+        app.active.fetch_add(1, Ordering::AcqRel);
+        Active(app.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+struct Session {
+    shutdown: tokio::sync::watch::Receiver<Shutdown>,
+    /// Set until the first transaction ends (see `App::fresh`).
+    fresh: Option<Fresh>,
+    info: Arc<ClientInfo>,
+    app: Arc<App>,
+    /// The cluster this session's pool belongs to (refreshed after a reload).
+    cluster: Arc<Cluster>,
+    client: Stream,
+    cbuf: BytesMut,
+    peer: String,
+    user: String,
+    db: Arc<Database>,
+    pool: Arc<Pool>,
+    generation: u64,
+    wanted: ParamSet,
+    key: FrontendKey,
+    cancel: Arc<CancelEntry>,
+    /// This client's protocol-level prepared statements.
+    stmts: ClientStatements,
+    /// Set for a sharded database.
+    router: Option<Arc<ShardRouter>>,
+    shard: ShardSession,
+}
+
+/// Where the next transaction goes (sharded databases): a pool and the
+/// length of the unit of client bytes routed.
+enum Routed {
+    Pool(Arc<Pool>, usize),
+    /// Answered without a server.
+    Done,
+    Closed,
+}
+
+/// What to do with the next unit inside a transaction on a shard.
+enum InTx {
+    /// Forward this many bytes to the same server.
+    Go(usize),
+    /// Answered by Weir; look at the next unit.
+    Answered,
+    /// Not for this shard: the server must fail it (so the transaction aborts).
+    Refuse(usize, String),
+    Closed,
+}
+
+enum Work {
+    Message,
+    Closed,
+}
+
+enum After {
+    Continue,
+    Stop,
+}
+
+impl Session {
+    async fn serve(&mut self) {
+        loop {
+            match self.wait_for_work().await {
+                Work::Message => {}
+                Work::Closed => return,
+            }
+            self.refresh();
+            let mut budget = usize::MAX;
+            if self.router.is_some() {
+                match Box::pin(self.route()).await {
+                    Routed::Pool(p, len) => {
+                        self.pool = p;
+                        budget = len;
+                    }
+                    Routed::Done => continue,
+                    Routed::Closed => return,
+                }
+            }
+            self.info.set_state(ClientState::Waiting);
+            self.info.wait_since.store(now_us(), Ordering::Relaxed);
+            let mut checked = Box::pin(self.checkout()).await;
+            if checked.is_err() {
+                if let (Some(router), Some(shard), Some(r)) = (
+                    &self.router,
+                    self.pool.settings.shard,
+                    self.pool.settings.replica,
+                ) {
+                    // A replica that cannot be reached: ban it, read from the primary.
+                    router.ban(shard, r, self.cluster.config.general.ban_time);
+                    if let Some(p) = self.cluster.shard_pool(&self.db, &self.user, shard, None) {
+                        self.pool = p;
+                        checked = Box::pin(self.checkout()).await;
+                    }
+                }
+            }
+            let mut server = match checked {
+                Ok(Some(s)) => s,
+                Ok(None) => return,
+                Err(e) => {
+                    let (code, msg) = checkout_error(&e);
+                    if self.cluster.config.general.log_pooler_errors {
+                        tracing::warn!(peer = %self.peer, user = %self.user, db = %self.db.name, error = %msg, "pooler error");
+                    }
+                    fatal(&mut self.client, &code, &msg).await;
+                    return;
+                }
+            };
+            let active = Active::new(&self.app);
+            self.info.set_state(ClientState::Active);
+            self.info.wait_since.store(0, Ordering::Relaxed);
+            let now = now_us();
+            self.info.request_time.store(now, Ordering::Relaxed);
+            self.info
+                .server_pid
+                .store(server.backend_pid, Ordering::Relaxed);
+            if let Some(si) = &server.info {
+                si.set_state(SrvState::Active);
+                si.client_pid.store(self.key.pid, Ordering::Relaxed);
+                si.request_time.store(now, Ordering::Relaxed);
+            }
+            if let Some(held) = self.shard.held.take() {
+                // The BEGIN Weir answered goes to the shard the statement chose.
+                if !matches!(server.exec(&held.sql).await, Ok(b'T')) {
+                    fatal(
+                        &mut self.client,
+                        "08P01",
+                        "could not start the transaction on the shard",
+                    )
+                    .await;
+                    return;
+                }
+            }
+            let pool = self.pool.clone();
+            // Boxed, as the checkout and routing below: the task of an idle client keeps
+            // only what waiting for its next message needs.
+            let after = Box::pin(self.transaction(server, budget)).await;
+            self.fresh = None;
+            self.cancel.detach();
+            self.info.set_state(ClientState::Idle);
+            self.info.server_pid.store(0, Ordering::Relaxed);
+            let totals = &pool.totals;
+            PoolTotals::add(&totals.xact_count, 1);
+            let xact_us = now_us().saturating_sub(now);
+            PoolTotals::add(&totals.xact_time_us, xact_us);
+            pool.metrics.transaction_done(xact_us);
+            drop(active);
+            if let After::Stop = after {
+                return;
+            }
+        }
+    }
+
+    /// Waits until the client has started a message (or leaves).
+    async fn wait_for_work(&mut self) -> Work {
+        if self.cbuf.is_empty() && !self.client.is_tls() {
+            // An idle client holds no read buffer (see `read_client`).
+            self.cbuf = BytesMut::new();
+        }
+        let idle_limit = self.cluster.config.general.client_idle_timeout;
+        loop {
+            match wire::header(&self.cbuf) {
+                Ok(Some(h)) if h.tag == tag::TERMINATE => return Work::Closed,
+                Ok(Some(_)) => return Work::Message,
+                Ok(None) => {}
+                Err(e) => {
+                    fatal(&mut self.client, "08P01", &format!("protocol error: {e}")).await;
+                    return Work::Closed;
+                }
+            }
+            let state = *self.shutdown.borrow_and_update();
+            // A graceful shutdown still serves a client that connected before
+            // the listener closed and has not had its first transaction.
+            if state == Shutdown::Immediate || (state == Shutdown::Graceful && self.fresh.is_none())
+            {
+                fatal(&mut self.client, "57P01", "Weir is shutting down").await;
+                return Work::Closed;
+            }
+            let idle = async {
+                if idle_limit.is_zero() {
+                    std::future::pending::<()>().await
+                } else {
+                    tokio::time::sleep(idle_limit).await
+                }
+            };
+            tokio::select! {
+                n = read_client(&mut self.client, &mut self.cbuf) => match n {
+                    Ok(0) | Err(_) => return Work::Closed,
+                    Ok(_) => {}
+                },
+                _ = self.shutdown.changed() => {}
+                _ = idle => {
+                    fatal(&mut self.client, "08P01", "client_idle_timeout").await;
+                    return Work::Closed;
+                }
+            }
+        }
+    }
+
+    /// Looks the pool up again after a reload, then borrows a server,
+    /// noticing if the client leaves while it waits.
+    /// After a reload: look the database, pool and router up again.
+    fn refresh(&mut self) {
+        if self.generation != self.app.generation() {
+            self.generation = self.app.generation();
+            self.cluster = self.app.cluster();
+            if let Some(db) = self.cluster.config.database(&self.db.name) {
+                self.db = db;
+                self.pool = self.cluster.pool(&self.db, &self.user);
+                self.router = self.cluster.router(&self.db);
+            }
+        }
+    }
+
+    async fn checkout(&mut self) -> Result<Option<ServerConn>, CheckoutError> {
+        let pool = self.pool.clone();
+        let wait = pool.checkout();
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                r = &mut wait => return r.map(Some),
+                n = self.client.read_buf(&mut self.cbuf), if self.cbuf.len() < 1 << 20 => match n {
+                    Ok(0) | Err(_) => return Ok(None),
+                    Ok(_) => {}
+                },
+            }
+        }
+    }
+
+    fn mode(&self) -> PoolMode {
+        self.pool.settings.mode
+    }
+
+    /// Relays one transaction (or, in session mode, the rest of the session).
+    async fn transaction(&mut self, mut server: ServerConn, budget: usize) -> After {
+        self.cancel.attach(BackendKey {
+            address: server.address.clone(),
+            pid: server.backend_pid,
+            secret: server.backend_secret,
+        });
+        if let Err(after) = self.apply_params(&mut server).await {
+            return after;
+        }
+        let idle_tx_limit = self.cluster.config.general.idle_transaction_timeout;
+        let capacity = self.cluster.config.general.max_prepared_statements;
+        let app = self.app.clone();
+        let mut x = Xact::new(self.pool.clone());
+        let mut tracker = Tracker::default();
+        let mut seen = Seen::default();
+        let mut skip_to_sync = false;
+        let query_limit = self.cluster.config.general.query_timeout;
+        let mut query_since: Option<tokio::time::Instant> = None;
+        x.progress.budget = budget;
+        loop {
+            let scanned = {
+                let mut ctx = ClientCtx {
+                    stmts: &mut self.stmts,
+                    registry: &app.statements,
+                    server: &mut server.prepared,
+                    capacity,
+                    tracker: &mut tracker,
+                    seen: &mut seen,
+                    skip_to_sync,
+                };
+                let r = relay::scan_client(&mut self.cbuf, &mut x.up, &mut x.progress, &mut ctx);
+                skip_to_sync = ctx.skip_to_sync;
+                r
+            };
+            x.clock.sent(x.progress.inflight);
+            if let Err(e) = scanned {
+                fatal(&mut self.client, "08P01", &format!("protocol error: {e}")).await;
+                self.abandon(server, &x.progress, &x.up, &seen).await;
+                return After::Stop;
+            }
+            relay::insert_fakes(&mut server.buf, &mut x.down, &mut tracker);
+            if x.progress.terminated {
+                self.terminated(server, &mut x, &seen).await;
+                return After::Stop;
+            }
+            if self.router.is_some()
+                && x.progress.budget == 0
+                && x.up.ready == 0
+                && x.up.pass == 0
+                && x.progress.inflight == 0
+            {
+                if x.progress.unsynced {
+                    if x.progress.executed {
+                        // The rest of a batch left open rides along with it.
+                        if let Ok(Some(u)) =
+                            routing::unit(&self.cbuf, &self.stmts, &self.shard.last_unnamed)
+                        {
+                            routing::note_unnamed(
+                                &self.cbuf[..u.len],
+                                &mut self.shard.last_unnamed,
+                            );
+                            x.progress.budget = u.len;
+                            continue;
+                        }
+                    } else if tracker.is_empty() {
+                        relay::close_batch(
+                            &mut self.cbuf,
+                            &mut x.up,
+                            &mut x.progress,
+                            &mut tracker,
+                        );
+                    }
+                } else if x.progress.tx != b'I' && tracker.is_empty() {
+                    // Between statements of a transaction: answers out, then check
+                    // that the next unit belongs to this shard.
+                    if x.down.ready > 0 {
+                        if self
+                            .client
+                            .write_all(&server.buf[..x.down.ready])
+                            .await
+                            .is_err()
+                        {
+                            self.abandon(server, &x.progress, &x.up, &seen).await;
+                            return After::Stop;
+                        }
+                        x.down.sent += x.down.ready as u64;
+                        server.buf.advance(x.down.ready);
+                        x.down.ready = 0;
+                    }
+                    let current = self.pool.settings.shard.unwrap_or(0);
+                    let status = x.progress.tx;
+                    let next = if idle_tx_limit.is_zero() {
+                        self.route_in_tx(current, status).await
+                    } else {
+                        match tokio::time::timeout(idle_tx_limit, self.route_in_tx(current, status))
+                            .await
+                        {
+                            Ok(n) => n,
+                            Err(_) => {
+                                fatal(&mut self.client, "25P03", "idle transaction timeout").await;
+                                self.abandon(server, &x.progress, &x.up, &seen).await;
+                                return After::Stop;
+                            }
+                        }
+                    };
+                    match next {
+                        InTx::Go(n) => x.progress.budget = n,
+                        InTx::Answered => {}
+                        InTx::Refuse(len, msg) => {
+                            let q = routing::raise_query("0A000", &msg);
+                            self.cbuf.advance(len);
+                            let rest = self.cbuf.split();
+                            self.cbuf.extend_from_slice(&q);
+                            self.cbuf.extend_from_slice(&rest);
+                            x.progress.budget = q.len();
+                        }
+                        InTx::Closed => {
+                            self.abandon(server, &x.progress, &x.up, &seen).await;
+                            return After::Stop;
+                        }
+                    }
+                    continue;
+                }
+            }
+            let waiting_in_tx =
+                x.progress.inflight == 0 && x.progress.tx != b'I' && x.up.ready == 0;
+            let hold_client = x.progress.budget == 0 && self.cbuf.len() > 1 << 20;
+            let step = relay::step(
+                &mut self.client,
+                &mut self.cbuf,
+                &mut x.up,
+                !x.progress.terminated && !hold_client,
+                &mut server,
+                &mut x.down,
+            );
+            if x.progress.inflight == 0 {
+                query_since = None;
+            } else if query_since.is_none() {
+                query_since = Some(tokio::time::Instant::now());
+            }
+            let event = if waiting_in_tx && !idle_tx_limit.is_zero() {
+                match tokio::time::timeout(idle_tx_limit, step).await {
+                    Ok(ev) => ev,
+                    Err(_) => {
+                        fatal(&mut self.client, "25P03", "idle transaction timeout").await;
+                        self.abandon(server, &x.progress, &x.up, &seen).await;
+                        return After::Stop;
+                    }
+                }
+            } else if let Some(since) = query_since.filter(|_| !query_limit.is_zero()) {
+                match tokio::time::timeout_at(since + query_limit, step).await {
+                    Ok(ev) => ev,
+                    Err(_) => {
+                        // As PgBouncer: the query is cancelled, its server closed,
+                        // and the client told why.
+                        tracing::warn!(peer = %self.peer, ?server, "query_timeout");
+                        PoolTotals::add(&self.pool.totals.errors, 1);
+                        tokio::spawn(cancel::forward(BackendKey {
+                            address: server.address.clone(),
+                            pid: server.backend_pid,
+                            secret: server.backend_secret,
+                        }));
+                        fatal(&mut self.client, "08P01", "query_timeout").await;
+                        return After::Stop;
+                    }
+                }
+            } else {
+                step.await
+            };
+            match event {
+                Event::ClientData => {}
+                Event::ServerData => {
+                    let mut state = ServerState {
+                        params: &mut server.params,
+                        prepared: &mut server.prepared,
+                        tracker: &mut tracker,
+                    };
+                    let idle = match relay::scan_server(
+                        &mut server.buf,
+                        &mut x.down,
+                        &mut x.progress,
+                        &mut state,
+                        &mut self.wanted,
+                    ) {
+                        Ok(idle) => {
+                            relay::forget_failed_parses(&mut tracker, &mut self.stmts);
+                            x.clock.answered(x.progress.inflight, &x.pool.metrics);
+                            idle
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, ?server, "protocol error from server");
+                            PoolTotals::add(&x.pool.totals.errors, 1);
+                            fatal(&mut self.client, "08P01", "server conn crashed?").await;
+                            return After::Stop;
+                        }
+                    };
+                    if idle
+                        && x.progress.tx == b'I'
+                        && x.progress.at_rest(&x.up)
+                        && self.mode() != PoolMode::Session
+                    {
+                        return self.finish(server, &mut x.down, &seen).await;
+                    }
+                    if idle && x.progress.tx != b'I' && self.mode() == PoolMode::Statement {
+                        // PgBouncer refuses multi-statement transactions here.
+                        let _ = self.client.write_all(&server.buf[..x.down.ready]).await;
+                        fatal(
+                            &mut self.client,
+                            "08P01",
+                            "transaction blocks not allowed in statement pooling mode",
+                        )
+                        .await;
+                        server.buf.advance(x.down.ready);
+                        self.abandon(server, &x.progress, &x.up, &seen).await;
+                        return After::Stop;
+                    }
+                }
+                Event::ClientGone(e) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "client connection lost");
+                    self.abandon(server, &x.progress, &x.up, &seen).await;
+                    return After::Stop;
+                }
+                Event::ServerGone(e) => {
+                    tracing::warn!(error = %e, ?server, peer = %self.peer, "server connection lost");
+                    PoolTotals::add(&x.pool.totals.errors, 1);
+                    if let (Some(router), Some(shard), Some(r)) = (
+                        &self.router,
+                        self.pool.settings.shard,
+                        self.pool.settings.replica,
+                    ) {
+                        router.ban(shard, r, self.cluster.config.general.ban_time);
+                    }
+                    let _ = self.client.write_all(&server.buf[..x.down.ready]).await;
+                    fatal(&mut self.client, "08P01", "server conn crashed?").await;
+                    return After::Stop;
+                }
+            }
+        }
+    }
+
+    /// Brings the server's session parameters in line with this client's.
+    async fn apply_params(&mut self, server: &mut ServerConn) -> Result<(), After> {
+        if server.params.known_match(&self.wanted) {
+            return Ok(());
+        }
+        let Some((sql, changed)) = server.params.sync_statement(&self.wanted) else {
+            server.params.remember_match(&self.wanted);
+            return Ok(());
+        };
+        match server.exec(&sql).await {
+            Ok(_) => {
+                server.params.after_sync(&mut self.wanted, &changed);
+                Ok(())
+            }
+            Err(ExecError::Server(e)) => {
+                fatal(&mut self.client, &e.code, &e.message).await;
+                Err(After::Stop)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "server failed while applying session parameters");
+                fatal(&mut self.client, "08P01", "server conn crashed?").await;
+                Err(After::Stop)
+            }
+        }
+    }
+}
+
+/// Bytes a client read starts with when it holds no buffer.
+const READ_CHUNK: usize = 8192;
+
+/// Reads from the client. A client that holds no buffer (idle) waits for data first and only
+/// then takes one, so thousands of idle clients cost no buffer memory.
+async fn read_client(client: &mut Stream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() == buf.len() {
+        client.readable().await?;
+        buf.reserve(READ_CHUNK);
+    }
+    client.read_buf(buf).await
+}

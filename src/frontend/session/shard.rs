@@ -1,0 +1,302 @@
+//! The shard state machine of a sharded session: read one routable unit, pick the shard
+//! (and primary or replica) for it, keep a transaction on its shard, and answer what
+//! Weir handles itself (BEGIN held until the first statement, refusals).
+
+use super::*;
+
+impl Session {
+    /// Reads until a whole routable unit is at the front of the buffer: a statement is
+    /// routed by its key whatever its size, so it is held whole up to `max_packet_size`; a
+    /// larger one is refused (the connection is closed, as PgBouncer does for a packet over
+    /// that limit), never sent somewhere unrouted. `Err`: the client is gone or was refused.
+    pub(super) async fn read_unit(&mut self) -> Result<routing::Unit, ()> {
+        let limit = self
+            .cluster
+            .config
+            .general
+            .max_packet_size
+            .min(wire::MAX_MESSAGE_LEN);
+        loop {
+            let pending = match routing::unit(&self.cbuf, &self.stmts, &self.shard.last_unnamed) {
+                Ok(Some(u)) if u.len <= limit => {
+                    routing::note_unnamed(&self.cbuf[..u.len], &mut self.shard.last_unnamed);
+                    return Ok(u);
+                }
+                Ok(Some(u)) => u.len,
+                Ok(None) => routing::pending_len(&self.cbuf),
+                Err(e) => {
+                    fatal(&mut self.client, "08P01", &format!("protocol error: {e}")).await;
+                    return Err(());
+                }
+            };
+            if pending > limit {
+                tracing::warn!(peer = %self.peer, bytes = pending, limit, "statement over max_packet_size refused");
+                let msg = format!(
+                    "statement of {pending} bytes is larger than max_packet_size ({limit}) and cannot be routed to a shard"
+                );
+                fatal(&mut self.client, "08P01", &msg).await;
+                return Err(());
+            }
+            if pending > self.cbuf.len() {
+                // Room for the rest of a large message at once, not by doubling.
+                self.cbuf.reserve(pending - self.cbuf.len());
+            }
+            match self.client.read_buf(&mut self.cbuf).await {
+                Ok(0) | Err(_) => return Err(()),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Picks the pool for the unit at the front of the buffer, or answers
+    /// it without a server.
+    pub(super) async fn route(&mut self) -> Routed {
+        let Some(router) = self.router.clone() else {
+            return Routed::Pool(self.pool.clone(), usize::MAX);
+        };
+        let Ok(unit) = self.read_unit().await else {
+            return Routed::Closed;
+        };
+        let sql = unit.sql.clone().unwrap_or_default();
+        let status = match &self.shard.held {
+            Some(h) if h.failed => b'E',
+            Some(_) => b'T',
+            None => b'I',
+        };
+        if unit.simple {
+            match routing::weir_setting(&sql) {
+                Some(Ok(pin)) => {
+                    let tag = if pin.is_some() { "SET" } else { "RESET" };
+                    self.shard.pin = pin;
+                    return self.answer(unit.len, Some(tag), None, status).await;
+                }
+                Some(Err(msg)) => {
+                    let err = build::error("ERROR", "22023", &msg);
+                    return self.refuse(unit.len, unit.synced, err, status).await;
+                }
+                None => {}
+            }
+        }
+        let (analysis, shape) = routing::analyze_unit(&router, &unit, &sql);
+        if unit.simple && !analysis.multi {
+            match analysis.kind {
+                Kind::Begin { read_only } if self.shard.held.is_none() => {
+                    self.shard.held = Some(HeldBegin {
+                        sql: sql.clone(),
+                        read_only,
+                        failed: false,
+                    });
+                    return self.answer(unit.len, Some("BEGIN"), None, b'T').await;
+                }
+                Kind::Other if self.shard.held.is_some() && routing::is_transaction_set(&sql) => {
+                    // SET LOCAL / SET TRANSACTION … right after BEGIN travel with it.
+                    if let Some(h) = &mut self.shard.held {
+                        h.sql.push_str("; ");
+                        h.sql.push_str(sql.trim().trim_end_matches(';'));
+                    }
+                    return self.answer(unit.len, Some("SET"), None, b'T').await;
+                }
+                Kind::End if self.shard.held.is_some() => {
+                    let failed = self.shard.held.take().is_some_and(|h| h.failed);
+                    let commit = {
+                        let w = sql.trim_start().to_ascii_lowercase();
+                        w.starts_with("commit") || w.starts_with("end")
+                    };
+                    let tag = if commit && !failed {
+                        "COMMIT"
+                    } else {
+                        "ROLLBACK"
+                    };
+                    return self.answer(unit.len, Some(tag), None, b'I').await;
+                }
+                _ => {}
+            }
+        }
+        if status == b'E' {
+            let err = build::error(
+                "ERROR",
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            );
+            return self.answer(unit.len, None, Some(err), b'E').await;
+        }
+        let params = routing::unit_params(&self.cbuf, &unit, &shape);
+        let pin = comment_hint(&sql).or_else(|| self.shard.pin.clone());
+        let (in_write_tx, in_read_tx) = match &self.shard.held {
+            Some(h) => (!h.read_only, h.read_only),
+            None => (false, false),
+        };
+        let decision = if unit.executes {
+            router.decide(&analysis, &params, pin.as_ref(), in_write_tx)
+        } else {
+            // Parse/Describe/Close only: the statement is known on every server.
+            Decision::Any { read: false }
+        };
+        match decision {
+            Decision::Shard { shard, read } => {
+                match self.shard_pool(&router, shard, read || in_read_tx) {
+                    Some(p) => Routed::Pool(p, unit.len),
+                    None => Routed::Closed,
+                }
+            }
+            Decision::Any { read } => {
+                let shard = match pin {
+                    Some(Pin::Shard(s)) if s < router.shards => s,
+                    _ => 0,
+                };
+                match self.shard_pool(&router, shard, read || in_read_tx) {
+                    Some(p) => Routed::Pool(p, unit.len),
+                    None => Routed::Closed,
+                }
+            }
+            Decision::FanOut(merge) if unit.simple && self.shard.held.is_none() => {
+                let pools: Option<Vec<_>> = (0..router.shards)
+                    .map(|s| self.shard_pool(&router, s, true))
+                    .collect();
+                let Some(pools) = pools else {
+                    return Routed::Closed;
+                };
+                let query = Bytes::copy_from_slice(&self.cbuf[..unit.len]);
+                self.cbuf.advance(unit.len);
+                let out = fanout::run(pools, query, &self.wanted, &merge).await;
+                match self.client.write_all(&out).await {
+                    Ok(()) => Routed::Done,
+                    Err(_) => Routed::Closed,
+                }
+            }
+            Decision::FanOut(_) => {
+                let err = build::error(
+                    "ERROR",
+                    "0A000",
+                    "a read without a sharding key runs on every shard only as a simple query outside a transaction; add the sharding key or a /* weir: shard=N */ hint",
+                );
+                self.refuse(unit.len, unit.synced, err, status).await
+            }
+            Decision::Refuse(msg) => {
+                let err = build::error("ERROR", "0A000", &msg);
+                self.refuse(unit.len, unit.synced, err, status).await
+            }
+        }
+    }
+
+    /// Checks the next unit of a transaction that runs on shard `current`.
+    pub(super) async fn route_in_tx(&mut self, current: usize, status: u8) -> InTx {
+        let Some(router) = self.router.clone() else {
+            return InTx::Go(usize::MAX);
+        };
+        let Ok(unit) = self.read_unit().await else {
+            return InTx::Closed;
+        };
+        if !unit.executes || status == b'E' {
+            // Nothing runs, or the server refuses it anyway.
+            return InTx::Go(unit.len);
+        }
+        let sql = unit.sql.clone().unwrap_or_default();
+        if unit.simple {
+            match routing::weir_setting(&sql) {
+                Some(Ok(pin)) => {
+                    let tag = if pin.is_some() { "SET" } else { "RESET" };
+                    self.shard.pin = pin;
+                    return match self.answer(unit.len, Some(tag), None, status).await {
+                        Routed::Closed => InTx::Closed,
+                        _ => InTx::Answered,
+                    };
+                }
+                Some(Err(msg)) => return InTx::Refuse(unit.len, msg),
+                None => {}
+            }
+        }
+        let (analysis, shape) = routing::analyze_unit(&router, &unit, &sql);
+        if matches!(analysis.kind, Kind::Begin { .. } | Kind::End) || analysis.multi {
+            return InTx::Go(unit.len);
+        }
+        let params = routing::unit_params(&self.cbuf, &unit, &shape);
+        let pin = comment_hint(&sql).or_else(|| self.shard.pin.clone());
+        match router.decide(&analysis, &params, pin.as_ref(), true) {
+            Decision::Any { .. } => InTx::Go(unit.len),
+            Decision::Shard { shard, .. } if shard == current => InTx::Go(unit.len),
+            Decision::Shard { shard, .. } => InTx::Refuse(
+                unit.len,
+                format!(
+                    "this transaction runs on shard {current}; the statement belongs to shard {shard}. A transaction stays on one shard: commit it and run the statement in its own transaction"
+                ),
+            ),
+            Decision::FanOut(_) => InTx::Refuse(
+                unit.len,
+                format!(
+                    "this transaction runs on shard {current}; a read without a sharding key would need every shard. Add the sharding key, or run it outside the transaction"
+                ),
+            ),
+            Decision::Refuse(msg) => InTx::Refuse(unit.len, msg),
+        }
+    }
+
+    /// The pool of a shard: a healthy replica for reads when allowed.
+    pub(super) fn shard_pool(
+        &self,
+        router: &ShardRouter,
+        shard: usize,
+        read: bool,
+    ) -> Option<Arc<Pool>> {
+        let replica = if read {
+            router.pick_replica(shard)
+        } else {
+            None
+        };
+        self.cluster
+            .shard_pool(&self.db, &self.user, shard, replica)
+            .or_else(|| self.cluster.shard_pool(&self.db, &self.user, shard, None))
+    }
+
+    /// Refuses a unit: an error, and ReadyForQuery if the client expects one.
+    pub(super) async fn refuse(
+        &mut self,
+        len: usize,
+        synced: bool,
+        err: BytesMut,
+        status: u8,
+    ) -> Routed {
+        let status = match &mut self.shard.held {
+            Some(h) => {
+                h.failed = true;
+                b'E'
+            }
+            None => status,
+        };
+        if synced {
+            self.answer(len, None, Some(err), status).await
+        } else {
+            self.cbuf.advance(len);
+            match self.client.write_all(&err).await {
+                Ok(()) => Routed::Done,
+                Err(_) => Routed::Closed,
+            }
+        }
+    }
+
+    /// Consumes a unit and answers it: CommandComplete or an error, then ReadyForQuery.
+    pub(super) async fn answer(
+        &mut self,
+        len: usize,
+        tag: Option<&str>,
+        err: Option<BytesMut>,
+        status: u8,
+    ) -> Routed {
+        self.cbuf.advance(len);
+        let mut out = BytesMut::with_capacity(64);
+        if let Some(t) = tag {
+            out.put_u8(b'C');
+            out.put_i32((4 + t.len() + 1) as i32);
+            out.put_slice(t.as_bytes());
+            out.put_u8(0);
+        }
+        if let Some(e) = err {
+            out.put(e);
+        }
+        out.put(build::ready_for_query(status));
+        match self.client.write_all(&out).await {
+            Ok(()) => Routed::Done,
+            Err(_) => Routed::Closed,
+        }
+    }
+}
