@@ -40,18 +40,41 @@ const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) async fn run(
     app: Arc<App>,
-    mut stream: Stream,
+    stream: Stream,
     peer: String,
     abort: Arc<std::sync::OnceLock<tokio::task::AbortHandle>>,
     fresh: Fresh,
 ) {
+    // Each phase is a boxed future that exists only while it runs: the task of a logged-in
+    // client holds no room for the login's state.
+    let Some((cluster, stream, buf, login)) = Box::pin(log_in(&app, stream, &peer)).await else {
+        return;
+    };
+    let parts = match login {
+        Login::Client(parts) => *parts,
+        Login::Admin { user, role } => {
+            Box::pin(crate::admin::serve(app, stream, buf, user, role)).await;
+            return;
+        }
+    };
+    let mut session = Session::new(app, cluster, stream, buf, peer, parts, &abort, fresh);
+    Box::pin(session.serve()).await;
+    if session.cluster.config.general.log_disconnections {
+        tracing::info!(peer = %session.peer, user = %session.user, db = %session.db.name, "client closed");
+    }
+}
+
+/// The login phase under `client_login_timeout`; hands the socket and its buffer on.
+async fn log_in(
+    app: &Arc<App>,
+    mut stream: Stream,
+    peer: &str,
+) -> Option<(Arc<Cluster>, Stream, BytesMut, Login)> {
     let mut buf = BytesMut::with_capacity(8192);
     let cluster = app.cluster();
     let limit = cluster.config.general.client_login_timeout;
-    // Boxed: the login's state is large, and a logged-in client's task should not
-    // keep room for it.
-    let attempt = Box::pin(login::login(&app, &cluster, &mut stream, &mut buf, &peer));
-    let session = if limit.is_zero() {
+    let attempt = login::login(app, &cluster, &mut stream, &mut buf, peer);
+    let login = if limit.is_zero() {
         attempt.await
     } else {
         match tokio::time::timeout(limit, attempt).await {
@@ -67,54 +90,59 @@ pub(super) async fn run(
                 None
             }
         }
-    };
-    let parts = match session {
-        Some(Login::Client(parts)) => *parts,
-        Some(Login::Admin { user, role }) => {
-            crate::admin::serve(app, stream, buf, user, role).await;
-            return;
+    }?;
+    Some((cluster, stream, buf, login))
+}
+
+impl Session {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        app: Arc<App>,
+        cluster: Arc<Cluster>,
+        stream: Stream,
+        buf: BytesMut,
+        peer: String,
+        parts: login::LoggedIn,
+        abort: &std::sync::OnceLock<tokio::task::AbortHandle>,
+        fresh: Fresh,
+    ) -> Session {
+        let info = Arc::new(ClientInfo::new(
+            app.next_client_id(),
+            &parts.user,
+            &parts.db.name,
+            &peer,
+            parts.wanted.get("application_name").unwrap_or_default(),
+            parts.key.pid,
+        ));
+        *info.abort.lock() = abort.get().cloned();
+        app.client_list.insert(info.id, info.clone());
+        let registered = Registered {
+            app: app.clone(),
+            id: info.id,
+            key: parts.key,
+        };
+        let router = cluster.router(&parts.db);
+        Session {
+            _registered: registered,
+            shutdown: app.shutdown.subscribe(),
+            fresh: Some(fresh),
+            info,
+            app,
+            cluster,
+            client: stream,
+            cbuf: buf,
+            peer,
+            user: parts.user,
+            db: parts.db,
+            pool: parts.pool,
+            generation: parts.generation,
+            wanted: parts.wanted,
+            key: parts.key,
+            cancel: parts.cancel,
+            stmts: ClientStatements::default(),
+            router,
+            shard: ShardSession::default(),
         }
-        None => return,
-    };
-    let info = Arc::new(ClientInfo::new(
-        app.next_client_id(),
-        &parts.user,
-        &parts.db.name,
-        &peer,
-        parts.wanted.get("application_name").unwrap_or_default(),
-        parts.key.pid,
-    ));
-    *info.abort.lock() = abort.get().cloned();
-    app.client_list.insert(info.id, info.clone());
-    let _registered = Registered {
-        app: app.clone(),
-        id: info.id,
-        key: parts.key,
-    };
-    let mut session = Session {
-        shutdown: app.shutdown.subscribe(),
-        fresh: Some(fresh),
-        info,
-        app: app.clone(),
-        cluster: cluster.clone(),
-        client: stream,
-        cbuf: buf,
-        peer,
-        user: parts.user,
-        db: parts.db,
-        pool: parts.pool,
-        generation: parts.generation,
-        wanted: parts.wanted,
-        key: parts.key,
-        cancel: parts.cancel,
-        stmts: ClientStatements::default(),
-        router: None,
-        shard: ShardSession::default(),
-    };
-    session.router = session.cluster.router(&session.db);
-    session.serve().await;
-    if cluster.config.general.log_disconnections {
-        tracing::info!(peer = %session.peer, user = %session.user, db = %session.db.name, "client closed");
     }
 }
 
@@ -217,6 +245,8 @@ impl Drop for Active {
 }
 
 struct Session {
+    /// Unregisters the client however the task ends.
+    _registered: Registered,
     shutdown: tokio::sync::watch::Receiver<Shutdown>,
     /// Set until the first transaction ends (see `App::fresh`).
     fresh: Option<Fresh>,
@@ -279,6 +309,17 @@ impl Session {
                 Work::Closed => return,
             }
             self.refresh();
+            // Boxed: the task of an idle client keeps only what waiting for its next
+            // message needs, not room for a transaction's state.
+            if let After::Stop = Box::pin(self.next_transaction()).await {
+                return;
+            }
+        }
+    }
+
+    /// Routes (sharded), borrows a server, relays one transaction and gives the server back.
+    async fn next_transaction(&mut self) -> After {
+        {
             let mut budget = usize::MAX;
             if self.router.is_some() {
                 match Box::pin(self.route()).await {
@@ -286,13 +327,13 @@ impl Session {
                         self.pool = p;
                         budget = len;
                     }
-                    Routed::Done => continue,
-                    Routed::Closed => return,
+                    Routed::Done => return After::Continue,
+                    Routed::Closed => return After::Stop,
                 }
             }
             self.info.set_state(ClientState::Waiting);
             self.info.wait_since.store(now_us(), Ordering::Relaxed);
-            let mut checked = Box::pin(self.checkout()).await;
+            let mut checked = self.checkout().await;
             if checked.is_err() {
                 if let (Some(router), Some(shard), Some(r)) = (
                     &self.router,
@@ -303,20 +344,20 @@ impl Session {
                     router.ban(shard, r, self.cluster.config.general.ban_time);
                     if let Some(p) = self.cluster.shard_pool(&self.db, &self.user, shard, None) {
                         self.pool = p;
-                        checked = Box::pin(self.checkout()).await;
+                        checked = self.checkout().await;
                     }
                 }
             }
             let mut server = match checked {
                 Ok(Some(s)) => s,
-                Ok(None) => return,
+                Ok(None) => return After::Stop,
                 Err(e) => {
                     let (code, msg) = checkout_error(&e);
                     if self.cluster.config.general.log_pooler_errors {
                         tracing::warn!(peer = %self.peer, user = %self.user, db = %self.db.name, error = %msg, "pooler error");
                     }
                     fatal(&mut self.client, &code, &msg).await;
-                    return;
+                    return After::Stop;
                 }
             };
             let active = Active::new(&self.app);
@@ -341,13 +382,11 @@ impl Session {
                         "could not start the transaction on the shard",
                     )
                     .await;
-                    return;
+                    return After::Stop;
                 }
             }
             let pool = self.pool.clone();
-            // Boxed, as the checkout and routing below: the task of an idle client keeps
-            // only what waiting for its next message needs.
-            let after = Box::pin(self.transaction(server, budget)).await;
+            let after = self.transaction(server, budget).await;
             self.fresh = None;
             self.cancel.detach();
             self.info.set_state(ClientState::Idle);
@@ -358,9 +397,7 @@ impl Session {
             PoolTotals::add(&totals.xact_time_us, xact_us);
             pool.metrics.transaction_done(xact_us);
             drop(active);
-            if let After::Stop = after {
-                return;
-            }
+            after
         }
     }
 
@@ -389,11 +426,12 @@ impl Session {
                 fatal(&mut self.client, "57P01", "Weir is shutting down").await;
                 return Work::Closed;
             }
+            // A timer only when client_idle_timeout is set (boxed: most clients have none).
             let idle = async {
                 if idle_limit.is_zero() {
                     std::future::pending::<()>().await
                 } else {
-                    tokio::time::sleep(idle_limit).await
+                    Box::pin(tokio::time::sleep(idle_limit)).await
                 }
             };
             tokio::select! {
@@ -723,4 +761,32 @@ async fn read_client(client: &mut Stream, buf: &mut BytesMut) -> std::io::Result
         buf.reserve(READ_CHUNK);
     }
     client.read_buf(buf).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn size_of_future<A, F: std::future::Future>(_: impl FnOnce(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn an_idle_clients_task_stays_small() {
+        let serve = size_of_future(|s: &'static mut Session| s.serve());
+        let session = std::mem::size_of::<Session>();
+        let run = size_of_future(
+            |(app, stream, peer, abort, fresh): (
+                Arc<App>,
+                Stream,
+                String,
+                Arc<std::sync::OnceLock<tokio::task::AbortHandle>>,
+                Fresh,
+            )| run(app, stream, peer, abort, fresh),
+        );
+        eprintln!("Session {session} B, serve {serve} B, run {run} B");
+        // What an idle client's task holds: `run` (with the session in it) and the boxed
+        // `serve` future.
+        assert!(run + serve < 1200, "{run} + {serve} bytes");
+    }
 }
