@@ -54,8 +54,7 @@ DURATION=${DURATION:-20}
 JOBS=${JOBS:-2}
 SCALE=${SCALE:-10}
 POOL_SIZE=${POOL_SIZE:-20}
-POOLER_CPU=${POOLER_CPU:-0}
-OTHER_CPU=${OTHER_CPU:-1}
+POOLER_CPU=${POOLER_CPU:-0} OTHER_CPU=${OTHER_CPU:-1} # the two cores of the pinned cases
 
 MAX_CLIENT_CONN=2000
 MAX_PREPARED_STATEMENTS=200
@@ -92,57 +91,7 @@ cpu_jiffies() {
     awk -v c="cpu$1" '$1 == c { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat
 }
 
-# --- configs and poolers ---------------------------------------------------------------------
-
-write_weir_config() {
-    cat >"$BENCH_DIR/weir.toml" <<TOML
-# benches/ceiling.sh: Weir in front of the benchmark cluster
-[weir]
-listen_addr = "127.0.0.1"
-listen_port = $WEIR_PORT
-pool_mode = "transaction"
-max_client_conn = $MAX_CLIENT_CONN
-default_pool_size = $POOL_SIZE
-reserve_pool_size = 0
-max_prepared_statements = $MAX_PREPARED_STATEMENTS
-auth_type = "md5"
-auth_file = "userlist.txt"
-log_connections = false
-log_disconnections = false
-
-[databases.bench]
-host = "127.0.0.1"
-port = $PG_PORT
-dbname = "bench"
-TOML
-}
-
-# $1 = 1 adds max_prepared_statements (which PgBouncer before 1.21 does not know).
-write_pgbouncer_config() {
-    local prepared_line=""
-    [ "$1" = 1 ] && prepared_line="max_prepared_statements = $MAX_PREPARED_STATEMENTS"
-    cat >"$BENCH_DIR/pgbouncer.ini" <<INI
-; benches/ceiling.sh: PgBouncer in front of the benchmark cluster
-[databases]
-bench = host=127.0.0.1 port=$PG_PORT dbname=bench
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $PGB_PORT
-unix_socket_dir =
-pool_mode = transaction
-max_client_conn = $MAX_CLIENT_CONN
-default_pool_size = $POOL_SIZE
-reserve_pool_size = 0
-$prepared_line
-auth_type = md5
-auth_file = $BENCH_DIR/userlist.txt
-pidfile = $BENCH_DIR/pgbouncer/pgbouncer.pid
-log_connections = 0
-log_disconnections = 0
-INI
-    chmod 644 "$BENCH_DIR/pgbouncer.ini"
-}
+# --- poolers ---------------------------------------------------------------------------------
 
 # start_weir_case WORKERS PIN(empty = unpinned): sets POOLER_PID and POOLER_PORT.
 start_weir_case() {
@@ -168,43 +117,14 @@ start_weir_case() {
     }
 }
 
-launch_pgbouncer() {
-    local logfile="$BENCH_DIR/pgbouncer/pgbouncer.log"
-    (exec_as_pg taskset -c "$POOLER_CPU" "$PGBOUNCER_BIN" "$BENCH_DIR/pgbouncer.ini") \
-        >"$logfile" 2>&1 &
-    POOLER_PID=$!
-    wait_for_port "$PGB_PORT" "$POOLER_PID" PgBouncer
-}
-
-# The first PgBouncer log line matching the extended regex $1, without its timestamp and pid.
-pgbouncer_said() {
-    grep -i -m 1 -E "$1" "$BENCH_DIR/pgbouncer/pgbouncer.log" | sed -E 's/^.*\[[0-9]+\] //' || true
-}
-
 # PgBouncer pinned to POOLER_CPU, with max_prepared_statements if this version takes it.
 start_pgbouncer_case() {
-    [ -x "$PGBOUNCER_BIN" ] || die "PgBouncer not found at $PGBOUNCER_BIN (set PGBOUNCER_BIN)"
-    mkdir -p "$BENCH_DIR/pgbouncer"
-    [ "$(id -u)" -ne 0 ] || chown postgres: "$BENCH_DIR/pgbouncer"
-    local pgb_log="$BENCH_DIR/pgbouncer/pgbouncer.log" said
-    PGB_VERSION=$("$PGBOUNCER_BIN" --version 2>/dev/null | head -n 1)
-    write_pgbouncer_config 1
-    log "$PGB_VERSION on 127.0.0.1:$PGB_PORT, CPU $POOLER_CPU (log: $pgb_log)"
-    if launch_pgbouncer; then
-        said=$(pgbouncer_said 'max_prepared_statements')
-        [ -z "$said" ] || NOTES+=("$PGB_VERSION on max_prepared_statements: $said")
-    else
-        said=$(pgbouncer_said 'max_prepared_statements|error|fatal')
-        NOTES+=("$PGB_VERSION refused max_prepared_statements (\"${said:-exited}\"); ran it without, so -M prepared through it is expected to fail")
-        kill "$POOLER_PID" 2>/dev/null || true
-        wait "$POOLER_PID" 2>/dev/null || true
-        write_pgbouncer_config 0
-        launch_pgbouncer || {
-            tail -n 30 "$pgb_log" >&2
-            die "PgBouncer did not start"
-        }
-    fi
-    BENCH_PIDS+=("$POOLER_PID")
+    pgbouncer_init
+    write_pgbouncer_ini "benches/ceiling.sh: PgBouncer in front of the benchmark cluster" \
+        "$PG_PORT" "$PGB_PORT" 0
+    log "$PGB_VERSION on 127.0.0.1:$PGB_PORT, CPU $POOLER_CPU (log: $PGB_LOG)"
+    start_pgbouncer "$PGB_PORT" taskset -c "$POOLER_CPU"
+    POOLER_PID=$PGB_PID
     POOLER_PORT=$PGB_PORT
 }
 
@@ -319,61 +239,37 @@ print_report() {
             "$(fdiv "$(field weir2 "$mode" 3)" "$(field pgbouncer "$mode" 3)")" \
             "$(fdiv "$(field weir2 "$mode" 3)" "$(field weir1 "$mode" 3)")"
     done
-    if [ "${#NOTES[@]}" -gt 0 ]; then
-        echo
-        echo "notes:"
-        printf '  %s\n' "${NOTES[@]}"
-    fi
+    print_notes
 }
 
 main() {
-    local mode name
-    for mode in $MODES; do
-        case $mode in simple | extended | prepared) ;; *) die "unknown mode $mode" ;; esac
-    done
-    for name in $CASES; do
-        case $name in weir1 | pgbouncer | weir2) ;; *) die "unknown case $name" ;; esac
-    done
+    local name
+    check_words mode "$MODES" simple extended prepared
+    check_words case "$CASES" weir1 pgbouncer weir2
     [ "$POOLER_CPU" != "$OTHER_CPU" ] || die "POOLER_CPU and OTHER_CPU must differ"
     taskset -c "$POOLER_CPU" true 2>/dev/null || die "cannot run on CPU $POOLER_CPU (allowed: $ALL_CPUS)"
     taskset -c "$OTHER_CPU" true 2>/dev/null || die "cannot run on CPU $OTHER_CPU (allowed: $ALL_CPUS)"
     CORES="$POOLER_CPU $OTHER_CPU"
-    if [ -z "${PGBOUNCER_BIN:-}" ]; then
-        if [ -x /opt/pgbouncer/bin/pgbouncer ]; then
-            PGBOUNCER_BIN=/opt/pgbouncer/bin/pgbouncer
-        else
-            PGBOUNCER_BIN=/usr/sbin/pgbouncer
-        fi
-    fi
+    PGBOUNCER_BIN=${PGBOUNCER_BIN:-$(default_pgbouncer_bin)}
     if [[ " $CASES " == *" pgbouncer "* ]]; then
         [ -x "$PGBOUNCER_BIN" ] || die "PgBouncer not found at $PGBOUNCER_BIN (set PGBOUNCER_BIN)"
     fi
     bench_init "$CLIENTS"
     build_weir
 
-    free_port
-    PG_PORT=$FREE_PORT
-    free_port
-    WEIR_PORT=$FREE_PORT
-    free_port
-    PGB_PORT=$FREE_PORT
+    take_ports PG_PORT WEIR_PORT PGB_PORT
 
     # PostgreSQL starts with this shell's affinity narrowed to OTHER_CPU, so the postmaster and
     # every backend it forks run there; the shell gets all its CPUs back right after.
     taskset -pc "$OTHER_CPU" $$ >/dev/null
     start_cluster pg "$PG_PORT" 300
     taskset -pc "$ALL_CPUS" $$ >/dev/null
-    create_bench_db "$PG_PORT"
-    log "pgbench -i -s $SCALE"
-    "$(pgbench_bin)" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U "$BENCH_USER" bench \
-        >"$BENCH_DIR/pgbench-init.log" 2>&1 || {
-        cat "$BENCH_DIR/pgbench-init.log" >&2
-        die "pgbench -i failed"
-    }
-    psql_at "$PG_PORT" bench -c 'VACUUM ANALYZE'
+    init_pgbench_db "$PG_PORT" "$SCALE"
 
     write_userlist "$BENCH_DIR/userlist.txt"
-    write_weir_config
+    weir_bench_db "$PG_PORT" |
+        write_weir_toml "benches/ceiling.sh: Weir in front of the benchmark cluster" \
+            "$WEIR_PORT" 0 "max_prepared_statements = $MAX_PREPARED_STATEMENTS"
     PGB_VERSION=""
     AFFINITY_LINES=()
     : >"$BENCH_DIR/results"

@@ -1,7 +1,8 @@
 # shellcheck shell=bash disable=SC2034  # variables here are read by the sourcing scripts
-# Helpers shared by benches/pgbench.sh and benches/pgbench_sharded.sh: throwaway PostgreSQL
-# clusters, Weir and PgBouncer on free loopback ports, process CPU time, pgbench output
-# parsing, and one cleanup trap that stops everything started and removes the temp dir.
+# Helpers shared by the scripts in benches/ (pgbench.sh, pgbench_sharded.sh, ceiling.sh,
+# soak.sh): throwaway PostgreSQL clusters, Weir and PgBouncer (their configs too) on free
+# loopback ports, process CPU time, pgbench output parsing, and one cleanup trap that stops
+# everything started and removes the temp dir.
 #
 # Sourced, not run. The caller sets `set -euo pipefail` and calls `bench_init` first.
 
@@ -15,6 +16,16 @@ warn() { printf 'warning: %s\n' "$*" >&2; }
 die() {
     printf 'error: %s\n' "$*" >&2
     exit 1
+}
+
+# check_words WHAT LIST ALLOWED...: dies ("unknown WHAT WORD") unless every word of LIST is one
+# of ALLOWED.
+check_words() {
+    local what=$1 list=$2 word
+    shift 2
+    for word in $list; do
+        [[ " $* " == *" $word "* ]] || die "unknown $what $word"
+    done
 }
 
 # --- setup and cleanup -----------------------------------------------------------------------
@@ -184,6 +195,15 @@ free_port() {
     done
 }
 
+# take_ports VAR...: sets each variable VAR to a port from free_port.
+take_ports() {
+    local var
+    for var in "$@"; do
+        free_port
+        printf -v "$var" '%s' "$FREE_PORT"
+    done
+}
+
 # Waits until 127.0.0.1:$1 accepts, failing early if process $2 exited. $3 names it.
 wait_for_port() {
     local port=$1 pid=$2 what=$3 i
@@ -255,6 +275,20 @@ create_bench_db() {
 
 BENCH_USER=bench
 BENCH_PASSWORD=bench-secret
+
+# init_pgbench_db PORT SCALE: create_bench_db on the cluster at PORT, then pgbench -i -s SCALE
+# into database bench (log: $BENCH_DIR/pgbench-init.log) and VACUUM ANALYZE.
+init_pgbench_db() {
+    local port=$1 scale=$2
+    create_bench_db "$port"
+    log "pgbench -i -s $scale"
+    "$(pgbench_bin)" -i -q -s "$scale" -h 127.0.0.1 -p "$port" -U "$BENCH_USER" bench \
+        >"$BENCH_DIR/pgbench-init.log" 2>&1 || {
+        cat "$BENCH_DIR/pgbench-init.log" >&2
+        die "pgbench -i failed"
+    }
+    psql_at "$port" bench -c 'VACUUM ANALYZE'
+}
 
 write_userlist() {
     printf '"%s" "%s"\n' "$BENCH_USER" "$BENCH_PASSWORD" >"$1"
@@ -329,6 +363,138 @@ start_weir() {
     }
 }
 
+# pool_limits RESERVE_POOL_SIZE [LINE...]: the limits Weir and PgBouncer both get, in the
+# syntax both configs share: MAX_CLIENT_CONN clients, pools of POOL_SIZE servers plus
+# RESERVE_POOL_SIZE reserve ones, then each LINE (e.g. "max_prepared_statements = 200").
+pool_limits() {
+    printf 'max_client_conn = %s\ndefault_pool_size = %s\nreserve_pool_size = %s\n' \
+        "$MAX_CLIENT_CONN" "$POOL_SIZE" "$1"
+    shift
+    [ "$#" -eq 0 ] || printf '%s\n' "$@"
+}
+
+# write_weir_toml TITLE PORT RESERVE_POOL_SIZE [LINE...]: writes $BENCH_DIR/weir.toml: the
+# comment "# TITLE", the [weir] section the benches share (127.0.0.1:PORT, transaction mode,
+# pool_limits RESERVE_POOL_SIZE LINE..., md5 auth from userlist.txt, connection logging off),
+# then the [databases.*] sections read from stdin.
+write_weir_toml() {
+    local title=$1 port=$2
+    shift 2
+    {
+        printf '# %s\n[weir]\n' "$title"
+        printf 'listen_addr = "127.0.0.1"\nlisten_port = %s\npool_mode = "transaction"\n' "$port"
+        pool_limits "$@"
+        cat <<TOML
+auth_type = "md5"
+auth_file = "userlist.txt"
+log_connections = false
+log_disconnections = false
+
+TOML
+        cat
+    } >"$BENCH_DIR/weir.toml"
+}
+
+# weir_bench_db PORT: the [databases.bench] section for the cluster at 127.0.0.1:PORT (database
+# bench), for write_weir_toml's stdin.
+weir_bench_db() {
+    printf '[databases.bench]\nhost = "127.0.0.1"\nport = %s\ndbname = "bench"\n' "$1"
+}
+
+# --- PgBouncer -------------------------------------------------------------------------------
+
+# The PgBouncer binary when none is given: /opt/pgbouncer/bin/pgbouncer if it is executable,
+# else /usr/sbin/pgbouncer.
+default_pgbouncer_bin() {
+    if [ -x /opt/pgbouncer/bin/pgbouncer ]; then
+        echo /opt/pgbouncer/bin/pgbouncer
+    else
+        echo /usr/sbin/pgbouncer
+    fi
+}
+
+# write_pgbouncer_ini TITLE SERVER_PORT PORT RESERVE_POOL_SIZE [LINE...]: writes
+# $BENCH_DIR/pgbouncer.ini: the comment "; TITLE", database bench at 127.0.0.1:SERVER_PORT,
+# and PgBouncer on 127.0.0.1:PORT with the settings write_weir_toml gives Weir (pool_limits
+# RESERVE_POOL_SIZE LINE... among them) plus max_prepared_statements = MAX_PREPARED_STATEMENTS
+# (which start_pgbouncer drops again for a PgBouncer before 1.21, which does not know it).
+write_pgbouncer_ini() {
+    local title=$1 server_port=$2 port=$3
+    shift 3
+    {
+        cat <<INI
+; $title
+[databases]
+bench = host=127.0.0.1 port=$server_port dbname=bench
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+pool_mode = transaction
+INI
+        pool_limits "$@"
+        cat <<INI
+max_prepared_statements = $MAX_PREPARED_STATEMENTS
+auth_type = md5
+auth_file = $BENCH_DIR/userlist.txt
+pidfile = $BENCH_DIR/pgbouncer/pgbouncer.pid
+log_connections = 0
+log_disconnections = 0
+INI
+    } >"$BENCH_DIR/pgbouncer.ini"
+    chmod 644 "$BENCH_DIR/pgbouncer.ini"
+}
+
+# pgbouncer_init: dies unless PGBOUNCER_BIN is executable; makes $BENCH_DIR/pgbouncer (pid file
+# and log, PGB_LOG) writable by the user PgBouncer runs as; sets PGB_VERSION and PGB_LOG.
+pgbouncer_init() {
+    [ -x "$PGBOUNCER_BIN" ] || die "PgBouncer not found at $PGBOUNCER_BIN (set PGBOUNCER_BIN)"
+    mkdir -p "$BENCH_DIR/pgbouncer"
+    [ "$(id -u)" -ne 0 ] || chown postgres: "$BENCH_DIR/pgbouncer"
+    PGB_LOG="$BENCH_DIR/pgbouncer/pgbouncer.log"
+    PGB_VERSION=$("$PGBOUNCER_BIN" --version 2>/dev/null | head -n 1)
+}
+
+# launch_pgbouncer PORT [CMD...]: one start of PgBouncer with $BENCH_DIR/pgbouncer.ini, run by
+# CMD (e.g. taskset -c 0) if given; sets PGB_PID; fails if PORT does not accept. exec_as_pg
+# runs it through setpriv, which keeps the raised open-files limit (a runuser/PAM session could
+# reset it; check_fd_limit checks).
+launch_pgbouncer() {
+    local port=$1
+    shift
+    (exec_as_pg "$@" "$PGBOUNCER_BIN" "$BENCH_DIR/pgbouncer.ini") >"$PGB_LOG" 2>&1 &
+    PGB_PID=$!
+    wait_for_port "$port" "$PGB_PID" PgBouncer
+}
+
+# The first PgBouncer log line matching the extended regex $1, without its timestamp and pid.
+pgbouncer_said() {
+    grep -i -m 1 -E "$1" "$PGB_LOG" | sed -E 's/^.*\[[0-9]+\] //' || true
+}
+
+# start_pgbouncer PORT [CMD...]: starts PgBouncer (after pgbouncer_init and write_pgbouncer_ini)
+# as launch_pgbouncer does and puts PGB_PID on the cleanup list. If this version rejects
+# max_prepared_statements, notes that and starts it without.
+start_pgbouncer() {
+    local said
+    if launch_pgbouncer "$@"; then
+        said=$(pgbouncer_said 'max_prepared_statements')
+        [ -z "$said" ] || NOTES+=("$PGB_VERSION on max_prepared_statements: $said")
+    else
+        said=$(pgbouncer_said 'max_prepared_statements|error|fatal')
+        NOTES+=("$PGB_VERSION refused max_prepared_statements (\"${said:-exited}\"); ran it without, so -M prepared through it is expected to fail")
+        kill "$PGB_PID" 2>/dev/null || true
+        wait "$PGB_PID" 2>/dev/null || true
+        sed -i '/^max_prepared_statements = /d' "$BENCH_DIR/pgbouncer.ini"
+        launch_pgbouncer "$@" || {
+            tail -n 30 "$PGB_LOG" >&2
+            die "PgBouncer did not start"
+        }
+    fi
+    BENCH_PIDS+=("$PGB_PID")
+}
+
 # --- CPU time --------------------------------------------------------------------------------
 
 CLK_TCK=$(getconf CLK_TCK)
@@ -392,6 +558,14 @@ latency_percentile() {
 }
 
 NOTES=() # lines printed under the results table
+
+# The NOTES under a heading, if there are any.
+print_notes() {
+    [ "${#NOTES[@]}" -gt 0 ] || return 0
+    echo
+    echo "notes:"
+    printf '  %s\n' "${NOTES[@]}"
+}
 
 # judge_run LABEL OUTFILE STATUS: RUN_STATE=ok, or FAIL(...) with the reason and pgbench's
 # first distinct errors appended to NOTES. Call after parse_pgbench.

@@ -66,15 +66,7 @@ LOG_SAMPLING=${LOG_SAMPLING:-0.1}
 IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
 IDLE_CONCURRENCY=${IDLE_CONCURRENCY:-200}
 PYTHON=${PYTHON:-python3}
-if [ -z "${PGBOUNCER_BIN:-}" ]; then
-    if [ -n "${PGBOUNCER:-}" ]; then
-        PGBOUNCER_BIN=$PGBOUNCER
-    elif [ -x /opt/pgbouncer/bin/pgbouncer ]; then
-        PGBOUNCER_BIN=/opt/pgbouncer/bin/pgbouncer
-    else
-        PGBOUNCER_BIN=/usr/sbin/pgbouncer
-    fi
-fi
+PGBOUNCER_BIN=${PGBOUNCER_BIN:-${PGBOUNCER:-$(default_pgbouncer_bin)}}
 
 POOL_SIZE=20
 RESERVE_POOL_SIZE=5
@@ -85,98 +77,15 @@ MIN_LAT_SAMPLES=2000
 FEW_SAMPLES=0         # successful runs whose p99 rests on fewer than MIN_LAT_SAMPLES samples
 FEWEST_SAMPLES=999999 # the fewest samples of those
 
-write_weir_config() {
-    cat >"$BENCH_DIR/weir.toml" <<TOML
-# benches/pgbench.sh: Weir in front of the benchmark cluster
-[weir]
-listen_addr = "127.0.0.1"
-listen_port = $WEIR_PORT
-pool_mode = "transaction"
-max_client_conn = $MAX_CLIENT_CONN
-default_pool_size = $POOL_SIZE
-reserve_pool_size = $RESERVE_POOL_SIZE
-reserve_pool_timeout = $RESERVE_POOL_TIMEOUT
-max_prepared_statements = $MAX_PREPARED_STATEMENTS
-auth_type = "md5"
-auth_file = "userlist.txt"
-log_connections = false
-log_disconnections = false
-
-[databases.bench]
-host = "127.0.0.1"
-port = $PG_PORT
-dbname = "bench"
-TOML
-}
-
-# $1 = 1 adds max_prepared_statements (which PgBouncer before 1.21 does not know).
-write_pgbouncer_config() {
-    local prepared_line=""
-    [ "$1" = 1 ] && prepared_line="max_prepared_statements = $MAX_PREPARED_STATEMENTS"
-    cat >"$BENCH_DIR/pgbouncer.ini" <<INI
-; benches/pgbench.sh: PgBouncer in front of the benchmark cluster
-[databases]
-bench = host=127.0.0.1 port=$PG_PORT dbname=bench
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $PGB_PORT
-listen_backlog = $LISTEN_BACKLOG
-unix_socket_dir =
-pool_mode = transaction
-max_client_conn = $MAX_CLIENT_CONN
-default_pool_size = $POOL_SIZE
-reserve_pool_size = $RESERVE_POOL_SIZE
-reserve_pool_timeout = $RESERVE_POOL_TIMEOUT
-$prepared_line
-auth_type = md5
-auth_file = $BENCH_DIR/userlist.txt
-pidfile = $BENCH_DIR/pgbouncer/pgbouncer.pid
-log_connections = 0
-log_disconnections = 0
-INI
-    chmod 644 "$BENCH_DIR/pgbouncer.ini"
-}
-
-# exec_as_pg runs PgBouncer through setpriv, which keeps the raised open-files limit (a
-# runuser/PAM session could reset it); start_pgbouncer checks that it did.
-launch_pgbouncer() {
-    local logfile="$BENCH_DIR/pgbouncer/pgbouncer.log"
-    (exec_as_pg "$PGBOUNCER_BIN" "$BENCH_DIR/pgbouncer.ini") >"$logfile" 2>&1 &
-    PGB_PID=$!
-    wait_for_port "$PGB_PORT" "$PGB_PID" PgBouncer
-}
-
-# The first PgBouncer log line matching the extended regex $1, without its timestamp and pid.
-pgbouncer_said() {
-    grep -i -m 1 -E "$1" "$BENCH_DIR/pgbouncer/pgbouncer.log" | sed -E 's/^.*\[[0-9]+\] //' || true
-}
-
-# Starts PgBouncer with max_prepared_statements; if this version rejects it, notes that and
-# starts it without.
-start_pgbouncer() {
-    [ -x "$PGBOUNCER_BIN" ] || die "PgBouncer not found at $PGBOUNCER_BIN (set PGBOUNCER_BIN)"
-    mkdir -p "$BENCH_DIR/pgbouncer"
-    [ "$(id -u)" -ne 0 ] || chown postgres: "$BENCH_DIR/pgbouncer"
-    local pgb_log="$BENCH_DIR/pgbouncer/pgbouncer.log" said
-    PGB_VERSION=$("$PGBOUNCER_BIN" --version 2>/dev/null | head -n 1)
-    write_pgbouncer_config 1
-    log "$PGB_VERSION ($PGBOUNCER_BIN) on 127.0.0.1:$PGB_PORT (log: $pgb_log)"
-    if launch_pgbouncer; then
-        said=$(pgbouncer_said 'max_prepared_statements')
-        [ -z "$said" ] || NOTES+=("$PGB_VERSION on max_prepared_statements: $said")
-    else
-        said=$(pgbouncer_said 'max_prepared_statements|error|fatal')
-        NOTES+=("$PGB_VERSION refused max_prepared_statements (\"${said:-exited}\"); ran it without, so -M prepared through it is expected to fail")
-        kill "$PGB_PID" 2>/dev/null || true
-        wait "$PGB_PID" 2>/dev/null || true
-        write_pgbouncer_config 0
-        launch_pgbouncer || {
-            tail -n 30 "$pgb_log" >&2
-            die "PgBouncer did not start"
-        }
-    fi
-    BENCH_PIDS+=("$PGB_PID")
+# PgBouncer with max_prepared_statements (or, if this version rejects it, without), checked
+# to run with the raised open-files limit.
+start_pgbouncer_target() {
+    pgbouncer_init
+    write_pgbouncer_ini "benches/pgbench.sh: PgBouncer in front of the benchmark cluster" \
+        "$PG_PORT" "$PGB_PORT" "$RESERVE_POOL_SIZE" "listen_backlog = $LISTEN_BACKLOG" \
+        "reserve_pool_timeout = $RESERVE_POOL_TIMEOUT"
+    log "$PGB_VERSION ($PGBOUNCER_BIN) on 127.0.0.1:$PGB_PORT (log: $PGB_LOG)"
+    start_pgbouncer "$PGB_PORT"
     check_fd_limit "$PGB_PID" "$FD_CLIENTS" PgBouncer
 }
 
@@ -386,11 +295,7 @@ print_report() {
         echo "(held: established connections on the pooler's port when rss_after was read;"
         echo " rss_closed_MB: 2 s after the clients closed; KB/client = (after - before) / N)"
     fi
-    if [ "${#NOTES[@]}" -gt 0 ]; then
-        echo
-        echo "notes:"
-        printf '  %s\n' "${NOTES[@]}"
-    fi
+    print_notes
 }
 
 # The targets in run order for round $1: as given on odd rounds, reversed on even ones.
@@ -406,12 +311,8 @@ targets_for_round() {
 
 main() {
     local clients mode target round max_clients=0
-    for mode in $MODES; do
-        case $mode in simple | extended | prepared) ;; *) die "unknown mode $mode" ;; esac
-    done
-    for target in $TARGETS; do
-        case $target in direct | weir | pgbouncer) ;; *) die "unknown target $target" ;; esac
-    done
+    check_words mode "$MODES" simple extended prepared
+    check_words target "$TARGETS" direct weir pgbouncer
     for clients in $CLIENT_COUNTS; do
         [[ $clients =~ ^[1-9][0-9]*$ ]] || die "CLIENT_COUNTS: not a client count: $clients"
         [ "$clients" -le "$max_clients" ] || max_clients=$clients
@@ -435,36 +336,27 @@ main() {
     log "open-files soft limit $(ulimit -Sn) (hard $(ulimit -Hn))"
     build_weir
 
-    free_port
-    PG_PORT=$FREE_PORT
-    free_port
-    WEIR_PORT=$FREE_PORT
-    free_port
-    PGB_PORT=$FREE_PORT
+    take_ports PG_PORT WEIR_PORT PGB_PORT
 
     # Direct runs open one backend per client; the rest is headroom for the sampler.
     local max_conn=$((max_clients + 50))
     [ "$max_conn" -ge 300 ] || max_conn=300
     start_cluster pg "$PG_PORT" "$max_conn"
-    create_bench_db "$PG_PORT"
-    log "pgbench -i -s $SCALE"
-    "$(pgbench_bin)" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U "$BENCH_USER" bench \
-        >"$BENCH_DIR/pgbench-init.log" 2>&1 || {
-        cat "$BENCH_DIR/pgbench-init.log" >&2
-        die "pgbench -i failed"
-    }
-    psql_at "$PG_PORT" bench -c 'VACUUM ANALYZE'
+    init_pgbench_db "$PG_PORT" "$SCALE"
 
     write_userlist "$BENCH_DIR/userlist.txt"
     WEIR_PID=""
     PGB_PID=""
     PGB_VERSION=""
     if [[ " $TARGETS " == *" weir "* ]]; then
-        write_weir_config
+        weir_bench_db "$PG_PORT" |
+            write_weir_toml "benches/pgbench.sh: Weir in front of the benchmark cluster" \
+                "$WEIR_PORT" "$RESERVE_POOL_SIZE" "reserve_pool_timeout = $RESERVE_POOL_TIMEOUT" \
+                "max_prepared_statements = $MAX_PREPARED_STATEMENTS"
         start_weir "$BENCH_DIR/weir.toml" "$WEIR_PORT"
         check_fd_limit "$WEIR_PID" "$FD_CLIENTS" Weir
     fi
-    [[ " $TARGETS " != *" pgbouncer "* ]] || start_pgbouncer
+    [[ " $TARGETS " != *" pgbouncer "* ]] || start_pgbouncer_target
 
     : >"$BENCH_DIR/results"
     : >"$BENCH_DIR/idle"

@@ -84,20 +84,8 @@ write_weir_config() {
     for ((i = 0; i < SHARDS; i++)); do
         shards+="  { primary = \"127.0.0.1:${SHARD_PORTS[$i]}\" },"$'\n'
     done
-    cat >"$BENCH_DIR/weir.toml" <<TOML
-# benches/pgbench_sharded.sh: Weir in front of $SHARDS shards
-[weir]
-listen_addr = "127.0.0.1"
-listen_port = $WEIR_PORT
-pool_mode = "transaction"
-max_client_conn = $MAX_CLIENT_CONN
-default_pool_size = $POOL_SIZE
-reserve_pool_size = $RESERVE_POOL_SIZE
-auth_type = "md5"
-auth_file = "userlist.txt"
-log_connections = false
-log_disconnections = false
-
+    write_weir_toml "benches/pgbench_sharded.sh: Weir in front of $SHARDS shards" "$WEIR_PORT" \
+        "$RESERVE_POOL_SIZE" <<TOML
 [databases.bench]
 dbname = "bench"
 shards = [
@@ -340,18 +328,12 @@ print_report() {
     echo
     echo "us/txn pooled over the rounds that passed; diff_us/stmt = (sharded - plain) / 2; per-round: range of that difference over rounds with both runs ok"
     echo "goal: yes = pooled and every round <= $GOAL_US us, NO = pooled and every round above, mixed = rounds disagree (more ROUNDS/DURATION, quieter machine)"
-    if [ "${#NOTES[@]}" -gt 0 ]; then
-        echo
-        echo "notes:"
-        printf '  %s\n' "${NOTES[@]}"
-    fi
+    print_notes
 }
 
 main() {
     local mode
-    for mode in $MODES; do
-        case $mode in simple | extended | prepared) ;; *) die "unknown mode $mode" ;; esac
-    done
+    check_words mode "$MODES" simple extended prepared
     [ "$SHARDS" -ge 1 ] || die "SHARDS must be at least 1"
     [ "$ROUNDS" -ge 1 ] || die "ROUNDS must be at least 1"
     bench_init "$CLIENTS"
