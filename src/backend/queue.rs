@@ -117,10 +117,6 @@ impl<C: Pooled> Queue<C> {
         }
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
     pub fn counts(&self) -> Counts {
         let st = self.state.lock();
         Counts {
