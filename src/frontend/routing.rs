@@ -21,12 +21,15 @@ pub(super) struct HeldBegin {
 }
 
 /// Per-session sharding state.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(super) struct ShardSession {
     pub pin: Option<Pin>,
     pub held: Option<HeldBegin>,
     /// Query text of the last unnamed Parse, for a later Bind of "".
     pub last_unnamed: Option<String>,
+    /// The pools this session has routed to, by (shard, replica): a statement finds its
+    /// pool here without the cluster's lock. Emptied when a reload builds new pools.
+    pub pools: std::collections::HashMap<(usize, Option<usize>), Arc<crate::backend::Pool>>,
 }
 
 /// One routable unit at the front of the client buffer.
@@ -205,6 +208,14 @@ pub(super) fn weir_setting(sql: &str) -> Option<Result<Option<Pin>, String>> {
     let t = sql
         .trim()
         .trim_end_matches(|c: char| c == ';' || c.is_whitespace());
+    // Most statements are not SET/RESET: decide that before copying the text.
+    let starts = |word: &str| {
+        t.get(..word.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(word))
+    };
+    if !starts("set ") && !starts("reset ") {
+        return None;
+    }
     let lower = t.to_ascii_lowercase();
     if let Some(rest) = lower.strip_prefix("reset ") {
         let name = rest.trim();
@@ -290,6 +301,14 @@ mod tests {
         assert_eq!(weir_setting("RESET weir.shard"), Some(Ok(None)));
         assert_eq!(weir_setting("SET search_path = x"), None);
         assert_eq!(weir_setting("SELECT 'SET weir.shard = 1'"), None);
+        // Mixed case and a multi-byte first character: the quick prefix check agrees.
+        assert_eq!(
+            weir_setting("sEt Weir.Shard = 2"),
+            Some(Ok(Some(Pin::Shard(2))))
+        );
+        assert_eq!(weir_setting("ReSeT WEIR.shard"), Some(Ok(None)));
+        assert_eq!(weir_setting("é"), None);
+        assert_eq!(weir_setting("set"), None);
     }
 
     #[test]

@@ -459,6 +459,7 @@ impl Session {
                 self.db = db;
                 self.pool = self.cluster.pool(&self.db, &self.user);
                 self.router = self.cluster.router(&self.db);
+                self.shard.pools.clear();
             }
         }
     }

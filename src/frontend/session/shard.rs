@@ -54,10 +54,10 @@ impl Session {
         let Some(router) = self.router.clone() else {
             return Routed::Pool(self.pool.clone(), usize::MAX);
         };
-        let Ok(unit) = self.read_unit().await else {
+        let Ok(mut unit) = self.read_unit().await else {
             return Routed::Closed;
         };
-        let sql = unit.sql.clone().unwrap_or_default();
+        let sql = unit.sql.take().unwrap_or_default();
         let status = match &self.shard.held {
             Some(h) if h.failed => b'E',
             Some(_) => b'T',
@@ -184,14 +184,14 @@ impl Session {
         let Some(router) = self.router.clone() else {
             return InTx::Go(usize::MAX);
         };
-        let Ok(unit) = self.read_unit().await else {
+        let Ok(mut unit) = self.read_unit().await else {
             return InTx::Closed;
         };
         if !unit.executes || status == b'E' {
             // Nothing runs, or the server refuses it anyway.
             return InTx::Go(unit.len);
         }
-        let sql = unit.sql.clone().unwrap_or_default();
+        let sql = unit.sql.take().unwrap_or_default();
         if unit.simple {
             match routing::weir_setting(&sql) {
                 Some(Ok(pin)) => {
@@ -233,7 +233,7 @@ impl Session {
 
     /// The pool of a shard: a healthy replica for reads when allowed.
     pub(super) fn shard_pool(
-        &self,
+        &mut self,
         router: &ShardRouter,
         shard: usize,
         read: bool,
@@ -243,9 +243,22 @@ impl Session {
         } else {
             None
         };
-        self.cluster
+        if let Some(p) = self.shard.pools.get(&(shard, replica)) {
+            return Some(p.clone());
+        }
+        let pool = match self
+            .cluster
             .shard_pool(&self.db, &self.user, shard, replica)
-            .or_else(|| self.cluster.shard_pool(&self.db, &self.user, shard, None))
+        {
+            Some(p) => p,
+            None => {
+                let p = self.cluster.shard_pool(&self.db, &self.user, shard, None)?;
+                // Not cached under the replica: it may come back.
+                return Some(p);
+            }
+        };
+        self.shard.pools.insert((shard, replica), pool.clone());
+        Some(pool)
     }
 
     /// Refuses a unit: an error, and ReadyForQuery if the client expects one.
