@@ -12,6 +12,7 @@
 #   MODES     simple extended prepared (-M)          JOBS      pgbench threads (-j), default 2
 #   ROUNDS    sharded/unsharded run pairs per mode, default 2
 #   ROWS      rows in accounts, default 100000       SHARDS    number of shards, default 2
+#             (SHARDS=1 puts both databases on one server: the difference is routing alone)
 #   PLAIN_POOL_SIZE  pool of the unsharded database, default 20 x SHARDS, reserve 5 x SHARDS
 #             (the sharded database has 20 + 5 per shard: both paths get as many servers)
 #   WEIR_BIN  use this binary instead of building    WEIR_WORKERS  passed to Weir as is
