@@ -246,19 +246,14 @@ impl Session {
         if let Some(p) = self.shard.pools.get(&(shard, replica)) {
             return Some(p.clone());
         }
-        let pool = match self
+        if let Some(p) = self
             .cluster
             .shard_pool(&self.db, &self.user, shard, replica)
         {
-            Some(p) => p,
-            None => {
-                let p = self.cluster.shard_pool(&self.db, &self.user, shard, None)?;
-                // Not cached under the replica: it may come back.
-                return Some(p);
-            }
-        };
-        self.shard.pools.insert((shard, replica), pool.clone());
-        Some(pool)
+            self.shard.pools.insert((shard, replica), p.clone());
+            return Some(p);
+        }
+        self.cluster.shard_pool(&self.db, &self.user, shard, None)
     }
 
     /// Refuses a unit: an error, and ReadyForQuery if the client expects one.
