@@ -187,7 +187,10 @@ impl BackendSampler {
         let thread = std::thread::spawn(move || {
             let mut samples = Vec::new();
             while !flag.load(Ordering::Acquire) {
-                samples.push((Instant::now(), backends(&cluster, &db)));
+                // Stamped when the count is known: a count that took long under load
+                // must not be dated back to when it was asked for.
+                let n = backends(&cluster, &db);
+                samples.push((Instant::now(), n));
                 std::thread::sleep(SAMPLE_INTERVAL);
             }
             samples
