@@ -8,9 +8,7 @@
 use bytes::{BufMut, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use weir::backend::prepared::{self, ClientStatements, Registry, ServerStatements};
-use weir::frontend::sqlscan::Seen;
-use weir::frontend::tracker::Tracker;
-use weir::frontend::{scan_client, ClientCtx, Dir, Progress};
+use weir::frontend::relay::{Relay, Statements};
 
 fn parse_msg(name: &str, q: &str) -> BytesMut {
     let mut b = BytesMut::new();
@@ -45,21 +43,17 @@ struct World {
 
 fn run(w: &mut World, input: &[u8]) -> usize {
     let mut buf = BytesMut::from(input);
-    let mut dir = Dir::default();
-    let mut progress = Progress::default();
-    let mut tracker = Tracker::default();
-    let mut seen = Seen::default();
-    let mut ctx = ClientCtx {
-        stmts: &mut w.stmts,
-        registry: &w.registry,
-        server: &mut w.server,
-        capacity: 200,
-        tracker: &mut tracker,
-        seen: &mut seen,
-        skip_to_sync: false,
-    };
-    let _ = scan_client(&mut buf, &mut dir, &mut progress, &mut ctx);
-    dir.ready
+    let mut relay = Relay::new(usize::MAX);
+    let _ = relay.scan_client(
+        &mut buf,
+        Statements {
+            client: &mut w.stmts,
+            registry: &w.registry,
+            server: &mut w.server,
+            capacity: 200,
+        },
+    );
+    relay.up.ready
 }
 
 fn bench(c: &mut Criterion) {

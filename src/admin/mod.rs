@@ -24,7 +24,7 @@ pub mod stats;
 
 use crate::net::{read_message, Stream};
 use crate::stats::now_us;
-use crate::wire::{self, build};
+use crate::wire::{self, build, TxStatus};
 use crate::{App, Shutdown};
 use bytes::{BufMut, BytesMut};
 use command::AdminError;
@@ -231,7 +231,7 @@ impl Console {
                 out.put(build::error("ERROR", e.sqlstate(), &e.to_string()));
             }
         }
-        out.put(build::ready_for_query(b'I'));
+        out.put(build::ready_for_query(TxStatus::Idle));
         self.send(out).await.is_ok()
     }
 
@@ -415,6 +415,6 @@ fn welcome() -> BytesMut {
         out.put(build::parameter_status(name, value));
     }
     out.put(build::backend_key_data(rand::random(), rand::random()));
-    out.put(build::ready_for_query(b'I'));
+    out.put(build::ready_for_query(TxStatus::Idle));
     out
 }

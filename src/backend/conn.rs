@@ -8,7 +8,7 @@ use super::prepared::ServerStatements;
 use crate::config::Address;
 use crate::net::{read_message, Stream};
 use crate::stats::ServerInfo;
-use crate::wire::{self, build, tag, ErrorFields};
+use crate::wire::{self, build, tag, ErrorFields, TxStatus};
 use bytes::BytesMut;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -143,7 +143,7 @@ impl ServerConn {
 
     /// Runs a simple query Weir issues itself; swallows its results and
     /// records any ParameterStatus. Returns the final transaction status.
-    pub async fn exec(&mut self, sql: &str) -> Result<u8, ExecError> {
+    pub async fn exec(&mut self, sql: &str) -> Result<TxStatus, ExecError> {
         self.stream.write_all(&build::query(sql)).await?;
         self.drain_until_ready().await
     }
@@ -157,11 +157,14 @@ impl ServerConn {
     }
 
     /// Reads and discards until ReadyForQuery; keeps the first error.
-    pub async fn drain_until_ready(&mut self) -> Result<u8, ExecError> {
+    pub async fn drain_until_ready(&mut self) -> Result<TxStatus, ExecError> {
         self.drain(None).await
     }
 
-    async fn drain(&mut self, mut row: Option<&mut Vec<Option<String>>>) -> Result<u8, ExecError> {
+    async fn drain(
+        &mut self,
+        mut row: Option<&mut Vec<Option<String>>>,
+    ) -> Result<TxStatus, ExecError> {
         let mut error = None;
         loop {
             let msg = read_message(&mut self.stream, &mut self.buf)
@@ -169,9 +172,10 @@ impl ServerConn {
                 .ok_or_else(|| ExecError::Io(std::io::ErrorKind::UnexpectedEof.into()))?;
             match msg[0] {
                 tag::READY_FOR_QUERY => {
-                    let status = *msg
+                    let status = msg
                         .get(5)
-                        .ok_or_else(|| ExecError::Protocol("short ReadyForQuery".into()))?;
+                        .and_then(|&b| TxStatus::from_byte(b))
+                        .ok_or_else(|| ExecError::Protocol("bad ReadyForQuery".into()))?;
                     return match error {
                         Some(e) => Err(ExecError::Server(e)),
                         None => Ok(status),

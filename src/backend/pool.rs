@@ -11,7 +11,7 @@ use super::params::ParamSet;
 use super::queue::{Counts, Grant, Limits, Pooled, Queue, Start};
 use crate::config::secret::Secret;
 use crate::config::PoolMode;
-use crate::metrics::PoolMetrics;
+use crate::metrics::{PoolLabels, PoolMetrics};
 use crate::stats::{PoolTotals, Registry, ServerInfo};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,6 +39,18 @@ pub struct PoolSettings {
     /// For sharded databases: the shard, and the replica (`None` = primary).
     pub shard: Option<usize>,
     pub replica: Option<usize>,
+}
+
+impl PoolSettings {
+    /// The labels of this pool's metric series.
+    pub fn labels(&self) -> PoolLabels {
+        PoolLabels {
+            database: self.database.clone(),
+            user: self.user.clone(),
+            shard: self.shard.unwrap_or(0),
+            replica: self.replica.is_some(),
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -107,7 +119,7 @@ impl Drop for Pool {
 
 impl Pool {
     pub fn new(settings: PoolSettings, client_user: &str) -> Arc<Pool> {
-        let metrics = PoolMetrics::new(&settings);
+        let metrics = PoolMetrics::new(settings.labels());
         let limits = Limits {
             pool_size: settings.pool_size,
             reserve_size: settings.reserve_size,

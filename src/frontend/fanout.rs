@@ -7,7 +7,7 @@
 use crate::backend::params::ParamSet;
 use crate::backend::Pool;
 use crate::router::sql::{Agg, Merge, SortCol, SortKey};
-use crate::wire::{self, build, tag};
+use crate::wire::{self, build, tag, TxStatus};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::cmp::Ordering;
 use std::sync::Arc;
@@ -45,7 +45,7 @@ pub async fn run(
     let mut out = BytesMut::new();
     if let Some(err) = results.iter().find_map(|(_, r)| r.error.clone()) {
         out.put(err);
-        out.put(build::ready_for_query(b'I'));
+        out.put(build::ready_for_query(TxStatus::Idle));
         return out;
     }
     let desc = results.iter().find_map(|(_, r)| r.row_description.clone());
@@ -83,13 +83,13 @@ pub async fn run(
         out.put(r);
     }
     out.put(command_complete(&format!("SELECT {count}")));
-    out.put(build::ready_for_query(b'I'));
+    out.put(build::ready_for_query(TxStatus::Idle));
     out
 }
 
 fn finish_error(code: &str, msg: &str) -> BytesMut {
     let mut out = build::error("ERROR", code, msg);
-    out.put(build::ready_for_query(b'I'));
+    out.put(build::ready_for_query(TxStatus::Idle));
     out
 }
 

@@ -10,4 +10,4 @@ mod session;
 pub mod sqlscan;
 mod startup;
 pub mod tracker;
-pub use relay::{scan_client, ClientCtx, Dir, Progress};
+pub use relay::{Dir, Progress, Relay, Statements};

@@ -12,7 +12,7 @@ use crate::backend::params::ParamSet;
 use crate::backend::prepared::{self, ClientStatements, Registry, ServerStatements, Stmt};
 use crate::backend::ServerConn;
 use crate::net::Stream;
-use crate::wire::{self, build, tag, WireError};
+use crate::wire::{self, build, tag, TxStatus, WireError};
 use bytes::{Buf, Bytes, BytesMut};
 use std::future::poll_fn;
 use std::io;
@@ -48,7 +48,7 @@ pub struct Progress {
     /// Extended-protocol messages sent since the last Sync.
     pub unsynced: bool,
     /// Transaction status from the last ReadyForQuery.
-    pub tx: u8,
+    pub tx: TxStatus,
     /// The client sent Terminate.
     pub terminated: bool,
     /// Queries (simple Query and Execute) sent, for SHOW STATS.
@@ -72,7 +72,7 @@ impl Default for Progress {
         Progress {
             inflight: 0,
             unsynced: false,
-            tx: b'I',
+            tx: TxStatus::Idle,
             terminated: false,
             queries: 0,
             after_execute: false,
@@ -91,6 +91,103 @@ impl Progress {
     }
 }
 
+/// One transaction's relay state, in one owner: both directions, what is in flight, the
+/// server answers expected (and which of them Weir swallows or inserts), and the session
+/// state the client's SQL touched. The session keeps one per lent server; the fuzz targets
+/// and benches drive the same type without sockets.
+#[derive(Default)]
+pub struct Relay {
+    pub up: Dir,
+    pub down: Dir,
+    pub progress: Progress,
+    pub tracker: Tracker,
+    pub seen: Seen,
+    /// After Weir answered a message with an error: drop client messages until Sync,
+    /// as PostgreSQL would skip them.
+    pub skip_to_sync: bool,
+}
+
+/// The prepared-statement sets scanning client bytes consults and changes.
+pub struct Statements<'a> {
+    /// The client's protocol-level statement names.
+    pub client: &'a mut ClientStatements,
+    /// The process-wide registry of statement texts.
+    pub registry: &'a Registry,
+    /// What the lent server has prepared.
+    pub server: &'a mut ServerStatements,
+    /// `max_prepared_statements`; 0 passes named statements through untouched.
+    pub capacity: usize,
+}
+
+impl Relay {
+    /// A relay that may forward `budget` client bytes (`usize::MAX`: unlimited).
+    pub fn new(budget: usize) -> Relay {
+        Relay {
+            progress: Progress {
+                budget,
+                ..Progress::default()
+            },
+            ..Relay::default()
+        }
+    }
+
+    /// Scans client bytes beyond `up.ready` (see [`scan_client`]).
+    pub fn scan_client(
+        &mut self,
+        cbuf: &mut BytesMut,
+        stmts: Statements<'_>,
+    ) -> Result<(), WireError> {
+        let mut ctx = ClientCtx {
+            stmts: stmts.client,
+            registry: stmts.registry,
+            server: stmts.server,
+            capacity: stmts.capacity,
+            tracker: &mut self.tracker,
+            seen: &mut self.seen,
+            skip_to_sync: self.skip_to_sync,
+        };
+        let scanned = scan_client(cbuf, &mut self.up, &mut self.progress, &mut ctx);
+        self.skip_to_sync = ctx.skip_to_sync;
+        scanned
+    }
+
+    /// Puts Weir's own answers at the current boundary of the server's stream.
+    pub fn insert_fakes(&mut self, sbuf: &mut BytesMut) {
+        insert_fakes(sbuf, &mut self.down, &mut self.tracker);
+    }
+
+    /// Scans server bytes beyond `down.ready` (see [`scan_server`]), then forgets client
+    /// statements whose Parse failed. `Ok(true)`: a ReadyForQuery left nothing in flight.
+    pub fn scan_server(
+        &mut self,
+        sbuf: &mut BytesMut,
+        server_params: &mut ParamSet,
+        prepared: &mut ServerStatements,
+        client_params: &mut ParamSet,
+        stmts: &mut ClientStatements,
+    ) -> Result<bool, WireError> {
+        let mut server = ServerState {
+            params: server_params,
+            prepared,
+            tracker: &mut self.tracker,
+        };
+        let scanned = scan_server(
+            sbuf,
+            &mut self.down,
+            &mut self.progress,
+            &mut server,
+            client_params,
+        );
+        forget_failed_parses(&mut self.tracker, stmts);
+        scanned
+    }
+
+    /// Nothing in flight and nothing half-sent (see [`Progress::at_rest`]).
+    pub fn at_rest(&self) -> bool {
+        self.progress.at_rest(&self.up)
+    }
+}
+
 pub enum Event {
     ClientData,
     ServerData,
@@ -99,7 +196,7 @@ pub enum Event {
 }
 
 /// What scanning client messages may consult and change besides the bytes.
-pub struct ClientCtx<'a> {
+struct ClientCtx<'a> {
     pub stmts: &'a mut ClientStatements,
     pub registry: &'a Registry,
     pub server: &'a mut ServerStatements,
@@ -126,7 +223,7 @@ fn splice(buf: &mut BytesMut, at: usize, remove: usize, insert: &[u8]) {
 /// Scans client bytes beyond `dir.ready`, updating `progress`, rewriting
 /// named-statement messages for the server. Stops at a Terminate, which is
 /// never forwarded.
-pub fn scan_client(
+fn scan_client(
     buf: &mut BytesMut,
     dir: &mut Dir,
     progress: &mut Progress,
@@ -395,7 +492,7 @@ fn make_room(stmt: &Arc<Stmt>, ctx: &mut ClientCtx<'_>, out: &mut BytesMut) {
 /// ParameterStatus on both the server's and the client's parameter sets, and
 /// applies the tracker's verdicts (drop what Weir added, insert what Weir
 /// answers). Returns true when a ReadyForQuery left nothing in flight.
-pub fn scan_server(
+fn scan_server(
     buf: &mut BytesMut,
     dir: &mut Dir,
     progress: &mut Progress,
@@ -437,7 +534,10 @@ pub fn scan_server(
             .on_server(h.tag, error.as_deref(), server.prepared);
         match h.tag {
             tag::READY_FOR_QUERY => {
-                progress.tx = *msg.get(5).ok_or(WireError::Malformed("ReadyForQuery"))?;
+                progress.tx = msg
+                    .get(5)
+                    .and_then(|&b| TxStatus::from_byte(b))
+                    .ok_or(WireError::Malformed("ReadyForQuery"))?;
                 progress.inflight = progress.inflight.saturating_sub(1);
                 idle = progress.inflight == 0;
             }
@@ -482,7 +582,7 @@ pub fn close_batch(
 }
 
 /// Forgets client statement names whose Parse failed on the server.
-pub fn forget_failed_parses(tracker: &mut Tracker, stmts: &mut ClientStatements) {
+fn forget_failed_parses(tracker: &mut Tracker, stmts: &mut ClientStatements) {
     for (name, id) in tracker.failed_parses.drain(..) {
         if stmts.get(&name).is_some_and(|s| s.id == id) {
             stmts.remove(&name);
@@ -491,14 +591,14 @@ pub fn forget_failed_parses(tracker: &mut Tracker, stmts: &mut ClientStatements)
 }
 
 /// The parts of a server connection scanning its output touches.
-pub struct ServerState<'a> {
+struct ServerState<'a> {
     pub params: &'a mut ParamSet,
     pub prepared: &'a mut ServerStatements,
     pub tracker: &'a mut Tracker,
 }
 
 /// Puts the responses Weir gives itself at the current message boundary.
-pub fn insert_fakes(buf: &mut BytesMut, dir: &mut Dir, tracker: &mut Tracker) {
+fn insert_fakes(buf: &mut BytesMut, dir: &mut Dir, tracker: &mut Tracker) {
     if dir.pass > 0 || !tracker.front_is_fake() {
         return;
     }

@@ -10,9 +10,8 @@
 
 use crate::backend::params::ParamSet;
 use crate::backend::prepared::{self, ClientStatements, Registry, ServerStatements};
-use crate::frontend::relay::{self, ClientCtx, Dir, Progress, ServerState};
+use crate::frontend::relay::{Relay, Statements};
 use crate::frontend::sqlscan::Seen;
-use crate::frontend::tracker::Tracker;
 use crate::router::route::BindParams;
 use crate::wire::{self, WireError};
 use bytes::{Buf, BytesMut};
@@ -122,13 +121,13 @@ pub fn split_equals_whole(data: &[u8]) {
     let mut split = World::new(plan.capacity, plan.budget);
     for piece in plan.pieces.split(plan.client) {
         split.feed_client(piece);
-        let n = plan.pieces.below(split.up.ready);
+        let n = plan.pieces.below(split.relay.up.ready);
         split.flush_up(n);
     }
     split.end_client();
     for piece in plan.pieces.split(plan.server) {
         split.feed_server(piece);
-        let n = plan.pieces.below(split.down.ready);
+        let n = plan.pieces.below(split.relay.down.ready);
         split.flush_down(n);
     }
     assert_eq!(
@@ -190,14 +189,9 @@ struct World {
     stmts: ClientStatements,
     registry: Registry,
     prepared: ServerStatements,
-    tracker: Tracker,
-    seen: Seen,
-    skip_to_sync: bool,
-    progress: Progress,
-    up: Dir,
+    relay: Relay,
     cbuf: BytesMut,
     up_sent: Vec<u8>,
-    down: Dir,
     sbuf: BytesMut,
     down_sent: Vec<u8>,
     server_params: ParamSet,
@@ -232,12 +226,11 @@ struct Summary {
 
 impl World {
     fn new(capacity: usize, budget: usize) -> World {
-        let mut w = World {
+        World {
             capacity,
+            relay: Relay::new(budget),
             ..World::default()
-        };
-        w.progress.budget = budget;
-        w
+        }
     }
 
     fn feed_client(&mut self, piece: &[u8]) {
@@ -245,27 +238,27 @@ impl World {
         if self.error.is_some() {
             return;
         }
-        let mut ctx = ClientCtx {
-            stmts: &mut self.stmts,
-            registry: &self.registry,
-            server: &mut self.prepared,
-            capacity: self.capacity,
-            tracker: &mut self.tracker,
-            seen: &mut self.seen,
-            skip_to_sync: self.skip_to_sync,
-        };
-        let scanned =
-            relay::scan_client(&mut self.cbuf, &mut self.up, &mut self.progress, &mut ctx);
-        self.skip_to_sync = ctx.skip_to_sync;
+        let scanned = self.relay.scan_client(
+            &mut self.cbuf,
+            Statements {
+                client: &mut self.stmts,
+                registry: &self.registry,
+                server: &mut self.prepared,
+                capacity: self.capacity,
+            },
+        );
         self.error = scanned.err().as_ref().map(describe);
-        assert!(self.up.ready <= self.cbuf.len(), "scanned past the buffer");
+        assert!(
+            self.relay.up.ready <= self.cbuf.len(),
+            "scanned past the buffer"
+        );
     }
 
     /// As the session does after scanning client bytes: Weir's own answers go out at the
     /// current boundary of the server's stream.
     fn end_client(&mut self) {
         if self.error.is_none() {
-            relay::insert_fakes(&mut self.sbuf, &mut self.down, &mut self.tracker);
+            self.relay.insert_fakes(&mut self.sbuf);
         }
     }
 
@@ -274,39 +267,33 @@ impl World {
         if self.error.is_some() {
             return;
         }
-        let mut server = ServerState {
-            params: &mut self.server_params,
-            prepared: &mut self.prepared,
-            tracker: &mut self.tracker,
-        };
-        let scanned = relay::scan_server(
+        let scanned = self.relay.scan_server(
             &mut self.sbuf,
-            &mut self.down,
-            &mut self.progress,
-            &mut server,
+            &mut self.server_params,
+            &mut self.prepared,
             &mut self.client_params,
+            &mut self.stmts,
         );
         self.error = scanned.err().as_ref().map(describe);
-        relay::forget_failed_parses(&mut self.tracker, &mut self.stmts);
         assert!(
-            self.down.ready <= self.sbuf.len(),
+            self.relay.down.ready <= self.sbuf.len(),
             "scanned past the buffer"
         );
     }
 
     /// Writes `n` scanned client bytes onward, as a partial socket write would.
     fn flush_up(&mut self, n: usize) {
-        let n = n.min(self.up.ready);
+        let n = n.min(self.relay.up.ready);
         self.up_sent.extend_from_slice(&self.cbuf[..n]);
         self.cbuf.advance(n);
-        self.up.ready -= n;
+        self.relay.up.ready -= n;
     }
 
     fn flush_down(&mut self, n: usize) {
-        let n = n.min(self.down.ready);
+        let n = n.min(self.relay.down.ready);
         self.down_sent.extend_from_slice(&self.sbuf[..n]);
         self.sbuf.advance(n);
-        self.down.ready -= n;
+        self.relay.down.ready -= n;
     }
 
     fn summary(&self) -> Summary {
@@ -315,19 +302,20 @@ impl World {
             all.extend_from_slice(&buf[..ready]);
             (all, buf[ready..].to_vec())
         };
-        let (up_scanned, up_waiting) = joined(&self.up_sent, &self.cbuf, self.up.ready);
-        let (down_scanned, down_waiting) = joined(&self.down_sent, &self.sbuf, self.down.ready);
+        let (up_scanned, up_waiting) = joined(&self.up_sent, &self.cbuf, self.relay.up.ready);
+        let (down_scanned, down_waiting) =
+            joined(&self.down_sent, &self.sbuf, self.relay.down.ready);
         Summary {
             up_scanned,
             up_waiting,
-            up_pass: self.up.pass,
+            up_pass: self.relay.up.pass,
             down_scanned,
             down_waiting,
-            down_pass: self.down.pass,
-            progress: format!("{:?}", self.progress),
-            tracker: format!("{:?}", self.tracker),
-            seen: self.seen.clone(),
-            skip_to_sync: self.skip_to_sync,
+            down_pass: self.relay.down.pass,
+            progress: format!("{:?}", self.relay.progress),
+            tracker: format!("{:?}", self.relay.tracker),
+            seen: self.relay.seen.clone(),
+            skip_to_sync: self.relay.skip_to_sync,
             server_statements: self.prepared.len(),
             registry: self.registry.len(),
             server_params: self.server_params.clone(),
@@ -361,9 +349,9 @@ mod tests {
         client.extend_from_slice(b"S\0\0\0\x04");
         let mut server = build::command_complete("SET").to_vec();
         server.extend_from_slice(&build::parameter_status("TimeZone", "UTC"));
-        server.extend_from_slice(&build::ready_for_query(b'I'));
+        server.extend_from_slice(&build::ready_for_query(crate::wire::TxStatus::Idle));
         server.extend_from_slice(b"1\0\0\0\x04");
-        server.extend_from_slice(&build::ready_for_query(b'I'));
+        server.extend_from_slice(&build::ready_for_query(crate::wire::TxStatus::Idle));
         (client, server)
     }
 

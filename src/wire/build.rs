@@ -1,6 +1,7 @@
 //! Messages Weir writes itself (errors, authentication requests, login replies).
 //! Relayed traffic never passes through here.
 
+use super::TxStatus;
 use bytes::{BufMut, BytesMut};
 
 /// Starts a tagged message in `buf`; returns the position of its length field.
@@ -88,10 +89,10 @@ pub fn backend_key_data(pid: i32, secret: i32) -> BytesMut {
     buf
 }
 
-pub fn ready_for_query(status: u8) -> BytesMut {
+pub fn ready_for_query(status: TxStatus) -> BytesMut {
     let mut buf = BytesMut::with_capacity(6);
     let at = begin(&mut buf, b'Z');
-    buf.put_u8(status);
+    buf.put_u8(status.byte());
     finish(&mut buf, at);
     buf
 }
@@ -269,7 +270,8 @@ mod tests {
 
     #[test]
     fn ready_for_query_layout() {
-        assert_eq!(&ready_for_query(b'I')[..], b"Z\0\0\0\x05I");
+        assert_eq!(&ready_for_query(TxStatus::Idle)[..], b"Z\0\0\0\x05I");
+        assert_eq!(&ready_for_query(TxStatus::Failed)[..], b"Z\0\0\0\x05E");
     }
 
     #[test]

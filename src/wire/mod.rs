@@ -8,6 +8,43 @@
 pub mod build;
 pub mod startup;
 
+/// The transaction status a ReadyForQuery carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TxStatus {
+    /// `I`: not in a transaction block; a transaction-mode server may go back to the pool.
+    #[default]
+    Idle,
+    /// `T`: in a transaction block.
+    InBlock,
+    /// `E`: in a failed transaction block (statements are refused until it ends).
+    Failed,
+}
+
+impl TxStatus {
+    /// The status of a ReadyForQuery body byte; `None` for anything else.
+    pub fn from_byte(b: u8) -> Option<TxStatus> {
+        match b {
+            b'I' => Some(TxStatus::Idle),
+            b'T' => Some(TxStatus::InBlock),
+            b'E' => Some(TxStatus::Failed),
+            _ => None,
+        }
+    }
+
+    pub fn byte(self) -> u8 {
+        match self {
+            TxStatus::Idle => b'I',
+            TxStatus::InBlock => b'T',
+            TxStatus::Failed => b'E',
+        }
+    }
+
+    /// Inside a transaction block (open or failed).
+    pub fn in_block(self) -> bool {
+        self != TxStatus::Idle
+    }
+}
+
 use thiserror::Error;
 
 /// Largest message Weir accepts from either side (PgBouncer's `max_packet_size`

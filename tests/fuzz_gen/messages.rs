@@ -5,7 +5,7 @@ use super::pick;
 use crate::mutate;
 use rand::rngs::StdRng;
 use rand::Rng;
-use weir::wire::build;
+use weir::wire::{build, TxStatus};
 
 const QUERIES: &[&str] = &[
     "select 1",
@@ -140,7 +140,7 @@ fn reply(rng: &mut StdRng, tag: u8, out: &mut Vec<u8>) {
         };
         out.extend_from_slice(&build::error("ERROR", "XX000", text));
         if tag == b'Q' {
-            out.extend_from_slice(&build::ready_for_query(b'I'));
+            out.extend_from_slice(&build::ready_for_query(TxStatus::Idle));
         }
         return;
     }
@@ -153,7 +153,10 @@ fn reply(rng: &mut StdRng, tag: u8, out: &mut Vec<u8>) {
                     pick(rng, &["UTC", "app", "x"]),
                 ));
             }
-            let status = *b"ITE".get(rng.gen_range(0..3)).unwrap_or(&b'I');
+            let status = [TxStatus::Idle, TxStatus::InBlock, TxStatus::Failed]
+                .get(rng.gen_range(0..3))
+                .copied()
+                .unwrap_or_default();
             out.extend_from_slice(&build::ready_for_query(status));
         }
         b'P' => out.extend_from_slice(&message(b'1', &[])),
@@ -164,10 +167,10 @@ fn reply(rng: &mut StdRng, tag: u8, out: &mut Vec<u8>) {
             out.extend_from_slice(&build::row_description(&[("a", 23, 4)]));
         }
         b'E' => rows(rng, out),
-        b'S' => out.extend_from_slice(&build::ready_for_query(b'I')),
+        b'S' => out.extend_from_slice(&build::ready_for_query(TxStatus::Idle)),
         b'F' => {
             out.extend_from_slice(&message(b'V', &[0, 0, 0, 1, b'x']));
-            out.extend_from_slice(&build::ready_for_query(b'I'));
+            out.extend_from_slice(&build::ready_for_query(TxStatus::Idle));
         }
         b'd' if rng.gen_bool(0.3) => out.extend_from_slice(&message(b'G', &[0, 0, 0])),
         _ => {}

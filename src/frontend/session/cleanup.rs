@@ -6,17 +6,13 @@ use super::*;
 
 impl Session {
     /// The transaction ended: pass the last bytes on and return the server.
-    pub(super) async fn finish(
-        &mut self,
-        mut server: ServerConn,
-        down: &mut Dir,
-        seen: &Seen,
-    ) -> After {
+    pub(super) async fn finish(&mut self, mut server: ServerConn, x: &mut Xact) -> After {
+        let down = &mut x.relay.down;
         let result = self.client.write_all(&server.buf[..down.ready]).await;
         down.sent += down.ready as u64;
         server.buf.advance(down.ready);
         server.buf.clear();
-        if self.settle(&mut server, seen).await {
+        if self.settle(&mut server, &x.relay.seen).await {
             self.release(server, false).await;
         }
         match result {
@@ -29,44 +25,39 @@ impl Session {
     /// server first (a pipelined `COMMIT` + Terminate still commits, as on PostgreSQL, which
     /// reads the COMMIT before the end of the stream); then the server is returned if nothing
     /// is in flight, closed otherwise — never left waiting for a client that is gone.
-    pub(super) async fn terminated(&mut self, mut server: ServerConn, x: &mut Xact, seen: &Seen) {
-        if x.up.ready > 0 {
+    pub(super) async fn terminated(&mut self, mut server: ServerConn, x: &mut Xact) {
+        if x.relay.up.ready > 0 {
             let sent = tokio::time::timeout(
                 CLEANUP_TIMEOUT,
-                server.stream.write_all(&self.cbuf[..x.up.ready]),
+                server.stream.write_all(&self.cbuf[..x.relay.up.ready]),
             )
             .await;
             if !matches!(sent, Ok(Ok(()))) {
                 return;
             }
-            x.up.sent += x.up.ready as u64;
-            self.cbuf.advance(x.up.ready);
-            x.up.ready = 0;
+            x.relay.up.sent += x.relay.up.ready as u64;
+            self.cbuf.advance(x.relay.up.ready);
+            x.relay.up.ready = 0;
         }
-        self.abandon(server, &x.progress, &x.up, seen).await;
+        self.abandon(server, x).await;
     }
 
     /// The client is leaving (or broke the protocol) while it holds `server`:
     /// keep the server only if it can be brought back to a clean idle state.
-    pub(super) async fn abandon(
-        &mut self,
-        mut server: ServerConn,
-        progress: &Progress,
-        up: &Dir,
-        seen: &Seen,
-    ) {
-        if !progress.at_rest(up) {
+    pub(super) async fn abandon(&mut self, mut server: ServerConn, x: &Xact) {
+        let progress = &x.relay.progress;
+        if !x.relay.at_rest() {
             tracing::debug!(?server, "client left mid-query; closing server connection");
             return;
         }
         server.buf.clear();
-        if progress.tx != b'I' {
+        if progress.tx.in_block() {
             match tokio::time::timeout(CLEANUP_TIMEOUT, server.exec("ROLLBACK")).await {
-                Ok(Ok(b'I')) => {}
+                Ok(Ok(TxStatus::Idle)) => {}
                 _ => return,
             }
         }
-        if self.settle(&mut server, seen).await {
+        if self.settle(&mut server, &x.relay.seen).await {
             self.release(server, true).await;
         }
     }
@@ -122,7 +113,7 @@ impl Session {
         if seen.dirty.any() {
             let sql = seen.dirty.cleanup_sql();
             match tokio::time::timeout(CLEANUP_TIMEOUT, server.exec(&sql)).await {
-                Ok(Ok(b'I')) => {}
+                Ok(Ok(TxStatus::Idle)) => {}
                 _ => return false,
             }
             if seen.dirty.prepared {
@@ -173,7 +164,7 @@ impl Session {
         if wants_reset {
             let reset = general.server_reset_query.clone();
             match tokio::time::timeout(CLEANUP_TIMEOUT, server.exec(&reset)).await {
-                Ok(Ok(b'I')) => {}
+                Ok(Ok(TxStatus::Idle)) => {}
                 _ => return,
             }
         }

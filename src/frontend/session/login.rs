@@ -204,7 +204,7 @@ pub(super) async fn login(
         out.put(build::parameter_status(name, value));
     }
     out.put(build::backend_key_data(key.pid, key.secret));
-    out.put(build::ready_for_query(b'I'));
+    out.put(build::ready_for_query(TxStatus::Idle));
     if stream.write_all(&out).await.is_err() {
         app.cancels.unregister(key);
         return None;

@@ -8,11 +8,10 @@ mod shard;
 use self::login::Login;
 use super::cancel::{self, BackendKey, CancelEntry, FrontendKey};
 use super::fanout;
-use super::relay::{self, ClientCtx, Dir, Event, Progress, ServerState};
+use super::relay::{self, Event, Relay, Statements};
 use super::routing::{self, HeldBegin, ShardSession};
 use super::sqlscan::Seen;
 use super::startup::{self, Start};
-use super::tracker::Tracker;
 use crate::auth::{self, AuthError};
 use crate::backend::conn::ExecError;
 use crate::backend::params::ParamSet;
@@ -27,7 +26,7 @@ use crate::net::Stream;
 use crate::router::route::{comment_hint, Decision, Pin, ShardRouter};
 use crate::router::sql::Kind;
 use crate::stats::{now_us, ClientInfo, ClientState, PoolTotals, ServerState as SrvState};
-use crate::wire::{self, build, tag};
+use crate::wire::{self, build, tag, TxStatus};
 use crate::{App, Shutdown};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::sync::atomic::Ordering;
@@ -180,34 +179,74 @@ fn checkout_error(e: &CheckoutError) -> (String, String) {
     }
 }
 
-/// One transaction's relay state; its counters go to the pool's totals
-/// however the transaction ends.
-struct Xact {
+/// One lent server's transaction: the relay state, the query clock, and the pool whose
+/// totals get its counters however the transaction ends.
+pub(super) struct Xact {
     pool: Arc<Pool>,
-    up: Dir,
-    down: Dir,
-    progress: Progress,
+    relay: Relay,
     clock: QueryClock,
 }
 
 impl Xact {
-    fn new(pool: Arc<Pool>) -> Xact {
+    fn new(pool: Arc<Pool>, budget: usize) -> Xact {
         Xact {
             pool,
-            up: Dir::default(),
-            down: Dir::default(),
-            progress: Progress::default(),
+            relay: Relay::new(budget),
             clock: QueryClock::default(),
         }
+    }
+
+    /// Scans newly arrived client bytes, starts the query clock when something went in
+    /// flight, and puts Weir's own answers into the server's stream.
+    fn scan_client(
+        &mut self,
+        cbuf: &mut BytesMut,
+        stmts: &mut ClientStatements,
+        registry: &crate::backend::prepared::Registry,
+        server: &mut ServerConn,
+        capacity: usize,
+    ) -> Result<(), wire::WireError> {
+        let scanned = self.relay.scan_client(
+            cbuf,
+            Statements {
+                client: stmts,
+                registry,
+                server: &mut server.prepared,
+                capacity,
+            },
+        );
+        self.clock.sent(self.relay.progress.inflight);
+        scanned?;
+        self.relay.insert_fakes(&mut server.buf);
+        Ok(())
+    }
+
+    /// Scans newly arrived server bytes; `Ok(true)` when nothing is in flight any more.
+    fn scan_server(
+        &mut self,
+        server: &mut ServerConn,
+        stmts: &mut ClientStatements,
+        wanted: &mut ParamSet,
+    ) -> Result<bool, wire::WireError> {
+        let idle = self.relay.scan_server(
+            &mut server.buf,
+            &mut server.params,
+            &mut server.prepared,
+            wanted,
+            stmts,
+        )?;
+        self.clock
+            .answered(self.relay.progress.inflight, &self.pool.metrics);
+        Ok(idle)
     }
 }
 
 impl Drop for Xact {
     fn drop(&mut self) {
         let t = &self.pool.totals;
-        PoolTotals::add(&t.query_count, self.progress.queries);
-        PoolTotals::add(&t.bytes_received, self.up.sent);
-        PoolTotals::add(&t.bytes_sent, self.down.sent);
+        PoolTotals::add(&t.query_count, self.relay.progress.queries);
+        PoolTotals::add(&t.bytes_received, self.relay.up.sent);
+        PoolTotals::add(&t.bytes_sent, self.relay.down.sent);
     }
 }
 
@@ -375,7 +414,7 @@ impl Session {
             }
             if let Some(held) = self.shard.held.take() {
                 // The BEGIN Weir answered goes to the shard the statement chose.
-                if !matches!(server.exec(&held.sql).await, Ok(b'T')) {
+                if !matches!(server.exec(&held.sql).await, Ok(TxStatus::InBlock)) {
                     fatal(
                         &mut self.client,
                         "08P01",
@@ -496,47 +535,34 @@ impl Session {
         let idle_tx_limit = self.cluster.config.general.idle_transaction_timeout;
         let capacity = self.cluster.config.general.max_prepared_statements;
         let app = self.app.clone();
-        let mut x = Xact::new(self.pool.clone());
-        let mut tracker = Tracker::default();
-        let mut seen = Seen::default();
-        let mut skip_to_sync = false;
+        let mut x = Xact::new(self.pool.clone(), budget);
         let query_limit = self.cluster.config.general.query_timeout;
         let mut query_since: Option<tokio::time::Instant> = None;
-        x.progress.budget = budget;
         loop {
-            let scanned = {
-                let mut ctx = ClientCtx {
-                    stmts: &mut self.stmts,
-                    registry: &app.statements,
-                    server: &mut server.prepared,
-                    capacity,
-                    tracker: &mut tracker,
-                    seen: &mut seen,
-                    skip_to_sync,
-                };
-                let r = relay::scan_client(&mut self.cbuf, &mut x.up, &mut x.progress, &mut ctx);
-                skip_to_sync = ctx.skip_to_sync;
-                r
-            };
-            x.clock.sent(x.progress.inflight);
+            let scanned = x.scan_client(
+                &mut self.cbuf,
+                &mut self.stmts,
+                &app.statements,
+                &mut server,
+                capacity,
+            );
             if let Err(e) = scanned {
                 fatal(&mut self.client, "08P01", &format!("protocol error: {e}")).await;
-                self.abandon(server, &x.progress, &x.up, &seen).await;
+                self.abandon(server, &x).await;
                 return After::Stop;
             }
-            relay::insert_fakes(&mut server.buf, &mut x.down, &mut tracker);
-            if x.progress.terminated {
-                self.terminated(server, &mut x, &seen).await;
+            if x.relay.progress.terminated {
+                self.terminated(server, &mut x).await;
                 return After::Stop;
             }
             if self.router.is_some()
-                && x.progress.budget == 0
-                && x.up.ready == 0
-                && x.up.pass == 0
-                && x.progress.inflight == 0
+                && x.relay.progress.budget == 0
+                && x.relay.up.ready == 0
+                && x.relay.up.pass == 0
+                && x.relay.progress.inflight == 0
             {
-                if x.progress.unsynced {
-                    if x.progress.executed {
+                if x.relay.progress.unsynced {
+                    if x.relay.progress.executed {
                         // The rest of a batch left open rides along with it.
                         if let Ok(Some(u)) =
                             routing::unit(&self.cbuf, &self.stmts, &self.shard.last_unnamed)
@@ -545,36 +571,36 @@ impl Session {
                                 &self.cbuf[..u.len],
                                 &mut self.shard.last_unnamed,
                             );
-                            x.progress.budget = u.len;
+                            x.relay.progress.budget = u.len;
                             continue;
                         }
-                    } else if tracker.is_empty() {
+                    } else if x.relay.tracker.is_empty() {
                         relay::close_batch(
                             &mut self.cbuf,
-                            &mut x.up,
-                            &mut x.progress,
-                            &mut tracker,
+                            &mut x.relay.up,
+                            &mut x.relay.progress,
+                            &mut x.relay.tracker,
                         );
                     }
-                } else if x.progress.tx != b'I' && tracker.is_empty() {
+                } else if x.relay.progress.tx.in_block() && x.relay.tracker.is_empty() {
                     // Between statements of a transaction: answers out, then check
                     // that the next unit belongs to this shard.
-                    if x.down.ready > 0 {
+                    if x.relay.down.ready > 0 {
                         if self
                             .client
-                            .write_all(&server.buf[..x.down.ready])
+                            .write_all(&server.buf[..x.relay.down.ready])
                             .await
                             .is_err()
                         {
-                            self.abandon(server, &x.progress, &x.up, &seen).await;
+                            self.abandon(server, &x).await;
                             return After::Stop;
                         }
-                        x.down.sent += x.down.ready as u64;
-                        server.buf.advance(x.down.ready);
-                        x.down.ready = 0;
+                        x.relay.down.sent += x.relay.down.ready as u64;
+                        server.buf.advance(x.relay.down.ready);
+                        x.relay.down.ready = 0;
                     }
                     let current = self.pool.settings.shard.unwrap_or(0);
-                    let status = x.progress.tx;
+                    let status = x.relay.progress.tx;
                     let next = if idle_tx_limit.is_zero() {
                         self.route_in_tx(current, status).await
                     } else {
@@ -584,13 +610,13 @@ impl Session {
                             Ok(n) => n,
                             Err(_) => {
                                 fatal(&mut self.client, "25P03", "idle transaction timeout").await;
-                                self.abandon(server, &x.progress, &x.up, &seen).await;
+                                self.abandon(server, &x).await;
                                 return After::Stop;
                             }
                         }
                     };
                     match next {
-                        InTx::Go(n) => x.progress.budget = n,
+                        InTx::Go(n) => x.relay.progress.budget = n,
                         InTx::Answered => {}
                         InTx::Refuse(len, msg) => {
                             let q = routing::raise_query("0A000", &msg);
@@ -598,28 +624,29 @@ impl Session {
                             let rest = self.cbuf.split();
                             self.cbuf.extend_from_slice(&q);
                             self.cbuf.extend_from_slice(&rest);
-                            x.progress.budget = q.len();
+                            x.relay.progress.budget = q.len();
                         }
                         InTx::Closed => {
-                            self.abandon(server, &x.progress, &x.up, &seen).await;
+                            self.abandon(server, &x).await;
                             return After::Stop;
                         }
                     }
                     continue;
                 }
             }
-            let waiting_in_tx =
-                x.progress.inflight == 0 && x.progress.tx != b'I' && x.up.ready == 0;
-            let hold_client = x.progress.budget == 0 && self.cbuf.len() > 1 << 20;
+            let waiting_in_tx = x.relay.progress.inflight == 0
+                && x.relay.progress.tx.in_block()
+                && x.relay.up.ready == 0;
+            let hold_client = x.relay.progress.budget == 0 && self.cbuf.len() > 1 << 20;
             let step = relay::step(
                 &mut self.client,
                 &mut self.cbuf,
-                &mut x.up,
-                !x.progress.terminated && !hold_client,
+                &mut x.relay.up,
+                !x.relay.progress.terminated && !hold_client,
                 &mut server,
-                &mut x.down,
+                &mut x.relay.down,
             );
-            if x.progress.inflight == 0 {
+            if x.relay.progress.inflight == 0 {
                 query_since = None;
             } else if query_since.is_none() {
                 query_since = Some(tokio::time::Instant::now());
@@ -629,7 +656,7 @@ impl Session {
                     Ok(ev) => ev,
                     Err(_) => {
                         fatal(&mut self.client, "25P03", "idle transaction timeout").await;
-                        self.abandon(server, &x.progress, &x.up, &seen).await;
+                        self.abandon(server, &x).await;
                         return After::Stop;
                     }
                 }
@@ -656,23 +683,8 @@ impl Session {
             match event {
                 Event::ClientData => {}
                 Event::ServerData => {
-                    let mut state = ServerState {
-                        params: &mut server.params,
-                        prepared: &mut server.prepared,
-                        tracker: &mut tracker,
-                    };
-                    let idle = match relay::scan_server(
-                        &mut server.buf,
-                        &mut x.down,
-                        &mut x.progress,
-                        &mut state,
-                        &mut self.wanted,
-                    ) {
-                        Ok(idle) => {
-                            relay::forget_failed_parses(&mut tracker, &mut self.stmts);
-                            x.clock.answered(x.progress.inflight, &x.pool.metrics);
-                            idle
-                        }
+                    let idle = match x.scan_server(&mut server, &mut self.stmts, &mut self.wanted) {
+                        Ok(idle) => idle,
                         Err(e) => {
                             tracing::warn!(error = %e, ?server, "protocol error from server");
                             PoolTotals::add(&x.pool.totals.errors, 1);
@@ -681,29 +693,33 @@ impl Session {
                         }
                     };
                     if idle
-                        && x.progress.tx == b'I'
-                        && x.progress.at_rest(&x.up)
+                        && x.relay.progress.tx == TxStatus::Idle
+                        && x.relay.progress.at_rest(&x.relay.up)
                         && self.mode() != PoolMode::Session
                     {
-                        return self.finish(server, &mut x.down, &seen).await;
+                        return self.finish(server, &mut x).await;
                     }
-                    if idle && x.progress.tx != b'I' && self.mode() == PoolMode::Statement {
+                    if idle && x.relay.progress.tx.in_block() && self.mode() == PoolMode::Statement
+                    {
                         // PgBouncer refuses multi-statement transactions here.
-                        let _ = self.client.write_all(&server.buf[..x.down.ready]).await;
+                        let _ = self
+                            .client
+                            .write_all(&server.buf[..x.relay.down.ready])
+                            .await;
                         fatal(
                             &mut self.client,
                             "08P01",
                             "transaction blocks not allowed in statement pooling mode",
                         )
                         .await;
-                        server.buf.advance(x.down.ready);
-                        self.abandon(server, &x.progress, &x.up, &seen).await;
+                        server.buf.advance(x.relay.down.ready);
+                        self.abandon(server, &x).await;
                         return After::Stop;
                     }
                 }
                 Event::ClientGone(e) => {
                     tracing::debug!(peer = %self.peer, error = %e, "client connection lost");
-                    self.abandon(server, &x.progress, &x.up, &seen).await;
+                    self.abandon(server, &x).await;
                     return After::Stop;
                 }
                 Event::ServerGone(e) => {
@@ -716,7 +732,10 @@ impl Session {
                     ) {
                         router.ban(shard, r, self.cluster.config.general.ban_time);
                     }
-                    let _ = self.client.write_all(&server.buf[..x.down.ready]).await;
+                    let _ = self
+                        .client
+                        .write_all(&server.buf[..x.relay.down.ready])
+                        .await;
                     fatal(&mut self.client, "08P01", "server conn crashed?").await;
                     return After::Stop;
                 }

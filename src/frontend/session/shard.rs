@@ -59,9 +59,9 @@ impl Session {
         };
         let sql = unit.sql.take().unwrap_or_default();
         let status = match &self.shard.held {
-            Some(h) if h.failed => b'E',
-            Some(_) => b'T',
-            None => b'I',
+            Some(h) if h.failed => TxStatus::Failed,
+            Some(_) => TxStatus::InBlock,
+            None => TxStatus::Idle,
         };
         if unit.simple {
             match routing::weir_setting(&sql) {
@@ -86,7 +86,9 @@ impl Session {
                         read_only,
                         failed: false,
                     });
-                    return self.answer(unit.len, Some("BEGIN"), None, b'T').await;
+                    return self
+                        .answer(unit.len, Some("BEGIN"), None, TxStatus::InBlock)
+                        .await;
                 }
                 Kind::Other if self.shard.held.is_some() && routing::is_transaction_set(&sql) => {
                     // SET LOCAL / SET TRANSACTION … right after BEGIN travel with it.
@@ -94,7 +96,9 @@ impl Session {
                         h.sql.push_str("; ");
                         h.sql.push_str(sql.trim().trim_end_matches(';'));
                     }
-                    return self.answer(unit.len, Some("SET"), None, b'T').await;
+                    return self
+                        .answer(unit.len, Some("SET"), None, TxStatus::InBlock)
+                        .await;
                 }
                 Kind::End if self.shard.held.is_some() => {
                     let failed = self.shard.held.take().is_some_and(|h| h.failed);
@@ -107,18 +111,20 @@ impl Session {
                     } else {
                         "ROLLBACK"
                     };
-                    return self.answer(unit.len, Some(tag), None, b'I').await;
+                    return self.answer(unit.len, Some(tag), None, TxStatus::Idle).await;
                 }
                 _ => {}
             }
         }
-        if status == b'E' {
+        if status == TxStatus::Failed {
             let err = build::error(
                 "ERROR",
                 "25P02",
                 "current transaction is aborted, commands ignored until end of transaction block",
             );
-            return self.answer(unit.len, None, Some(err), b'E').await;
+            return self
+                .answer(unit.len, None, Some(err), TxStatus::Failed)
+                .await;
         }
         let params = routing::unit_params(&self.cbuf, &unit, &shape);
         let pin = comment_hint(&sql).or_else(|| self.shard.pin.clone());
@@ -180,14 +186,14 @@ impl Session {
     }
 
     /// Checks the next unit of a transaction that runs on shard `current`.
-    pub(super) async fn route_in_tx(&mut self, current: usize, status: u8) -> InTx {
+    pub(super) async fn route_in_tx(&mut self, current: usize, status: TxStatus) -> InTx {
         let Some(router) = self.router.clone() else {
             return InTx::Go(usize::MAX);
         };
         let Ok(mut unit) = self.read_unit().await else {
             return InTx::Closed;
         };
-        if !unit.executes || status == b'E' {
+        if !unit.executes || status == TxStatus::Failed {
             // Nothing runs, or the server refuses it anyway.
             return InTx::Go(unit.len);
         }
@@ -262,12 +268,12 @@ impl Session {
         len: usize,
         synced: bool,
         err: BytesMut,
-        status: u8,
+        status: TxStatus,
     ) -> Routed {
         let status = match &mut self.shard.held {
             Some(h) => {
                 h.failed = true;
-                b'E'
+                TxStatus::Failed
             }
             None => status,
         };
@@ -288,7 +294,7 @@ impl Session {
         len: usize,
         tag: Option<&str>,
         err: Option<BytesMut>,
-        status: u8,
+        status: TxStatus,
     ) -> Routed {
         self.cbuf.advance(len);
         let mut out = BytesMut::with_capacity(64);

@@ -1,10 +1,15 @@
 //! Prometheus metrics at `http://stats_addr:stats_port/metrics`, through the
 //! `metrics` facade and `metrics-exporter-prometheus`.
 //!
+//! This module is the exporter side: the HTTP listener, HELP lines, and the
+//! sampler that reads pools. The handles the data plane records into live in
+//! [`handles`], which knows nothing of pools, so `backend` depends on it and not
+//! the other way round.
+//!
 //! The hot path pays only for histograms: each pool registers its handles once
 //! ([`PoolMetrics`], built with the pool) and a transaction records a few
 //! observations into them. Counters are not incremented per transaction at
-//! all: they are the pool's [`PoolTotals`] — the atomics SHOW STATS reads —
+//! all: they are the pool's [`crate::stats::PoolTotals`] — the atomics SHOW STATS reads —
 //! copied into the registry by a sampler once a second (and when a pool is
 //! dropped). The same sampler sets the gauges from each pool's state.
 //!
@@ -12,17 +17,19 @@
 //! (`primary` or `replica`); the replicas of one shard share a series, their
 //! values summed. README.md ("Metrics") lists every name.
 
-use crate::backend::pool::{Pool, PoolSettings};
-use crate::stats::PoolTotals;
+use crate::backend::pool::Pool;
 use crate::App;
-use metrics::{Counter, Histogram, Label, Unit};
+use metrics::Unit;
 use metrics_exporter_prometheus::{BuildError, PrometheusBuilder};
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use thiserror::Error;
+
+mod handles;
+pub use handles::*;
 
 /// How often gauges are set and counters copied from the pools.
 const SAMPLE_PERIOD: Duration = Duration::from_secs(1);
@@ -37,24 +44,6 @@ pub const BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
-
-pub const CLIENTS_CONNECTED: &str = "weir_clients_connected";
-pub const CLIENTS_ACTIVE: &str = "weir_pool_clients_active";
-pub const CLIENTS_WAITING: &str = "weir_pool_clients_waiting";
-pub const SERVERS_ACTIVE: &str = "weir_pool_servers_active";
-pub const SERVERS_IDLE: &str = "weir_pool_servers_idle";
-pub const SERVERS_USED: &str = "weir_pool_servers_used";
-pub const SERVERS_LOGIN: &str = "weir_pool_servers_login";
-pub const MAXWAIT: &str = "weir_pool_maxwait_seconds";
-pub const TRANSACTIONS: &str = "weir_pool_transactions_total";
-pub const QUERIES: &str = "weir_pool_queries_total";
-pub const RECEIVED_BYTES: &str = "weir_pool_received_bytes_total";
-pub const SENT_BYTES: &str = "weir_pool_sent_bytes_total";
-pub const ERRORS: &str = "weir_pool_errors_total";
-pub const SERVER_CONNECTS: &str = "weir_pool_server_connects_total";
-pub const QUERY_TIME: &str = "weir_pool_query_duration_seconds";
-pub const TRANSACTION_TIME: &str = "weir_pool_transaction_duration_seconds";
-pub const WAIT_TIME: &str = "weir_pool_client_wait_seconds";
 
 #[derive(Debug, Error)]
 pub enum MetricsError {
@@ -177,141 +166,6 @@ fn describe() {
     );
 }
 
-/// The labels that tell pools apart in the output.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct PoolLabels {
-    pub database: String,
-    pub user: String,
-    pub shard: usize,
-    pub replica: bool,
-}
-
-impl PoolLabels {
-    pub fn of(settings: &PoolSettings) -> PoolLabels {
-        PoolLabels {
-            database: settings.database.clone(),
-            user: settings.user.clone(),
-            shard: settings.shard.unwrap_or(0),
-            replica: settings.replica.is_some(),
-        }
-    }
-
-    fn to_labels(&self) -> Vec<Label> {
-        let role = if self.replica { "replica" } else { "primary" };
-        vec![
-            Label::new("database", self.database.clone()),
-            Label::new("user", self.user.clone()),
-            Label::new("shard", self.shard.to_string()),
-            Label::new("role", role),
-        ]
-    }
-}
-
-/// One pool's registered handles, so recording needs no label lookup.
-pub struct PoolMetrics {
-    pub labels: PoolLabels,
-    query_time: Histogram,
-    transaction_time: Histogram,
-    wait_time: Histogram,
-    counters: [(Counter, AtomicU64); 6],
-}
-
-impl std::fmt::Debug for PoolMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PoolMetrics")
-            .field("labels", &self.labels)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The counters, in the order of [`PoolMetrics::counters`] and [`totals_of`].
-const COUNTERS: [&str; 6] = [
-    TRANSACTIONS,
-    QUERIES,
-    RECEIVED_BYTES,
-    SENT_BYTES,
-    ERRORS,
-    SERVER_CONNECTS,
-];
-
-fn totals_of(t: &PoolTotals) -> [u64; 6] {
-    [
-        &t.xact_count,
-        &t.query_count,
-        &t.bytes_received,
-        &t.bytes_sent,
-        &t.errors,
-        &t.server_connects,
-    ]
-    .map(PoolTotals::get)
-}
-
-impl PoolMetrics {
-    /// Registers the pool's series with the installed recorder (no-op
-    /// handles when metrics are off).
-    pub fn new(settings: &PoolSettings) -> PoolMetrics {
-        PoolMetrics::with_labels(PoolLabels::of(settings))
-    }
-
-    fn with_labels(labels: PoolLabels) -> PoolMetrics {
-        let l = labels.to_labels();
-        PoolMetrics {
-            query_time: metrics::histogram!(QUERY_TIME, l.clone()),
-            transaction_time: metrics::histogram!(TRANSACTION_TIME, l.clone()),
-            wait_time: metrics::histogram!(WAIT_TIME, l.clone()),
-            counters: COUNTERS.map(|name| (metrics::counter!(name, l.clone()), AtomicU64::new(0))),
-            labels,
-        }
-    }
-
-    pub fn transaction_done(&self, micros: u64) {
-        self.transaction_time.record(micros as f64 / 1e6);
-    }
-
-    pub fn client_waited(&self, micros: u64) {
-        self.wait_time.record(micros as f64 / 1e6);
-    }
-
-    pub fn query_done(&self, elapsed: Duration) {
-        self.query_time.record(elapsed.as_secs_f64());
-    }
-
-    /// Adds to each counter what the pool's totals gained since the last call.
-    pub fn export(&self, totals: &PoolTotals) {
-        for ((counter, exported), now) in self.counters.iter().zip(totals_of(totals)) {
-            // fetch_max: two exports racing still add each unit exactly once.
-            let before = exported.fetch_max(now, Ordering::Relaxed);
-            if now > before {
-                counter.increment(now - before);
-            }
-        }
-    }
-}
-
-/// Times client requests on a lent server: from the moment something is in
-/// flight until a ReadyForQuery leaves nothing in flight (one round trip; a
-/// pipelined burst counts once). Two clock reads per round trip.
-#[derive(Debug, Default)]
-pub struct QueryClock(Option<Instant>);
-
-impl QueryClock {
-    /// After client bytes were scanned; `inflight` as the relay counts it.
-    pub fn sent(&mut self, inflight: u32) {
-        if inflight > 0 && self.0.is_none() {
-            self.0 = Some(Instant::now());
-        }
-    }
-
-    /// After server bytes were scanned.
-    pub fn answered(&mut self, inflight: u32, metrics: &PoolMetrics) {
-        if inflight == 0 {
-            if let Some(start) = self.0.take() {
-                metrics.query_done(start.elapsed());
-            }
-        }
-    }
-}
-
 /// A pool's gauges at one instant.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PoolGauges {
@@ -404,6 +258,7 @@ fn sample(app: &App, shown: &mut HashSet<PoolLabels>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::PoolTotals;
     use metrics_exporter_prometheus::PrometheusRecorder;
 
     fn recorder() -> PrometheusRecorder {
@@ -420,7 +275,7 @@ mod tests {
     }
 
     fn metrics_for(labels: &PoolLabels) -> PoolMetrics {
-        PoolMetrics::with_labels(labels.clone())
+        PoolMetrics::new(labels.clone())
     }
 
     /// The value of the series whose line starts with `prefix` (name and labels).
