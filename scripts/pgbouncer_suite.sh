@@ -21,8 +21,11 @@
 #     `postgres`, which cannot read /root) holding the suite's deps from pyproject.toml
 #     (psycopg as psycopg[binary]);
 #   * copies the weir binary there and writes a BOUNCER_EXE wrapper that execs it with the
-#     arguments the suite passes, minus `--quiet` (so Weir logs at info) and minus any option
-#     `weir --help` does not list (e.g. `--reboot`), each dropped option noted on stderr;
+#     arguments the suite passes (Weir reads the suite's ini unchanged and, like PgBouncer,
+#     takes `--quiet` as "nothing on stderr" and writes `logfile`), minus any option
+#     `weir --help` does not list, each dropped option noted on stderr. `--reboot` (online
+#     restart), while weir lacks it, stops the weir serving that ini and exits 1, so the test
+#     fails without leaving a weir behind that skews later tests;
 #   * runs `pytest -n 2 -ra --tb=short` (the suite's pyproject sets a 30 s per-test timeout)
 #     from test/ as `postgres` (when run as root; otherwise as the current user) with
 #     /usr/lib/postgresql/<ver>/bin first on PATH, tees the output to $WORK/pytest.log (and a
@@ -36,10 +39,6 @@
 #   WEIR_SUITE_JOBS       pytest-xdist workers (default 2; ignored if PYTEST_ARGS has -n)
 #   PG_BINDIR             PostgreSQL bin dir (default: /usr/lib/postgresql/15/bin, else the
 #                         newest /usr/lib/postgresql/*/bin)
-#   WEIR_SUITE_STDERR_TO_LOGFILE=1
-#                         the wrapper also appends Weir's stderr to the `logfile =` named in
-#                         the ini the suite generated (Weir itself ignores `logfile` and logs
-#                         to stderr); off by default so the report shows the real behaviour
 #
 # Idempotent, non-interactive; root-run is the normal case.
 set -euo pipefail
@@ -134,16 +133,20 @@ WRAPPER="$WORK/bin/bouncer_exe"
 cat >"$WRAPPER" <<EOF
 #!/usr/bin/env bash
 # BOUNCER_EXE for PgBouncer's test suite (written by Weir's scripts/pgbouncer_suite.sh):
-# execs weir with the suite's arguments, dropping --quiet and options weir does not accept.
+# execs weir with the suite's arguments, dropping options weir does not accept.
 WEIR="$WORK/bin/weir"
 SUPPORTED=" $SUPPORTED_OPTS"
 EOF
 cat >>"$WRAPPER" <<'EOF'
 args=()
 ini=
+reboot=0
 for a in "$@"; do
     case "$a" in
-        --quiet|-q) ;;  # keep weir at its default (info) log level
+        --reboot|-R)
+            # PgBouncer's online restart. Unless weir accepts it, see below.
+            if [[ "$SUPPORTED" == *" $a "* ]]; then args+=("$a"); else reboot=1; fi
+            ;;
         -*)
             opt="${a%%=*}"
             if [[ "$SUPPORTED" == *" $opt "* ]]; then
@@ -155,11 +158,20 @@ for a in "$@"; do
         *) args+=("$a"); ini="$a" ;;
     esac
 done
-if [[ "${WEIR_SUITE_STDERR_TO_LOGFILE:-}" == 1 && -n "$ini" && -f "$ini" ]]; then
-    logfile="$(sed -n 's/^[[:space:]]*logfile[[:space:]]*=[[:space:]]*//p' "$ini" | tail -n1)"
-    if [[ -n "$logfile" ]]; then
-        exec "$WEIR" "${args[@]}" 2> >(tee -a "$logfile" >&2)
-    fi
+if [[ $reboot == 1 ]]; then
+    # Weir has no online restart. Starting a second weir would only fail to bind, and the
+    # test would then wait for the old process to exit, time out, and leave it running (its
+    # server connections skew later tests' pg.connection_count()). So: stop the weir that
+    # serves this same ini (the old process), and fail like a reboot that did not come up.
+    echo "bouncer_exe: weir has no --reboot (online restart); stopping the old weir for $ini and failing" >&2
+    for proc in /proc/[0-9]*; do
+        [[ "$(readlink "$proc/exe" 2>/dev/null)" == "$WEIR" ]] || continue
+        cmd="$(tr '\0' '\n' <"$proc/cmdline" 2>/dev/null)" || continue
+        if [[ -n "$ini" && $'\n'"$cmd"$'\n' == *$'\n'"$ini"$'\n'* ]]; then
+            kill -TERM "${proc#/proc/}" 2>/dev/null || true
+        fi
+    done
+    exit 1
 fi
 exec "$WEIR" "${args[@]}"
 EOF
@@ -223,6 +235,8 @@ fi
 
 chown -R "$RUN_USER:$RUN_GROUP" "$WORK" 2>/dev/null || true
 chmod -R a+rX "$WORK"
+as_user test -w "$SUITE/test" -a -x "$WRAPPER" -a -x "$VENV/bin/python" \
+    || die "$RUN_USER cannot use $WORK (pick a WEIR_SUITE_WORKDIR whose parents it can enter)"
 
 # --- run ---------------------------------------------------------------------------------------
 PYTEST_ARGS=("$@")
@@ -249,7 +263,6 @@ set +e
         HOME="$WORK" \
         PATH="$PG_BINDIR:$VENV/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin" \
         BOUNCER_EXE="$WRAPPER" \
-        WEIR_SUITE_STDERR_TO_LOGFILE="${WEIR_SUITE_STDERR_TO_LOGFILE:-}" \
         PYTHONPATH="$WORK/plugins" \
         COLUMNS="${COLUMNS:-250}" \
         NO_COLOR=1 \

@@ -11,6 +11,7 @@ pub mod config;
 pub mod frontend;
 /// Fuzz targets over the parsers peer and operator input reaches (`fuzz/`, `tests/fuzz_smoke.rs`).
 pub mod fuzzing;
+pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod router;
@@ -101,6 +102,9 @@ impl App {
 
     /// Swaps in a new config; unchanged pools keep their connections.
     pub fn reload(&self, config: Config) {
+        if let Err(e) = logging::apply(&config.general) {
+            tracing::error!("{e}");
+        }
         let mut guard = self.cluster.write();
         let new = Cluster::reload(&guard, Arc::new(config));
         *guard = Arc::new(new);

@@ -32,7 +32,7 @@ struct Args {
     /// Verbose logging (PgBouncer's -v).
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     verbose: u8,
-    /// Quiet: only warnings and errors (PgBouncer's -q).
+    /// Quiet: nothing on stderr (PgBouncer's -q); logfile still gets every line.
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// Run in the background (PgBouncer's -d); logs still go to stderr, so
@@ -106,17 +106,44 @@ fn switch_user(name: &str) -> Result<(), String> {
 }
 
 fn init_logging(args: &Args) {
-    use tracing_subscriber::EnvFilter;
-    let filter = match (&args.log_level, args.verbose, args.quiet) {
-        (Some(level), _, _) => EnvFilter::new(level),
-        (None, _, true) => EnvFilter::new("warn"),
-        (None, v, _) if v > 0 => EnvFilter::new(if v == 1 { "debug" } else { "trace" }),
-        _ => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    weir::logging::init(weir::logging::Cli {
+        filter: args
+            .log_level
+            .clone()
+            .or_else(|| std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty())),
+        verbose: args.verbose,
+        quiet: args.quiet,
+    });
+}
+
+/// The `pidfile`: refused if it names a live process, written with this process's id,
+/// removed when the process ends normally.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn create(path: &str) -> Result<PidFile, String> {
+        let path = PathBuf::from(path);
+        if let Ok(old) = std::fs::read_to_string(&path) {
+            if let Ok(pid) = old.trim().parse::<i32>() {
+                // SAFETY: signal 0 only checks that the process exists.
+                if pid > 0 && unsafe { libc::kill(pid, 0) } == 0 {
+                    return Err(format!(
+                        "pidfile {} names a running process ({pid}): is another instance running?",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        std::fs::write(&path, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("cannot write pidfile {}: {e}", path.display()))?;
+        Ok(PidFile(path))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn main() -> ExitCode {
@@ -150,20 +177,38 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Err(e) = weir::logging::apply(&config.general) {
+        eprintln!("{e}");
+        return ExitCode::from(1);
+    }
     if args.daemon {
         if let Err(e) = daemonize() {
             eprintln!("cannot run in the background: {e}");
             return ExitCode::from(1);
         }
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    // WEIR_WORKERS: worker threads (default: one per core).
-    if let Some(n) = std::env::var("WEIR_WORKERS")
+    let _pidfile = match config.general.pidfile.as_deref().filter(|p| !p.is_empty()) {
+        Some(p) => match PidFile::create(p) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
+    // WEIR_WORKERS: worker threads (default: one per core). One worker runs every task on
+    // this thread with no work-stealing scheduler at all (PgBouncer's model).
+    let workers = std::env::var("WEIR_WORKERS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-    {
+        .filter(|n| *n > 0);
+    let mut builder = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all();
+    if let Some(n) = workers.filter(|n| *n > 1) {
         builder.worker_threads(n);
     }
     let runtime = match builder.build() {

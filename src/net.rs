@@ -57,6 +57,24 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
+    /// `TLSv1.3/TLS_AES_256_GCM_SHA384` for a TLS stream (as PgBouncer logs it), `no` otherwise.
+    pub fn tls_description(&self) -> String {
+        let Stream::Tls(t) = self else {
+            return "no".into();
+        };
+        let (_, conn) = t.get_ref();
+        let version = match conn.protocol_version() {
+            Some(tokio_rustls::rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+            Some(tokio_rustls::rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+            Some(v) => format!("{v:?}"),
+            None => "TLS".to_string(),
+        };
+        match conn.negotiated_cipher_suite() {
+            Some(cs) => format!("{version}/{:?}", cs.suite()),
+            None => version,
+        }
+    }
+
     /// Takes a plain TCP socket out (to run a TLS handshake on it), leaving `Closed`.
     pub fn take_tcp(&mut self) -> Option<TcpStream> {
         match std::mem::replace(self, Stream::Closed) {

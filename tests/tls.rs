@@ -160,7 +160,7 @@ fn psql_verify_full_against_the_test_ca_reaches_postgres() {
     assert_eq!(rows.lines().count(), 20_000);
     assert!(rows.lines().all(|l| l.len() == 1000));
     assert!(
-        weir.log().contains("tls=true"),
+        weir.log().contains("tls=TLSv1."),
         "the login is logged as TLS:\n{}",
         weir.log()
     );

@@ -33,6 +33,21 @@ pub enum ConnectError {
     Login(#[from] LoginError),
 }
 
+impl ConnectError {
+    /// PgBouncer's words for why a new server connection was closed.
+    pub fn log_reason(&self) -> String {
+        match self {
+            ConnectError::Timeout => "connect timeout".into(),
+            ConnectError::Connect(_, e) if e.kind() == std::io::ErrorKind::NotFound => {
+                "server DNS lookup failed".into()
+            }
+            ConnectError::Connect(..) => "connect failed".into(),
+            ConnectError::Tls(_, e) => format!("TLS setup failed: {e}"),
+            ConnectError::Login(e) => format!("login failed: {e}"),
+        }
+    }
+}
+
 /// Everything needed to open one server connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {

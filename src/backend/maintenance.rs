@@ -38,8 +38,18 @@ pub(super) async fn run(pool: Weak<Pool>) {
 
 async fn housekeep(pool: &std::sync::Arc<Pool>) {
     let expired = pool.expire_idle();
-    if !expired.is_empty() {
-        tracing::debug!(db = %pool.settings.database, count = expired.len(), "closing idle server connections");
+    if crate::logging::log_disconnections() {
+        for conn in &expired {
+            let age = conn.created.elapsed();
+            let reason = if !conn.is_alive() {
+                "server conn crashed?"
+            } else if age >= pool.settings.server_lifetime {
+                "server lifetime over"
+            } else {
+                "server idle timeout"
+            };
+            crate::logging::closing(&pool.who(conn), reason, age.as_secs());
+        }
     }
     drop(expired);
     // A paused pool (PAUSE, KILL) closes its servers; do not reopen them.

@@ -11,6 +11,7 @@ use super::params::ParamSet;
 use super::queue::{Counts, Grant, Limits, Pooled, Queue, Start};
 use crate::config::secret::Secret;
 use crate::config::PoolMode;
+use crate::logging::Who;
 use crate::metrics::{PoolLabels, PoolMetrics};
 use crate::stats::{PoolTotals, Registry, ServerInfo};
 use parking_lot::Mutex;
@@ -284,7 +285,10 @@ impl Pool {
                 if start.elapsed() >= self.settings.reserve_timeout
                     && self.queue.counts().total > self.settings.pool_size
                 {
-                    tracing::info!(db = %self.settings.database, user = %self.settings.user, "opening reserve connection");
+                    tracing::warn!(
+                        "{} taking connection from reserve_pool",
+                        Who::client(0, &self.settings.database, &self.settings.user, "")
+                    );
                 }
                 self.open(self.new_slot(), start).await
             }
@@ -326,15 +330,41 @@ impl Pool {
                     .lock()
                     .get_or_insert_with(|| conn.params.clone());
                 self.record_wait(start);
-                tracing::debug!(db = %self.settings.database, user = %self.settings.user, ?conn, "server connection opened");
+                if crate::logging::log_connections() {
+                    let from = conn
+                        .stream
+                        .tcp()
+                        .and_then(|t| t.local_addr().ok())
+                        .map_or_else(|| "unix socket".to_string(), |a| a.to_string());
+                    tracing::info!("{} new connection to server (from {from})", self.who(&conn));
+                }
                 Ok(conn)
             }
             Err(e) => {
+                if crate::logging::log_disconnections() {
+                    let who = Who::server(
+                        0,
+                        &self.settings.database,
+                        &self.settings.user,
+                        &self.settings.target.address.to_string(),
+                    );
+                    crate::logging::closing(&who, &e.log_reason(), start.elapsed().as_secs());
+                }
                 tracing::warn!(db = %self.settings.database, user = %self.settings.user, error = %e, "server connection failed");
                 drop(slot);
                 Err(e.into())
             }
         }
+    }
+
+    /// A server connection of this pool in PgBouncer's log prefix.
+    pub fn who(&self, conn: &ServerConn) -> Who {
+        Who::server(
+            conn.id.0,
+            &self.settings.database,
+            &self.settings.user,
+            &conn.address.to_string(),
+        )
     }
 
     fn credentials(&self) -> Credentials {

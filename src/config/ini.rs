@@ -242,21 +242,15 @@ fn unquote(text: &str) -> Option<(String, &str)> {
 /// group with the reason its warning gives. A name ending in `*` matches a prefix.
 const IGNORED: &[(&[&str], &str)] = &[
     (
-        &[
-            "logfile",
-            "syslog",
-            "syslog_ident",
-            "syslog_facility",
-            "verbose",
-        ],
-        "Weir logs to stderr (use -v, -q or --log-level)",
+        &["syslog", "syslog_ident", "syslog_facility"],
+        "Weir logs to stderr and logfile, not to syslog",
     ),
     (
         &["log_stats", "stats_period"],
         "Weir reports statistics on stats_port (Prometheus), not in the log",
     ),
     (
-        &["pidfile", "user", "conffile", "service_name", "job_name"],
+        &["user", "conffile", "service_name", "job_name"],
         "Weir runs in the foreground as the user that starts it",
     ),
     (
@@ -743,6 +737,14 @@ frobnicate = 3
         assert_eq!(g.server_lifetime, Duration::from_secs(3600));
         assert!(!g.log_connections && g.tcp_keepalive && g.server_round_robin);
         assert_eq!(g.unix_socket_dir, "");
+        assert_eq!(
+            g.logfile.as_deref(),
+            Some("/var/log/pgbouncer/pgbouncer.log")
+        );
+        assert_eq!(
+            g.pidfile.as_deref(),
+            Some("/var/run/pgbouncer/pgbouncer.pid")
+        );
 
         let forcedb = &c.databases["forcedb"];
         assert_eq!(forcedb.address.to_string(), "127.0.0.1:300");
@@ -772,12 +774,7 @@ frobnicate = 3
     fn warns_about_every_setting_it_does_not_use() {
         let c = load(EXAMPLE).unwrap();
         let has = |needle: &str| c.warnings.iter().any(|w| w.contains(needle));
-        assert!(
-            has("pgbouncer.ini:21: [pgbouncer] logfile: Weir logs to stderr"),
-            "{:#?}",
-            c.warnings
-        );
-        assert!(has("[pgbouncer] pidfile:"));
+        assert!(!has("logfile") && !has("pidfile"), "{:#?}", c.warnings);
         assert!(has(
             "[pgbouncer] client_tls_ciphers: TLS protocol versions and ciphers are not configurable"
         ));
@@ -785,7 +782,7 @@ frobnicate = 3
             "pgbouncer.ini:40: [pgbouncer] frobnicate: unknown setting; ignored"
         ));
         assert!(has("max_user_connections is not enforced by Weir yet"));
-        assert_eq!(c.warnings.len(), 5, "{:#?}", c.warnings);
+        assert_eq!(c.warnings.len(), 3, "{:#?}", c.warnings);
     }
 
     #[test]
@@ -941,7 +938,8 @@ frobnicate = 3
         assert!(field_names::<General>().contains(&"listen_port"));
         assert!(field_names::<DatabaseSection>().contains(&"connect_query"));
         assert!(field_names::<UserSection>().contains(&"max_user_connections"));
-        assert!(!field_names::<General>().contains(&"logfile"));
+        assert!(field_names::<General>().contains(&"logfile"));
+        assert!(!field_names::<General>().contains(&"syslog"));
     }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {

@@ -191,6 +191,14 @@ pub struct General {
     pub log_connections: bool,
     pub log_disconnections: bool,
     pub log_pooler_errors: bool,
+    /// Appends log lines here as well (PgBouncer's `logfile`; reopened on RELOAD/SIGHUP).
+    pub logfile: Option<String>,
+    /// Written with the process id at start, removed at exit.
+    pub pidfile: Option<String>,
+    /// 0 logs at LOG level, 1 adds DEBUG, 2 adds NOISE (PgBouncer's `verbose`).
+    pub verbose: u8,
+    /// `text` (PgBouncer's line layout) or `json` (one object per line; Weir addition).
+    pub log_format: String,
     pub server_round_robin: bool,
     /// How long a failing replica is kept out of rotation (Weir addition).
     #[serde(deserialize_with = "duration::de")]
@@ -254,6 +262,10 @@ impl Default for General {
             log_connections: true,
             log_disconnections: true,
             log_pooler_errors: true,
+            logfile: None,
+            pidfile: None,
+            verbose: 0,
+            log_format: "text".into(),
             server_round_robin: false,
             ban_time: d(60),
             client_tls_sslmode: SslMode::Disable,

@@ -2,6 +2,7 @@
 //! own users), the parameters the client wants, and the welcome it is sent.
 
 use super::*;
+use crate::logging::Who;
 
 pub(super) enum Login {
     Client(Box<LoggedIn>),
@@ -21,6 +22,14 @@ pub(super) struct LoggedIn {
     pub(super) cancel: Arc<CancelEntry>,
 }
 
+/// Refuses a login: the client gets the error, the log PgBouncer's closing line for it.
+async fn refuse(stream: &mut Stream, who: &Who, log: bool, code: &str, message: &str) {
+    if log {
+        crate::logging::closing(who, message, 0);
+    }
+    fatal(stream, code, message).await;
+}
+
 pub(super) async fn login(
     app: &Arc<App>,
     cluster: &Arc<Cluster>,
@@ -29,6 +38,8 @@ pub(super) async fn login(
     peer: &str,
 ) -> Option<Login> {
     let generation = app.generation();
+    let log = cluster.config.general.log_disconnections;
+    let mut who = Who::client(0, "", "", peer);
     let params = match startup::read(stream, buf, &cluster.config.tls.client).await {
         Ok(Start::Login(p)) => p,
         Ok(Start::Cancel(key)) => {
@@ -39,7 +50,7 @@ pub(super) async fn login(
             return None;
         }
         Ok(Start::Refused(Some((code, msg)))) => {
-            fatal(stream, code, &msg).await;
+            refuse(stream, &who, log, code, &msg).await;
             return None;
         }
         Ok(Start::Refused(None)) | Err(_) => return None,
@@ -47,8 +58,10 @@ pub(super) async fn login(
     let g = &cluster.config.general;
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let Some(user) = get("user").filter(|u| !u.is_empty()) else {
-        fatal(
+        refuse(
             stream,
+            &who,
+            log,
             "28000",
             "no PostgreSQL user name specified in startup packet",
         )
@@ -58,9 +71,13 @@ pub(super) async fn login(
     let dbname = get("database")
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
+    who.user = user.clone();
+    who.db = dbname.clone();
     if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
-        fatal(
+        refuse(
             stream,
+            &who,
+            log,
             "08P01",
             "replication connections are not supported by Weir",
         )
@@ -79,8 +96,10 @@ pub(super) async fn login(
     }
     if app.clients.load(Ordering::Acquire) > g.max_client_conn {
         tracing::warn!(%peer, %user, db = %dbname, "no more connections allowed (max_client_conn)");
-        fatal(
+        refuse(
             stream,
+            &who,
+            log,
             "08P01",
             "no more connections allowed (max_client_conn)",
         )
@@ -88,12 +107,14 @@ pub(super) async fn login(
         return None;
     }
     if app.shutdown_state() == Shutdown::Immediate {
-        fatal(stream, "57P01", "Weir is shutting down").await;
+        refuse(stream, &who, log, "57P01", "Weir is shutting down").await;
         return None;
     }
     if app.disabled.lock().contains(&dbname) {
-        fatal(
+        refuse(
             stream,
+            &who,
+            log,
             "08P01",
             &format!("database \"{dbname}\" does not allow connections"),
         )
@@ -102,7 +123,14 @@ pub(super) async fn login(
     }
     let Some(db) = cluster.config.database(&dbname) else {
         tracing::info!(%peer, %user, db = %dbname, "no such database");
-        fatal(stream, "3D000", &format!("no such database: {dbname}")).await;
+        refuse(
+            stream,
+            &who,
+            log,
+            "3D000",
+            &format!("no such database: {dbname}"),
+        )
+        .await;
         return None;
     };
     let auth_type = auth_type_for(cluster, stream, &dbname, &user, peer).await?;
@@ -117,7 +145,7 @@ pub(super) async fn login(
             Err(e) => {
                 tracing::warn!(%peer, %user, db = %dbname, error = %e, "auth_query failed");
                 cluster.forget_unused_auto(&dbname);
-                fatal(stream, "08P01", &e.to_string()).await;
+                refuse(stream, &who, log, "08P01", &e.to_string()).await;
                 return None;
             }
         }
@@ -126,7 +154,7 @@ pub(super) async fn login(
         // As PgBouncer: trust skips the password, but the user must still be known.
         tracing::warn!(%peer, %user, "unknown user (auth_type trust)");
         let e = AuthError::WrongPassword(user.clone());
-        fatal(stream, e.code(), &e.to_string()).await;
+        refuse(stream, &who, log, e.code(), &e.to_string()).await;
         return None;
     }
     let secret = looked_up
@@ -141,7 +169,7 @@ pub(super) async fn login(
         Err(AuthError::Closed) | Err(AuthError::Io(_)) => return None,
         Err(e) => {
             tracing::warn!(%peer, %user, db = %dbname, error = %e, "client authentication failed");
-            fatal(stream, e.code(), &e.to_string()).await;
+            refuse(stream, &who, log, e.code(), &e.to_string()).await;
             return None;
         }
     };
@@ -167,7 +195,7 @@ pub(super) async fn login(
             }
             Err(e) => {
                 let (code, msg) = checkout_error(&e);
-                fatal(stream, &code, &msg).await;
+                refuse(stream, &who, log, &code, &msg).await;
                 return None;
             }
         },
@@ -179,7 +207,7 @@ pub(super) async fn login(
             "options" => match startup::parse_options(v) {
                 Ok(list) => list.iter().for_each(|(k, v)| wanted.set(k, v)),
                 Err(msg) => {
-                    fatal(stream, "08P01", &msg).await;
+                    refuse(stream, &who, log, "08P01", &msg).await;
                     return None;
                 }
             },
@@ -210,7 +238,8 @@ pub(super) async fn login(
         return None;
     }
     if g.log_connections {
-        tracing::info!(%peer, %user, db = %dbname, tls = stream.is_tls(), "login");
+        let tls = stream.tls_description();
+        tracing::info!("{who} login attempt: db={dbname} user={user} tls={tls}");
     }
     Some(Login::Client(Box::new(LoggedIn {
         user,
@@ -246,8 +275,10 @@ async fn auth_type_for(
     }
     tracing::warn!(%peer, %user, db = %dbname, "rejected by auth_hba_file");
     let host = peer.rsplit_once(':').map_or(peer, |(h, _)| h);
-    fatal(
+    refuse(
         stream,
+        &Who::client(0, dbname, user, peer),
+        g.log_disconnections,
         "28000",
         &format!("pg_hba.conf rejects connection for host \"{host}\", user \"{user}\", database \"{dbname}\""),
     )
@@ -323,20 +354,22 @@ async fn admin_login(
     peer: &str,
 ) -> Option<Login> {
     let g = &cluster.config.general;
+    let who = Who::client(0, dbname, &user, peer);
+    let log = g.log_disconnections;
     let auth_type = auth_type_for(cluster, stream, dbname, &user, peer).await?;
     let known = cluster.config.users.get(&user);
     if auth_type == AuthType::Trust && known.is_none() {
         // As PgBouncer: trust skips the password, but the user must still be known.
         tracing::warn!(%peer, %user, "unknown user (auth_type trust)");
         let e = AuthError::WrongPassword(user.clone());
-        fatal(stream, e.code(), &e.to_string()).await;
+        refuse(stream, &who, log, e.code(), &e.to_string()).await;
         return None;
     }
     let secret = known.and_then(|u| u.secret.as_ref());
     if let Err(e) = auth::authenticate(stream, buf, auth_type, &user, secret).await {
         if !matches!(e, AuthError::Closed | AuthError::Io(_)) {
             tracing::warn!(%peer, %user, error = %e, "admin console authentication failed");
-            fatal(stream, e.code(), &e.to_string()).await;
+            refuse(stream, &who, log, e.code(), &e.to_string()).await;
         }
         return None;
     }
@@ -345,7 +378,7 @@ async fn admin_login(
     } else if g.stats_users.contains(&user) {
         crate::admin::Role::Stats
     } else {
-        fatal(stream, "08P01", "not allowed").await;
+        refuse(stream, &who, log, "08P01", "not allowed").await;
         return None;
     };
     Some(Login::Admin { user, role })

@@ -57,9 +57,10 @@ pub(super) async fn run(
         }
     };
     let mut session = Session::new(app, cluster, stream, buf, peer, parts, &abort, fresh);
-    Box::pin(session.serve()).await;
-    if session.cluster.config.general.log_disconnections {
-        tracing::info!(peer = %session.peer, user = %session.user, db = %session.db.name, "client closed");
+    if let Some(reason) = Box::pin(session.serve()).await {
+        if session.cluster.config.general.log_disconnections {
+            crate::logging::closing(&session.who(), reason, session.age_secs());
+        }
     }
 }
 
@@ -79,7 +80,11 @@ async fn log_in(
         match tokio::time::timeout(limit, attempt).await {
             Ok(s) => s,
             Err(_) => {
-                tracing::info!(%peer, "client_login_timeout");
+                if cluster.config.general.log_disconnections {
+                    let who = crate::logging::Who::client(0, "", "", peer);
+                    let reason = "client_login_timeout (server down or wrong password?)";
+                    crate::logging::closing(&who, reason, limit.as_secs());
+                }
                 fatal(
                     &mut stream,
                     "08P01",
@@ -142,6 +147,25 @@ impl Session {
             router,
             shard: ShardSession::default(),
         }
+    }
+}
+
+impl Session {
+    /// Ends the session with an error: the client gets it, the log PgBouncer's closing line.
+    async fn fail(&mut self, code: &str, message: &str) {
+        if self.cluster.config.general.log_disconnections {
+            crate::logging::closing(&self.who(), message, self.age_secs());
+        }
+        fatal(&mut self.client, code, message).await;
+    }
+
+    /// This client in PgBouncer's log prefix.
+    fn who(&self) -> crate::logging::Who {
+        crate::logging::Who::client(self.info.id, &self.db.name, &self.user, &self.peer)
+    }
+
+    fn age_secs(&self) -> u64 {
+        now_us().saturating_sub(self.info.connect_time) / 1_000_000
     }
 }
 
@@ -332,7 +356,8 @@ enum InTx {
 
 enum Work {
     Message,
-    Closed,
+    /// The client left, with the reason to log (`None`: logged already).
+    Closed(Option<&'static str>),
 }
 
 enum After {
@@ -341,17 +366,19 @@ enum After {
 }
 
 impl Session {
-    async fn serve(&mut self) {
+    /// Serves transactions until the client leaves; returns the reason to log when it was
+    /// not logged already.
+    async fn serve(&mut self) -> Option<&'static str> {
         loop {
             match self.wait_for_work().await {
                 Work::Message => {}
-                Work::Closed => return,
+                Work::Closed(reason) => return reason,
             }
             self.refresh();
             // Boxed: the task of an idle client keeps only what waiting for its next
             // message needs, not room for a transaction's state.
             if let After::Stop = Box::pin(self.next_transaction()).await {
-                return;
+                return None;
             }
         }
     }
@@ -395,7 +422,7 @@ impl Session {
                     if self.cluster.config.general.log_pooler_errors {
                         tracing::warn!(peer = %self.peer, user = %self.user, db = %self.db.name, error = %msg, "pooler error");
                     }
-                    fatal(&mut self.client, &code, &msg).await;
+                    self.fail(&code, &msg).await;
                     return After::Stop;
                 }
             };
@@ -415,12 +442,8 @@ impl Session {
             if let Some(held) = self.shard.held.take() {
                 // The BEGIN Weir answered goes to the shard the statement chose.
                 if !matches!(server.exec(&held.sql).await, Ok(TxStatus::InBlock)) {
-                    fatal(
-                        &mut self.client,
-                        "08P01",
-                        "could not start the transaction on the shard",
-                    )
-                    .await;
+                    self.fail("08P01", "could not start the transaction on the shard")
+                        .await;
                     return After::Stop;
                 }
             }
@@ -449,12 +472,14 @@ impl Session {
         let idle_limit = self.cluster.config.general.client_idle_timeout;
         loop {
             match wire::header(&self.cbuf) {
-                Ok(Some(h)) if h.tag == tag::TERMINATE => return Work::Closed,
+                Ok(Some(h)) if h.tag == tag::TERMINATE => {
+                    return Work::Closed(Some("client close request"))
+                }
                 Ok(Some(_)) => return Work::Message,
                 Ok(None) => {}
                 Err(e) => {
-                    fatal(&mut self.client, "08P01", &format!("protocol error: {e}")).await;
-                    return Work::Closed;
+                    self.fail("08P01", &format!("protocol error: {e}")).await;
+                    return Work::Closed(None);
                 }
             }
             let state = *self.shutdown.borrow_and_update();
@@ -462,8 +487,8 @@ impl Session {
             // the listener closed and has not had its first transaction.
             if state == Shutdown::Immediate || (state == Shutdown::Graceful && self.fresh.is_none())
             {
-                fatal(&mut self.client, "57P01", "Weir is shutting down").await;
-                return Work::Closed;
+                self.fail("57P01", "Weir is shutting down").await;
+                return Work::Closed(None);
             }
             // A timer only when client_idle_timeout is set (boxed: most clients have none).
             let idle = async {
@@ -475,13 +500,13 @@ impl Session {
             };
             tokio::select! {
                 n = read_client(&mut self.client, &mut self.cbuf) => match n {
-                    Ok(0) | Err(_) => return Work::Closed,
+                    Ok(0) | Err(_) => return Work::Closed(Some("client unexpected eof")),
                     Ok(_) => {}
                 },
                 _ = self.shutdown.changed() => {}
                 _ = idle => {
-                    fatal(&mut self.client, "08P01", "client_idle_timeout").await;
-                    return Work::Closed;
+                    self.fail("08P01", "client_idle_timeout").await;
+                    return Work::Closed(None);
                 }
             }
         }
@@ -547,7 +572,7 @@ impl Session {
                 capacity,
             );
             if let Err(e) = scanned {
-                fatal(&mut self.client, "08P01", &format!("protocol error: {e}")).await;
+                self.fail("08P01", &format!("protocol error: {e}")).await;
                 self.abandon(server, &x).await;
                 return After::Stop;
             }
@@ -609,7 +634,7 @@ impl Session {
                         {
                             Ok(n) => n,
                             Err(_) => {
-                                fatal(&mut self.client, "25P03", "idle transaction timeout").await;
+                                self.fail("25P03", "idle transaction timeout").await;
                                 self.abandon(server, &x).await;
                                 return After::Stop;
                             }
@@ -655,7 +680,7 @@ impl Session {
                 match tokio::time::timeout(idle_tx_limit, step).await {
                     Ok(ev) => ev,
                     Err(_) => {
-                        fatal(&mut self.client, "25P03", "idle transaction timeout").await;
+                        self.fail("25P03", "idle transaction timeout").await;
                         self.abandon(server, &x).await;
                         return After::Stop;
                     }
@@ -673,7 +698,7 @@ impl Session {
                             pid: server.backend_pid,
                             secret: server.backend_secret,
                         }));
-                        fatal(&mut self.client, "08P01", "query_timeout").await;
+                        self.fail("08P01", "query_timeout").await;
                         return After::Stop;
                     }
                 }
@@ -688,7 +713,7 @@ impl Session {
                         Err(e) => {
                             tracing::warn!(error = %e, ?server, "protocol error from server");
                             PoolTotals::add(&x.pool.totals.errors, 1);
-                            fatal(&mut self.client, "08P01", "server conn crashed?").await;
+                            self.fail("08P01", "server conn crashed?").await;
                             return After::Stop;
                         }
                     };
@@ -706,8 +731,7 @@ impl Session {
                             .client
                             .write_all(&server.buf[..x.relay.down.ready])
                             .await;
-                        fatal(
-                            &mut self.client,
+                        self.fail(
                             "08P01",
                             "transaction blocks not allowed in statement pooling mode",
                         )
@@ -736,7 +760,7 @@ impl Session {
                         .client
                         .write_all(&server.buf[..x.relay.down.ready])
                         .await;
-                    fatal(&mut self.client, "08P01", "server conn crashed?").await;
+                    self.fail("08P01", "server conn crashed?").await;
                     return After::Stop;
                 }
             }
@@ -758,12 +782,12 @@ impl Session {
                 Ok(())
             }
             Err(ExecError::Server(e)) => {
-                fatal(&mut self.client, &e.code, &e.message).await;
+                self.fail(&e.code, &e.message).await;
                 Err(After::Stop)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "server failed while applying session parameters");
-                fatal(&mut self.client, "08P01", "server conn crashed?").await;
+                self.fail("08P01", "server conn crashed?").await;
                 Err(After::Stop)
             }
         }

@@ -25,7 +25,7 @@ impl Session {
                 Ok(Some(u)) => u.len,
                 Ok(None) => routing::pending_len(&self.cbuf),
                 Err(e) => {
-                    fatal(&mut self.client, "08P01", &format!("protocol error: {e}")).await;
+                    self.fail("08P01", &format!("protocol error: {e}")).await;
                     return Err(());
                 }
             };
@@ -34,7 +34,7 @@ impl Session {
                 let msg = format!(
                     "statement of {pending} bytes is larger than max_packet_size ({limit}) and cannot be routed to a shard"
                 );
-                fatal(&mut self.client, "08P01", &msg).await;
+                self.fail("08P01", &msg).await;
                 return Err(());
             }
             if pending > self.cbuf.len() {
