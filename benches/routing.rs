@@ -25,6 +25,7 @@ fn database() -> Database {
         reserve_pool_size: 0,
         pool_mode: None,
         max_db_connections: 0,
+        max_db_client_connections: 0,
         server_params: vec![],
         connect_query: None,
         shards: vec![

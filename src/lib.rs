@@ -38,6 +38,31 @@ pub enum Shutdown {
     Immediate,
 }
 
+/// Logged-in clients per database and per user, admin console included
+/// (`max_db_client_connections`, `max_user_client_connections`; SHOW DATABASES and SHOW USERS).
+#[derive(Default)]
+pub struct ClientCounts {
+    by_db: std::collections::HashMap<String, usize>,
+    by_user: std::collections::HashMap<String, usize>,
+}
+
+/// Which client limit refused a login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientLimit {
+    Database,
+    User,
+}
+
+impl ClientLimit {
+    /// PgBouncer's words for the refusal.
+    pub fn message(self) -> &'static str {
+        match self {
+            ClientLimit::Database => "client connections exceeded (max_db_client_connections)",
+            ClientLimit::User => "client connections exceeded (max_user_client_connections)",
+        }
+    }
+}
+
 /// State shared by every task of one Weir process.
 pub struct App {
     cluster: RwLock<Arc<Cluster>>,
@@ -66,6 +91,7 @@ pub struct App {
     pub disabled: parking_lot::Mutex<std::collections::HashSet<String>>,
     /// The admin console's own state (stats periods, open consoles).
     pub admin: admin::State,
+    client_counts: parking_lot::Mutex<ClientCounts>,
 }
 
 impl App {
@@ -88,7 +114,64 @@ impl App {
             started: stats::now_us(),
             disabled: Default::default(),
             admin: admin::State::default(),
+            client_counts: Default::default(),
         })
+    }
+
+    /// Counts a logged-in client of `db` and `user` unless that would pass a limit (0: none);
+    /// a counted client is released with [`App::release_client`].
+    pub fn admit_client(
+        &self,
+        db: &str,
+        user: &str,
+        db_limit: usize,
+        user_limit: usize,
+    ) -> Result<(), ClientLimit> {
+        let mut c = self.client_counts.lock();
+        let on_db = c.by_db.get(db).copied().unwrap_or(0);
+        let of_user = c.by_user.get(user).copied().unwrap_or(0);
+        if db_limit > 0 && on_db >= db_limit {
+            return Err(ClientLimit::Database);
+        }
+        if user_limit > 0 && of_user >= user_limit {
+            return Err(ClientLimit::User);
+        }
+        *c.by_db.entry(db.to_string()).or_default() += 1;
+        *c.by_user.entry(user.to_string()).or_default() += 1;
+        Ok(())
+    }
+
+    pub fn release_client(&self, db: &str, user: &str) {
+        let mut guard = self.client_counts.lock();
+        let c = &mut *guard;
+        for (map, key) in [(&mut c.by_db, db), (&mut c.by_user, user)] {
+            if let Some(n) = map.get_mut(key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(key);
+                }
+            }
+        }
+    }
+
+    /// Logged-in clients of a database.
+    pub fn db_clients(&self, db: &str) -> usize {
+        self.client_counts
+            .lock()
+            .by_db
+            .get(db)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Logged-in clients of a user.
+    pub fn user_clients(&self, user: &str) -> usize {
+        self.client_counts
+            .lock()
+            .by_user
+            .get(user)
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn cluster(&self) -> Arc<Cluster> {

@@ -214,8 +214,8 @@ impl<T> Registry<T> {
     pub fn insert(&self, id: u64, v: Arc<T>) {
         self.map.lock().insert(id, v);
     }
-    pub fn remove(&self, id: u64) {
-        self.map.lock().remove(&id);
+    pub fn remove(&self, id: u64) -> Option<Arc<T>> {
+        self.map.lock().remove(&id)
     }
     pub fn snapshot(&self) -> Vec<Arc<T>> {
         self.map.lock().values().cloned().collect()

@@ -361,7 +361,12 @@ async fn kill_drops_the_database_clients_and_servers() {
 
     run(&admin, "KILL app").await;
     until("the killed client to be gone from SHOW CLIENTS", || async {
-        rows(&admin, "SHOW CLIENTS").await.is_empty()
+        let clients = rows(&admin, "SHOW CLIENTS").await;
+        // As PgBouncer, the console lists its own connection (database pgbouncer).
+        clients
+            .iter()
+            .all(|r| r.get("database") == Some("pgbouncer"))
+            && clients.iter().any(|r| r.get("user") == Some("admin"))
     })
     .await;
     assert!(
@@ -500,4 +505,111 @@ fn shutdown_command_stops_weir() {
         .wait_exit(Duration::from_secs(20))
         .expect("weir still running after SHUTDOWN");
     assert!(status.success(), "weir exited with {status}");
+}
+
+/// The message of a refused login.
+async fn refused(weir: &Weir, user: &str, password: &str, db: &str) -> String {
+    match common::try_connect(&weir.url(user, password, db)).await {
+        Ok(_) => panic!("{user}@{db} was let in"),
+        Err(e) => common::describe_error(&e),
+    }
+}
+
+#[tokio::test]
+async fn client_limits_per_database_and_user_admit_up_to_the_limit_and_no_more() {
+    let (_cluster, weir) = start(2);
+    let admin = console(&weir, "admin", ADMIN_PASSWORD).await;
+    run(&admin, "SET max_db_client_connections = 2").await;
+    let first = app_client(&weir).await;
+    let second = app_client(&weir).await;
+    let err = refused(&weir, "app", APP_PASSWORD, "app").await;
+    assert!(
+        err.contains("client connections exceeded (max_db_client_connections)"),
+        "{err}"
+    );
+    assert_eq!(
+        show_value(
+            &admin,
+            "DATABASES",
+            "name",
+            "app",
+            "current_client_connections"
+        )
+        .await,
+        Some("2".into())
+    );
+    assert_eq!(
+        show_value(&admin, "DATABASES", "name", "app", "max_client_connections").await,
+        Some("2".into())
+    );
+    // A client that leaves frees its place.
+    drop(first);
+    until("the place of the client that left to be free", || async {
+        common::try_connect(&weir.url("app", APP_PASSWORD, "app"))
+            .await
+            .is_ok()
+    })
+    .await;
+
+    run(&admin, "SET max_db_client_connections = 0").await;
+    run(&admin, "SET max_user_client_connections = 1").await;
+    let err = refused(&weir, "app", APP_PASSWORD, "app").await;
+    assert!(err.contains("(max_user_client_connections)"), "{err}");
+    assert_eq!(
+        show_value(
+            &admin,
+            "USERS",
+            "name",
+            "app",
+            "max_user_client_connections"
+        )
+        .await,
+        Some("1".into())
+    );
+    // Admin users are never turned away from the console by the limits.
+    let _again = console(&weir, "admin", ADMIN_PASSWORD).await;
+    run(&admin, "SET max_user_client_connections = 0").await;
+    let _third = app_client(&weir).await;
+    drop(second);
+}
+
+#[tokio::test]
+async fn set_applies_settings_that_rebuild_the_config_and_logfile_gets_pgbouncer_lines() {
+    let (_cluster, weir) = start(2);
+    let admin = console(&weir, "admin", ADMIN_PASSWORD).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("weir.log");
+    run(&admin, &format!("SET logfile = '{}'", log.display())).await;
+    run(&admin, "SET auth_type = 'md5'").await;
+    assert_eq!(
+        show_value(&admin, "CONFIG", "key", "auth_type", "value").await,
+        Some("md5".into())
+    );
+    // md5 logins against a plain password from the config work; a wrong password is refused
+    // and logged in PgBouncer's words.
+    let _ok = app_client(&weir).await;
+    let err = refused(&weir, "app", "wrong", "app").await;
+    assert!(err.contains("password authentication failed"), "{err}");
+    // A value the loader would refuse is refused, and the running config is kept.
+    let bad = admin.simple_query("SET auth_type = 'nonsense'").await;
+    assert!(bad.is_err(), "an invalid auth_type was accepted");
+    assert_eq!(
+        show_value(&admin, "CONFIG", "key", "auth_type", "value").await,
+        Some("md5".into())
+    );
+    until("the log to hold the login and the refusal", || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("login attempt: db=app user=app tls=no")
+            && text.contains("closing because: password authentication failed")
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let line = text
+        .lines()
+        .find(|l| l.contains("login attempt"))
+        .unwrap_or_default();
+    // PgBouncer's layout: "YYYY-MM-DD HH:MM:SS.mmm UTC [pid] LOG C-0x…: app/app@127.0.0.1:port …"
+    assert!(line.contains(" UTC ["), "{line}");
+    assert!(line.contains("] LOG C-0x"), "{line}");
+    assert!(line.contains(": app/app@127.0.0.1:"), "{line}");
 }

@@ -122,11 +122,47 @@ impl Drop for ConsoleCount {
     }
 }
 
+/// A console connection in SHOW CLIENTS (as PgBouncer lists them), counted against the client
+/// limits at login and released here.
+struct ConsoleClient {
+    app: Arc<App>,
+    id: u64,
+}
+
+impl ConsoleClient {
+    fn new(app: &Arc<App>, user: &str, peer: &str) -> ConsoleClient {
+        let id = app.next_client_id();
+        let info = crate::stats::ClientInfo::new(id, user, snapshot::ADMIN_DB, peer, "", 0);
+        info.set_state(crate::stats::ClientState::Active);
+        app.client_list.insert(id, Arc::new(info));
+        ConsoleClient {
+            app: app.clone(),
+            id,
+        }
+    }
+}
+
+impl Drop for ConsoleClient {
+    fn drop(&mut self) {
+        if let Some(info) = self.app.client_list.remove(self.id) {
+            self.app.release_client(&info.database, &info.user);
+        }
+    }
+}
+
 /// Serves one console connection after authentication succeeded; sends the
 /// login reply (AuthenticationOk … ReadyForQuery) itself.
-pub async fn serve(app: Arc<App>, stream: Stream, buf: BytesMut, user: String, role: Role) {
+pub async fn serve(
+    app: Arc<App>,
+    stream: Stream,
+    buf: BytesMut,
+    user: String,
+    role: Role,
+    peer: &str,
+) {
     start(&app);
     let _count = ConsoleCount::new(&app);
+    let _listed = ConsoleClient::new(&app, &user, peer);
     tracing::debug!(%user, ?role, "admin console login");
     let mut console = Console {
         app,

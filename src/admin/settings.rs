@@ -1,14 +1,14 @@
 //! SHOW CONFIG and SET: the `[weir]` settings by PgBouncer's key names, how
 //! each is shown, and which ones SET can change while Weir runs.
 //!
-//! SET builds a new `Config` with the one value changed and hands it to the
-//! same reload path as RELOAD, so pools whose settings change are replaced
-//! exactly as after editing the file. Like PgBouncer, the next RELOAD reads
-//! the file again and overrides what SET changed.
+//! SET changes the one value in the document the running config was built from and builds
+//! the config again (validation, TLS files, database defaults, auth files: everything a
+//! reload of the edited file would do), then hands it to the same reload path as RELOAD, so
+//! pools whose settings change are replaced exactly as after editing the file. Like
+//! PgBouncer, the next RELOAD reads the file again and overrides what SET changed.
 
 use crate::config::duration;
-use crate::config::{Config, General, NameList, PoolMode};
-use std::sync::Arc;
+use crate::config::{AuthType, Config, General, NameList, PoolMode, SslMode};
 use std::time::Duration;
 
 type Getter = fn(&General) -> String;
@@ -137,6 +137,42 @@ macro_rules! string {
     };
 }
 
+/// An optional string (a file, a user): empty means none, as in PgBouncer.
+macro_rules! optional {
+    ($k:ident) => {
+        Setting {
+            key: stringify!($k),
+            get: |g| show_opt(&g.$k),
+            set: Some(|g, v| {
+                let v = v.trim();
+                g.$k = (!v.is_empty()).then(|| v.to_string());
+                Ok(())
+            }),
+        }
+    };
+}
+
+/// A keyword the config file takes (auth_type, the TLS modes), read the same way.
+fn parse_keyword<T: serde::de::DeserializeOwned>(v: &str) -> Result<T, String> {
+    use serde::de::IntoDeserializer;
+    let word = v.trim().to_ascii_lowercase();
+    T::deserialize(word.as_str().into_deserializer())
+        .map_err(|e: serde::de::value::Error| format!("invalid value {v:?}: {e}"))
+}
+
+macro_rules! parsed {
+    ($k:ident, $t:ty) => {
+        Setting {
+            key: stringify!($k),
+            get: |g| g.$k.to_string(),
+            set: Some(|g, v| {
+                g.$k = parse_keyword::<$t>(v)?;
+                Ok(())
+            }),
+        }
+    };
+}
+
 macro_rules! list {
     ($k:ident) => {
         Setting {
@@ -155,19 +191,19 @@ fn settings() -> Vec<Setting> {
     let mut all = vec![
         list!(admin_users),
         flag!(application_name_add_host),
-        fixed!(auth_dbname, show_opt),
-        fixed!(auth_file, show_opt),
-        fixed!(auth_hba_file, show_opt),
-        fixed!(auth_query, String::clone),
-        fixed!(auth_type, ToString::to_string),
-        fixed!(auth_user, show_opt),
+        optional!(auth_dbname),
+        optional!(auth_file),
+        optional!(auth_hba_file),
+        string!(auth_query),
+        parsed!(auth_type, AuthType),
+        optional!(auth_user),
         seconds!(ban_time),
         seconds!(client_idle_timeout),
         seconds!(client_login_timeout),
-        fixed!(client_tls_ca_file, show_opt),
-        fixed!(client_tls_cert_file, show_opt),
-        fixed!(client_tls_key_file, show_opt),
-        fixed!(client_tls_sslmode, ToString::to_string),
+        optional!(client_tls_ca_file),
+        optional!(client_tls_cert_file),
+        optional!(client_tls_key_file),
+        parsed!(client_tls_sslmode, SslMode),
         number!(default_pool_size),
         seconds!(idle_transaction_timeout),
         list!(ignore_startup_parameters),
@@ -175,13 +211,19 @@ fn settings() -> Vec<Setting> {
         fixed!(listen_port, ToString::to_string),
         flag!(log_connections),
         flag!(log_disconnections),
+        string!(log_format),
         flag!(log_pooler_errors),
+        optional!(logfile),
         number!(max_client_conn),
+        number!(max_db_client_connections),
         number!(max_db_connections),
         number!(max_packet_size),
         number!(max_prepared_statements),
+        number!(max_user_client_connections),
         number!(max_user_connections),
         number!(min_pool_size),
+        fixed!(pidfile, show_opt),
+        seconds!(pool_idle_timeout),
         Setting {
             key: "pool_mode",
             get: |g| g.pool_mode.to_string(),
@@ -197,23 +239,36 @@ fn settings() -> Vec<Setting> {
         string!(server_check_query),
         seconds!(server_check_delay),
         seconds!(server_connect_timeout),
+        flag!(server_fast_close),
         seconds!(server_idle_timeout),
         seconds!(server_lifetime),
         seconds!(server_login_retry),
         string!(server_reset_query),
         flag!(server_reset_query_always),
         flag!(server_round_robin),
-        fixed!(server_tls_ca_file, show_opt),
-        fixed!(server_tls_cert_file, show_opt),
-        fixed!(server_tls_key_file, show_opt),
-        fixed!(server_tls_sslmode, ToString::to_string),
+        optional!(server_tls_ca_file),
+        optional!(server_tls_cert_file),
+        optional!(server_tls_key_file),
+        parsed!(server_tls_sslmode, SslMode),
         seconds!(shutdown_timeout),
         fixed!(so_reuseport, show_flag),
         fixed!(stats_addr, String::clone),
         fixed!(stats_port, show_opt),
         list!(stats_users),
         fixed!(tcp_keepalive, show_flag),
+        seconds!(transaction_timeout),
         fixed!(unix_socket_dir, String::clone),
+        Setting {
+            key: "verbose",
+            get: |g| g.verbose.to_string(),
+            set: Some(|g, v| {
+                g.verbose = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("invalid verbose {v:?}"))?;
+                Ok(())
+            }),
+        },
     ];
     all.sort_by_key(|s| s.key);
     all
@@ -254,7 +309,9 @@ impl std::fmt::Display for SetError {
     }
 }
 
-/// The config with `key` set to `value`, validated as the loader would.
+/// The config with `key` set to `value`: the running config's document with that one value
+/// changed, built and validated as the loader would (TLS files read, database defaults
+/// derived again).
 pub fn apply(config: &Config, key: &str, value: &str) -> Result<Config, SetError> {
     let list = settings();
     let setting = list
@@ -262,44 +319,12 @@ pub fn apply(config: &Config, key: &str, value: &str) -> Result<Config, SetError
         .find(|s| s.key.eq_ignore_ascii_case(key))
         .ok_or(SetError::UnknownKey)?;
     let set = setting.set.ok_or(SetError::NotChangeable)?;
-    let mut new = config.clone();
-    set(&mut new.general, value).map_err(SetError::Invalid)?;
-    validate(&new.general).map_err(SetError::Invalid)?;
-    inherit(&config.general, &mut new);
+    let mut doc = (*config.source).clone();
+    set(&mut doc.weir, value).map_err(SetError::Invalid)?;
+    let mut new = Config::from_document(&config.path, "", doc)
+        .map_err(|e| SetError::Invalid(e.to_string()))?;
+    new.warnings = config.warnings.clone();
     Ok(new)
-}
-
-fn validate(g: &General) -> Result<(), String> {
-    if g.default_pool_size == 0 {
-        return Err("default_pool_size must be at least 1".into());
-    }
-    if g.max_client_conn == 0 {
-        return Err("max_client_conn must be at least 1".into());
-    }
-    if g.min_pool_size > g.default_pool_size {
-        return Err(format!(
-            "min_pool_size ({}) exceeds default_pool_size ({})",
-            g.min_pool_size, g.default_pool_size
-        ));
-    }
-    Ok(())
-}
-
-/// Databases copied some `[weir]` values when the config loaded; those that
-/// still equal the old global value took it from there and follow the change.
-fn inherit(old: &General, new: &mut Config) {
-    let g = new.general.clone();
-    for db in new.databases.values_mut().map(Arc::make_mut) {
-        if db.min_pool_size == old.min_pool_size {
-            db.min_pool_size = g.min_pool_size;
-        }
-        if db.reserve_pool_size == old.reserve_pool_size {
-            db.reserve_pool_size = g.reserve_pool_size;
-        }
-        if db.max_db_connections == old.max_db_connections {
-            db.max_db_connections = g.max_db_connections;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -268,8 +268,8 @@ pub fn databases(s: &Snapshot) -> ResultSet {
                 NULL,
                 num(0),
                 num(0),
-                num(0),
-                num(s.consoles),
+                num(g.max_db_client_connections),
+                num(s.clients.iter().filter(|c| c.database == ADMIN_DB).count()),
                 num(0),
                 num(0),
             ]);
@@ -294,7 +294,7 @@ pub fn databases(s: &Snapshot) -> ResultSet {
             NULL,
             num(db.max_db_connections),
             num(servers),
-            num(0),
+            num(db.max_db_client_connections),
             num(clients),
             flag(s.paused.covers(&name)),
             flag(s.disabled.contains(&name)),
@@ -325,6 +325,7 @@ pub fn users(s: &Snapshot) -> ResultSet {
             .map(|u| u.max_user_connections)
             .filter(|n| *n > 0)
             .unwrap_or(g.max_user_connections);
+        let max_clients = s.config.user_client_limit(&name);
         rs.push(vec![
             text(name.clone()),
             text(pool_size),
@@ -332,7 +333,7 @@ pub fn users(s: &Snapshot) -> ResultSet {
             u.and_then(|u| u.pool_mode).map(|m| m.to_string()),
             num(max),
             num(s.servers.iter().filter(|v| v.user == name).count()),
-            num(0),
+            num(max_clients),
             num(s.clients.iter().filter(|c| c.user == name).count()),
         ]);
     }
@@ -479,7 +480,7 @@ pub fn totals(s: &Snapshot) -> ResultSet {
 
 pub fn lists(s: &Snapshot) -> ResultSet {
     let mut rs = ResultSet::new(&[("list", TEXT), ("items", INT4)]);
-    let used_clients = s.clients.len() + s.consoles;
+    let used_clients = s.clients.len();
     let rows: [(&str, usize); 14] = [
         ("databases", s.database_names().len()),
         ("users", s.user_names().len()),
@@ -532,7 +533,7 @@ pub fn mem(s: &Snapshot) -> ResultSet {
         (
             "client_cache",
             std::mem::size_of::<ClientInfo>(),
-            s.clients.len() + s.consoles,
+            s.clients.len(),
         ),
     ];
     for (name, size, used) in rows {
@@ -881,8 +882,8 @@ mod tests {
         let s = snapshot();
         let l = lists(&s);
         assert_eq!(l.rows.len(), 14);
-        assert_eq!(row(&l, "list", "used_clients")[1].1, Some("3"));
-        assert_eq!(row(&l, "list", "login_clients")[1].1, Some("1"));
+        assert_eq!(row(&l, "list", "used_clients")[1].1, Some("2"));
+        assert_eq!(row(&l, "list", "login_clients")[1].1, Some("2"));
         assert_eq!(row(&l, "list", "pools")[1].1, Some("1"));
         assert_eq!(mem(&s).columns.len(), 5);
         assert_eq!(row(&state(&s), "key", "paused")[1].1, Some("no"));

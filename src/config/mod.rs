@@ -141,6 +141,10 @@ pub struct General {
     pub reserve_pool_timeout: Duration,
     pub max_db_connections: usize,
     pub max_user_connections: usize,
+    /// Clients (admin console included) one database / one user may have connected; 0 = no
+    /// limit. Per database and per user too.
+    pub max_db_client_connections: usize,
+    pub max_user_client_connections: usize,
     #[serde(deserialize_with = "duration::de")]
     pub query_wait_timeout: Duration,
     #[serde(deserialize_with = "duration::de")]
@@ -159,6 +163,15 @@ pub struct General {
     pub client_idle_timeout: Duration,
     #[serde(deserialize_with = "duration::de")]
     pub idle_transaction_timeout: Duration,
+    /// A client longer than this in one transaction is disconnected (0 = off).
+    #[serde(deserialize_with = "duration::de")]
+    pub transaction_timeout: Duration,
+    /// A pool with no clients and no servers for this long is freed (0 = never).
+    #[serde(deserialize_with = "duration::de")]
+    pub pool_idle_timeout: Duration,
+    /// Session mode: close a server marked for closing (RECONNECT, changed settings) at the
+    /// end of its transaction instead of the session's. Transaction mode always does.
+    pub server_fast_close: bool,
     #[serde(deserialize_with = "duration::de")]
     pub server_check_delay: Duration,
     pub server_check_query: String,
@@ -229,6 +242,8 @@ impl Default for General {
             reserve_pool_timeout: d(5),
             max_db_connections: 0,
             max_user_connections: 0,
+            max_db_client_connections: 0,
+            max_user_client_connections: 0,
             query_wait_timeout: d(120),
             query_timeout: d(0),
             server_lifetime: d(3600),
@@ -238,6 +253,9 @@ impl Default for General {
             client_login_timeout: d(60),
             client_idle_timeout: d(0),
             idle_transaction_timeout: d(0),
+            transaction_timeout: d(0),
+            pool_idle_timeout: d(0),
+            server_fast_close: false,
             server_check_delay: d(30),
             server_check_query: "select 1".into(),
             server_reset_query: "DISCARD ALL".into(),
@@ -288,6 +306,7 @@ pub struct UserSection {
     pub pool_mode: Option<PoolMode>,
     pub pool_size: Option<usize>,
     pub max_user_connections: Option<usize>,
+    pub max_user_client_connections: Option<usize>,
 }
 
 /// One shard of a sharded database (used by the sharding router).
@@ -325,6 +344,7 @@ pub struct DatabaseSection {
     pub reserve_pool_size: Option<usize>,
     pub pool_mode: Option<PoolMode>,
     pub max_db_connections: Option<usize>,
+    pub max_db_client_connections: Option<usize>,
     pub client_encoding: Option<String>,
     pub datestyle: Option<String>,
     pub timezone: Option<String>,
@@ -353,6 +373,8 @@ pub struct User {
     pub pool_mode: Option<PoolMode>,
     pub pool_size: Option<usize>,
     pub max_user_connections: usize,
+    /// This user's own client limit (0: the global `max_user_client_connections`).
+    pub max_user_client_connections: usize,
 }
 
 /// A backend address.
@@ -385,6 +407,8 @@ pub struct Database {
     pub reserve_pool_size: usize,
     pub pool_mode: Option<PoolMode>,
     pub max_db_connections: usize,
+    /// Clients this database may have connected (0 = no limit).
+    pub max_db_client_connections: usize,
     /// Startup parameters forced on server connections (client_encoding, …).
     pub server_params: Vec<(String, String)>,
     pub connect_query: Option<String>,
@@ -407,6 +431,9 @@ pub struct Config {
     pub hba: Option<crate::auth::hba::Hba>,
     /// TLS acceptor and connector, built from the `*_tls_*` settings when the config loads.
     pub tls: crate::tls::Tls,
+    /// The document this config was built from: the admin console's SET changes one value
+    /// in it and builds the config again, exactly as a reload of an edited file would.
+    pub source: Arc<Document>,
 }
 
 impl Config {
@@ -436,7 +463,9 @@ impl Config {
         Config::from_document(path, text, doc)
     }
 
-    fn from_document(path: &Path, text: &str, doc: Document) -> Result<Config, ConfigError> {
+    /// Builds and validates a config from its document; `text` (the file's text, if any)
+    /// lets errors name their line.
+    pub fn from_document(path: &Path, text: &str, doc: Document) -> Result<Config, ConfigError> {
         let v = Validator { path, text };
         v.general(&doc.weir)?;
         let mut users = BTreeMap::new();
@@ -457,6 +486,7 @@ impl Config {
             user.pool_mode = section.pool_mode.or(user.pool_mode);
             user.pool_size = section.pool_size.or(user.pool_size);
             user.max_user_connections = section.max_user_connections.unwrap_or(0);
+            user.max_user_client_connections = section.max_user_client_connections.unwrap_or(0);
         }
         let mut databases = BTreeMap::new();
         for (name, section) in &doc.databases {
@@ -494,13 +524,24 @@ impl Config {
             crate::tls::Tls::load(path, &doc.weir).map_err(|e| v.err("weir", e.key, e.message))?;
         Ok(Config {
             path: path.to_path_buf(),
-            general: doc.weir,
+            general: doc.weir.clone(),
+            source: Arc::new(doc),
             users,
             databases,
             warnings,
             hba,
             tls,
         })
+    }
+
+    /// How many clients `user` may have connected: its own `max_user_client_connections`,
+    /// else the global one (0 = no limit).
+    pub fn user_client_limit(&self, user: &str) -> usize {
+        self.users
+            .get(user)
+            .map(|u| u.max_user_client_connections)
+            .filter(|n| *n > 0)
+            .unwrap_or(self.general.max_user_client_connections)
     }
 
     /// The database section for a client's database name, or the `*` fallback.
@@ -555,6 +596,7 @@ impl User {
             pool_mode: None,
             pool_size: None,
             max_user_connections: 0,
+            max_user_client_connections: 0,
         }
     }
 }
@@ -681,6 +723,10 @@ impl Validator<'_> {
             reserve_pool_size: s.reserve_pool_size.unwrap_or(g.reserve_pool_size),
             pool_mode: s.pool_mode,
             max_db_connections: s.max_db_connections.unwrap_or(g.max_db_connections),
+            max_db_client_connections: s
+                .max_db_client_connections
+                .filter(|n| *n > 0)
+                .unwrap_or(g.max_db_client_connections),
             server_params,
             connect_query: s.connect_query.clone(),
             shards: s.shards.clone(),

@@ -86,13 +86,15 @@ pub(super) async fn login(
     }
     if crate::admin::is_admin_db(&dbname) {
         if user == "pgbouncer" && is_own_user(stream) {
-            // PgBouncer lets its own OS user in over the Unix socket.
+            // PgBouncer lets its own OS user in over the Unix socket (no client limit applies;
+            // counted so the console's end releases it).
+            let _ = app.admit_client(crate::admin::snapshot::ADMIN_DB, &user, 0, 0);
             return Some(Login::Admin {
                 user,
                 role: crate::admin::Role::Admin,
             });
         }
-        return admin_login(stream, buf, cluster, user, &dbname, peer).await;
+        return admin_login(app, stream, buf, cluster, user, &dbname, peer).await;
     }
     if app.clients.load(Ordering::Acquire) > g.max_client_conn {
         tracing::warn!(%peer, %user, db = %dbname, "no more connections allowed (max_client_conn)");
@@ -224,6 +226,13 @@ pub(super) async fn login(
         wanted.set("application_name", &format!("{name} - {peer}"));
     }
     app.param_sets.share(&mut wanted);
+    let user_limit = cluster.config.user_client_limit(&user);
+    if let Err(limit) = app.admit_client(&db.name, &user, db.max_db_client_connections, user_limit)
+    {
+        refuse(stream, &who, log, "08P01", limit.message()).await;
+        return None;
+    }
+    // Released by the session's `Registered` (or below, if the welcome cannot be sent).
     let (key, cancel) = app.cancels.register();
     let mut out = BytesMut::with_capacity(512);
     out.put(build::auth(0, &[]));
@@ -235,6 +244,7 @@ pub(super) async fn login(
     out.put(build::ready_for_query(TxStatus::Idle));
     if stream.write_all(&out).await.is_err() {
         app.cancels.unregister(key);
+        app.release_client(&db.name, &user);
         return None;
     }
     if g.log_connections {
@@ -346,6 +356,7 @@ fn is_own_user(stream: &Stream) -> bool {
 /// (as PgBouncer; any authenticated user may connect when auth_type is trust
 /// only if listed).
 async fn admin_login(
+    app: &App,
     stream: &mut Stream,
     buf: &mut BytesMut,
     cluster: &Arc<Cluster>,
@@ -381,5 +392,23 @@ async fn admin_login(
         refuse(stream, &who, log, "08P01", "not allowed").await;
         return None;
     };
+    // As PgBouncer: admin users are never turned away by the client limits on the console.
+    let (db_limit, user_limit) = match role {
+        crate::admin::Role::Admin => (0, 0),
+        crate::admin::Role::Stats => (
+            g.max_db_client_connections,
+            cluster.config.user_client_limit(&user),
+        ),
+    };
+    if let Err(limit) = app.admit_client(
+        crate::admin::snapshot::ADMIN_DB,
+        &user,
+        db_limit,
+        user_limit,
+    ) {
+        refuse(stream, &who, log, "08P01", limit.message()).await;
+        return None;
+    }
+    // Released by the console when it ends (`admin::serve`).
     Some(Login::Admin { user, role })
 }

@@ -52,7 +52,7 @@ pub(super) async fn run(
     let parts = match login {
         Login::Client(parts) => *parts,
         Login::Admin { user, role } => {
-            Box::pin(crate::admin::serve(app, stream, buf, user, role)).await;
+            Box::pin(crate::admin::serve(app, stream, buf, user, role, &peer)).await;
             return;
         }
     };
@@ -186,7 +186,10 @@ struct Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.app.client_list.remove(self.id);
+        if let Some(info) = self.app.client_list.remove(self.id) {
+            // Counted at login (see `login::admit`).
+            self.app.release_client(&info.database, &info.user);
+        }
         self.app.cancels.unregister(self.key);
     }
 }
