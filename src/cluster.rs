@@ -251,15 +251,21 @@ impl Cluster {
                 .and_then(|u| u.pool_mode)
                 .or(db.pool_mode)
                 .unwrap_or(g.pool_mode),
-            pool_size: db
-                .pool_size
-                .or(client_cfg.and_then(|u| u.pool_size))
+            // As PgBouncer: a user's own setting over the database's over the global one.
+            pool_size: client_cfg
+                .and_then(|u| u.pool_size)
+                .or(db.pool_size)
                 .unwrap_or(g.default_pool_size),
-            reserve_size: db.reserve_pool_size,
+            reserve_size: client_cfg
+                .and_then(|u| u.reserve_pool_size)
+                .unwrap_or(db.reserve_pool_size),
             min_pool_size: db.min_pool_size,
             reserve_timeout: g.reserve_pool_timeout,
-            query_wait_timeout: g.query_wait_timeout,
-            server_lifetime: g.server_lifetime,
+            query_wait_timeout: client_cfg
+                .and_then(|u| u.query_wait_timeout)
+                .or(db.query_wait_timeout)
+                .unwrap_or(g.query_wait_timeout),
+            server_lifetime: db.server_lifetime.unwrap_or(g.server_lifetime),
             server_idle_timeout: g.server_idle_timeout,
             shard: None,
             replica: None,

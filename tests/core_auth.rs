@@ -62,9 +62,15 @@ async fn assert_refused(weir: &Weir, user: &str, password: &str) {
     let err = expect_sqlstate(result, "28P01", &format!("login as {user}"));
     let db = err.as_db_error().expect("a server error");
     assert_eq!(db.severity(), "FATAL");
-    assert_eq!(
-        db.message(),
-        format!("password authentication failed for user \"{user}\"")
+    // PostgreSQL's words for a wrong password (plain, md5), PgBouncer's for a SCRAM exchange
+    // that proved nothing and for an unknown user under trust.
+    let wrong_password = format!("password authentication failed for user \"{user}\"");
+    assert!(
+        db.message() == wrong_password
+            || db.message() == "SASL authentication failed"
+            || db.message() == "\"trust\" authentication failed",
+        "{}",
+        db.message()
     );
 }
 

@@ -20,6 +20,12 @@ use tokio::io::AsyncWriteExt;
 pub enum AuthError {
     #[error("password authentication failed for user \"{0}\"")]
     WrongPassword(String),
+    /// A SCRAM exchange that did not prove the password (PgBouncer's wording).
+    #[error("SASL authentication failed")]
+    SaslFailed,
+    /// `auth_type = trust` and a user Weir does not know (PgBouncer's wording).
+    #[error("\"trust\" authentication failed")]
+    TrustFailed,
     #[error("{0}")]
     Protocol(String),
     #[error("client closed the connection during authentication")]
@@ -32,7 +38,7 @@ impl AuthError {
     /// SQLSTATE PostgreSQL uses for this failure.
     pub fn code(&self) -> &'static str {
         match self {
-            AuthError::WrongPassword(_) => "28P01",
+            AuthError::WrongPassword(_) | AuthError::SaslFailed | AuthError::TrustFailed => "28P01",
             _ => "08P01",
         }
     }
@@ -66,14 +72,14 @@ pub async fn authenticate(
     };
     match (auth_type, secret) {
         (AuthType::Plain, _) => cleartext(stream, buf, user, secret).await,
-        (AuthType::Md5, Secret::Scram(v)) => scram(stream, buf, user, Arc::new(v.clone())).await,
+        (AuthType::Md5, Secret::Scram(v)) => scram(stream, buf, Arc::new(v.clone())).await,
         (AuthType::Md5, _) | (AuthType::ScramSha256, Secret::Md5(_)) => {
             md5_exchange(stream, buf, user, secret).await
         }
-        (_, Secret::Scram(v)) => scram(stream, buf, user, Arc::new(v.clone())).await,
+        (_, Secret::Scram(v)) => scram(stream, buf, Arc::new(v.clone())).await,
         (_, Secret::Plain(p)) => {
             let v = scram::verifier_for_plain(user, p).await;
-            scram(stream, buf, user, v).await
+            scram(stream, buf, v).await
         }
         (_, Secret::Md5(_)) => md5_exchange(stream, buf, user, secret).await,
     }
@@ -100,7 +106,7 @@ async fn unknown_user(
             rand::thread_rng().fill_bytes(&mut raw);
             md5_exchange(stream, buf, user, &Secret::Md5(hex(&raw))).await
         }
-        _ => scram(stream, buf, user, Arc::new(scram::mock_verifier(user))).await,
+        _ => scram(stream, buf, Arc::new(scram::mock_verifier(user))).await,
     };
     // However the exchange went, an unknown user does not get in.
     proof.and(Err(AuthError::WrongPassword(user.into())))
@@ -218,7 +224,6 @@ async fn md5_exchange(
 async fn scram(
     stream: &mut Stream,
     buf: &mut BytesMut,
-    user: &str,
     verifier: Arc<ScramVerifier>,
 ) -> Result<Proof, AuthError> {
     stream
@@ -240,7 +245,7 @@ async fn scram(
         scram::ScramFailure::Malformed(m) => {
             AuthError::Protocol(format!("malformed SCRAM message: {m}"))
         }
-        scram::ScramFailure::WrongPassword => AuthError::WrongPassword(user.into()),
+        scram::ScramFailure::WrongPassword => AuthError::SaslFailed,
     })?;
     stream.write_all(&build::auth(11, first.as_bytes())).await?;
     let msg = read_password(stream, buf).await?;
@@ -252,7 +257,7 @@ async fn scram(
                 cleartext: None,
             })
         }
-        Err(scram::ScramFailure::WrongPassword) => Err(AuthError::WrongPassword(user.into())),
+        Err(scram::ScramFailure::WrongPassword) => Err(AuthError::SaslFailed),
         Err(scram::ScramFailure::Malformed(m)) => {
             Err(AuthError::Protocol(format!("malformed SCRAM message: {m}")))
         }

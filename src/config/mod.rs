@@ -307,6 +307,18 @@ pub struct UserSection {
     pub pool_size: Option<usize>,
     pub max_user_connections: Option<usize>,
     pub max_user_client_connections: Option<usize>,
+    pub reserve_pool_size: Option<usize>,
+    #[serde(deserialize_with = "duration::de_opt")]
+    pub query_wait_timeout: Option<Duration>,
+    /// Per-user timeouts; each overrides the global one when set above 0.
+    #[serde(deserialize_with = "duration::de_opt")]
+    pub query_timeout: Option<Duration>,
+    #[serde(deserialize_with = "duration::de_opt")]
+    pub idle_transaction_timeout: Option<Duration>,
+    #[serde(deserialize_with = "duration::de_opt")]
+    pub transaction_timeout: Option<Duration>,
+    #[serde(deserialize_with = "duration::de_opt")]
+    pub client_idle_timeout: Option<Duration>,
 }
 
 /// One shard of a sharded database (used by the sharding router).
@@ -345,6 +357,11 @@ pub struct DatabaseSection {
     pub pool_mode: Option<PoolMode>,
     pub max_db_connections: Option<usize>,
     pub max_db_client_connections: Option<usize>,
+    /// Override the global settings for this database's pools.
+    #[serde(deserialize_with = "duration::de_opt")]
+    pub query_wait_timeout: Option<Duration>,
+    #[serde(deserialize_with = "duration::de_opt")]
+    pub server_lifetime: Option<Duration>,
     pub client_encoding: Option<String>,
     pub datestyle: Option<String>,
     pub timezone: Option<String>,
@@ -375,6 +392,29 @@ pub struct User {
     pub max_user_connections: usize,
     /// This user's own client limit (0: the global `max_user_client_connections`).
     pub max_user_client_connections: usize,
+    pub timeouts: UserTimeouts,
+    /// This user's own reserve_pool_size / query_wait_timeout (None: the database's, else the
+    /// global one).
+    pub reserve_pool_size: Option<usize>,
+    pub query_wait_timeout: Option<Duration>,
+}
+
+/// A user's own timeouts (zero: the global setting applies).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UserTimeouts {
+    pub query: Duration,
+    pub idle_transaction: Duration,
+    pub transaction: Duration,
+    pub client_idle: Duration,
+}
+
+/// The timeouts that apply to one client: its user's, else the global ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    pub query: Duration,
+    pub idle_transaction: Duration,
+    pub transaction: Duration,
+    pub client_idle: Duration,
 }
 
 /// A backend address.
@@ -409,6 +449,9 @@ pub struct Database {
     pub max_db_connections: usize,
     /// Clients this database may have connected (0 = no limit).
     pub max_db_client_connections: usize,
+    /// This database's own query_wait_timeout / server_lifetime (None: the global one).
+    pub query_wait_timeout: Option<Duration>,
+    pub server_lifetime: Option<Duration>,
     /// Startup parameters forced on server connections (client_encoding, …).
     pub server_params: Vec<(String, String)>,
     pub connect_query: Option<String>,
@@ -487,6 +530,15 @@ impl Config {
             user.pool_size = section.pool_size.or(user.pool_size);
             user.max_user_connections = section.max_user_connections.unwrap_or(0);
             user.max_user_client_connections = section.max_user_client_connections.unwrap_or(0);
+            user.reserve_pool_size = section.reserve_pool_size;
+            user.query_wait_timeout = section.query_wait_timeout;
+            let own = |d: Option<Duration>| d.unwrap_or_default();
+            user.timeouts = UserTimeouts {
+                query: own(section.query_timeout),
+                idle_transaction: own(section.idle_transaction_timeout),
+                transaction: own(section.transaction_timeout),
+                client_idle: own(section.client_idle_timeout),
+            };
         }
         let mut databases = BTreeMap::new();
         for (name, section) in &doc.databases {
@@ -532,6 +584,19 @@ impl Config {
             hba,
             tls,
         })
+    }
+
+    /// The timeouts for a client of `user`: its own where set, else the global ones.
+    pub fn timeouts(&self, user: &str) -> Timeouts {
+        let own = self.users.get(user).map(|u| u.timeouts).unwrap_or_default();
+        let g = &self.general;
+        let pick = |own: Duration, global: Duration| if own.is_zero() { global } else { own };
+        Timeouts {
+            query: pick(own.query, g.query_timeout),
+            idle_transaction: pick(own.idle_transaction, g.idle_transaction_timeout),
+            transaction: pick(own.transaction, g.transaction_timeout),
+            client_idle: pick(own.client_idle, g.client_idle_timeout),
+        }
     }
 
     /// How many clients `user` may have connected: its own `max_user_client_connections`,
@@ -597,6 +662,9 @@ impl User {
             pool_size: None,
             max_user_connections: 0,
             max_user_client_connections: 0,
+            timeouts: UserTimeouts::default(),
+            reserve_pool_size: None,
+            query_wait_timeout: None,
         }
     }
 }
@@ -727,6 +795,8 @@ impl Validator<'_> {
                 .max_db_client_connections
                 .filter(|n| *n > 0)
                 .unwrap_or(g.max_db_client_connections),
+            query_wait_timeout: s.query_wait_timeout,
+            server_lifetime: s.server_lifetime,
             server_params,
             connect_query: s.connect_query.clone(),
             shards: s.shards.clone(),

@@ -476,6 +476,8 @@ mod tests {
             pool_mode: None,
             max_db_connections: 0,
             max_db_client_connections: 0,
+            query_wait_timeout: None,
+            server_lifetime: None,
             server_params: vec![],
             connect_query: None,
             shards: vec![

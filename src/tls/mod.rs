@@ -143,7 +143,7 @@ impl ClientTls {
             Some(verifier) => builder.with_client_cert_verifier(verifier),
             None => builder.with_no_client_auth(),
         };
-        let config = builder.with_single_cert(certs, key).map_err(|e| {
+        let cannot_serve = |e: String| {
             setting_error(
                 "client_tls_key_file",
                 format!(
@@ -152,7 +152,27 @@ impl ClientTls {
                     cert_path.display()
                 ),
             )
-        })?;
+        };
+        let signing = provider()
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| cannot_serve(e.to_string()))?;
+        let certified = rustls::sign::CertifiedKey::new(certs, signing);
+        match certified.keys_match() {
+            Ok(()) => {}
+            Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+                return Err(cannot_serve(
+                    "the key does not match the certificate".into(),
+                ));
+            }
+            // The certificate could not be parsed for the comparison: webpki reads only
+            // X.509 v3, while the clients that check Weir's certificate (libpq with OpenSSL,
+            // JDBC, …) also take v1 certificates, which older CAs and test setups still
+            // issue. Serve it; a client that cannot use it says so in its handshake.
+            Err(_) => {}
+        }
+        let config =
+            builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
         Ok(ClientTls {
             mode,
             acceptor: Some(TlsAcceptor::from(Arc::new(config))),

@@ -155,7 +155,7 @@ pub(super) async fn login(
     if auth_type == AuthType::Trust && known.is_none() && looked_up.is_none() {
         // As PgBouncer: trust skips the password, but the user must still be known.
         tracing::warn!(%peer, %user, "unknown user (auth_type trust)");
-        let e = AuthError::WrongPassword(user.clone());
+        let e = AuthError::TrustFailed;
         refuse(stream, &who, log, e.code(), &e.to_string()).await;
         return None;
     }
@@ -372,7 +372,7 @@ async fn admin_login(
     if auth_type == AuthType::Trust && known.is_none() {
         // As PgBouncer: trust skips the password, but the user must still be known.
         tracing::warn!(%peer, %user, "unknown user (auth_type trust)");
-        let e = AuthError::WrongPassword(user.clone());
+        let e = AuthError::TrustFailed;
         refuse(stream, &who, log, e.code(), &e.to_string()).await;
         return None;
     }

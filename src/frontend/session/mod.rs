@@ -357,6 +357,14 @@ enum InTx {
     Closed,
 }
 
+/// The limits that end a transaction from outside.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    IdleTransaction,
+    Query,
+    Transaction,
+}
+
 enum Work {
     Message,
     /// The client left, with the reason to log (`None`: logged already).
@@ -472,7 +480,7 @@ impl Session {
             // An idle client holds no read buffer (see `read_client`).
             self.cbuf = BytesMut::new();
         }
-        let idle_limit = self.cluster.config.general.client_idle_timeout;
+        let idle_limit = self.cluster.config.timeouts(&self.user).client_idle;
         loop {
             match wire::header(&self.cbuf) {
                 Ok(Some(h)) if h.tag == tag::TERMINATE => {
@@ -560,12 +568,14 @@ impl Session {
         if let Err(after) = self.apply_params(&mut server).await {
             return after;
         }
-        let idle_tx_limit = self.cluster.config.general.idle_transaction_timeout;
+        let limits = self.cluster.config.timeouts(&self.user);
+        let idle_tx_limit = limits.idle_transaction;
         let capacity = self.cluster.config.general.max_prepared_statements;
         let app = self.app.clone();
         let mut x = Xact::new(self.pool.clone(), budget);
-        let query_limit = self.cluster.config.general.query_timeout;
         let mut query_since: Option<tokio::time::Instant> = None;
+        // When the server's session entered the current transaction block (transaction_timeout).
+        let mut block_since: Option<tokio::time::Instant> = None;
         loop {
             let scanned = x.scan_client(
                 &mut self.cbuf,
@@ -674,39 +684,44 @@ impl Session {
                 &mut server,
                 &mut x.relay.down,
             );
+            // Clocks are read only for the limits that are set.
             if x.relay.progress.inflight == 0 {
                 query_since = None;
-            } else if query_since.is_none() {
+            } else if query_since.is_none() && !limits.query.is_zero() {
                 query_since = Some(tokio::time::Instant::now());
             }
-            let event = if waiting_in_tx && !idle_tx_limit.is_zero() {
-                match tokio::time::timeout(idle_tx_limit, step).await {
+            if !x.relay.progress.tx.in_block() {
+                block_since = None;
+            } else if block_since.is_none() && !limits.transaction.is_zero() {
+                block_since = Some(tokio::time::Instant::now());
+            }
+            let mut deadline: Option<(tokio::time::Instant, Limit)> = None;
+            let mut consider = |at: tokio::time::Instant, limit: Limit| {
+                if deadline.is_none_or(|(d, _)| at < d) {
+                    deadline = Some((at, limit));
+                }
+            };
+            if waiting_in_tx && !idle_tx_limit.is_zero() {
+                consider(
+                    tokio::time::Instant::now() + idle_tx_limit,
+                    Limit::IdleTransaction,
+                );
+            }
+            if let Some(since) = query_since {
+                consider(since + limits.query, Limit::Query);
+            }
+            if let Some(since) = block_since {
+                consider(since + limits.transaction, Limit::Transaction);
+            }
+            let event = match deadline {
+                None => step.await,
+                Some((at, limit)) => match tokio::time::timeout_at(at, step).await {
                     Ok(ev) => ev,
                     Err(_) => {
-                        self.fail("25P03", "idle transaction timeout").await;
-                        self.abandon(server, &x).await;
+                        self.timed_out(server, &x, limit).await;
                         return After::Stop;
                     }
-                }
-            } else if let Some(since) = query_since.filter(|_| !query_limit.is_zero()) {
-                match tokio::time::timeout_at(since + query_limit, step).await {
-                    Ok(ev) => ev,
-                    Err(_) => {
-                        // As PgBouncer: the query is cancelled, its server closed,
-                        // and the client told why.
-                        tracing::warn!(peer = %self.peer, ?server, "query_timeout");
-                        PoolTotals::add(&self.pool.totals.errors, 1);
-                        tokio::spawn(cancel::forward(BackendKey {
-                            address: server.address.clone(),
-                            pid: server.backend_pid,
-                            secret: server.backend_secret,
-                        }));
-                        self.fail("08P01", "query_timeout").await;
-                        return After::Stop;
-                    }
-                }
-            } else {
-                step.await
+                },
             };
             match event {
                 Event::ClientData => {}
@@ -768,6 +783,35 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// A limit on the transaction ran out: as PgBouncer, the server is closed with the limit's
+    /// name (a running query cancelled first) and the client told why.
+    async fn timed_out(&mut self, server: ServerConn, x: &Xact, limit: Limit) {
+        let (server_reason, code, client_reason) = match limit {
+            Limit::IdleTransaction => (
+                "idle transaction timeout",
+                "25P03",
+                "idle transaction timeout",
+            ),
+            Limit::Query => ("query timeout", "08P01", "query_timeout"),
+            Limit::Transaction => ("transaction timeout", "08P01", "transaction timeout"),
+        };
+        PoolTotals::add(&self.pool.totals.errors, 1);
+        if crate::logging::log_disconnections() {
+            let age = server.created.elapsed().as_secs();
+            crate::logging::closing(&self.pool.who(&server), server_reason, age);
+        }
+        if x.relay.progress.inflight > 0 {
+            tokio::spawn(cancel::forward(BackendKey {
+                address: server.address.clone(),
+                pid: server.backend_pid,
+                secret: server.backend_secret,
+            }));
+        }
+        self.fail(code, client_reason).await;
+        // Closed, not returned: dropping it frees its pool slot.
+        drop(server);
     }
 
     /// Brings the server's session parameters in line with this client's.
