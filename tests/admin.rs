@@ -613,3 +613,32 @@ async fn set_applies_settings_that_rebuild_the_config_and_logfile_gets_pgbouncer
     assert!(line.contains("] LOG C-0x"), "{line}");
     assert!(line.contains(": app/app@127.0.0.1:"), "{line}");
 }
+
+#[tokio::test]
+async fn transaction_timeout_ends_a_long_transaction_and_spares_short_ones() {
+    let (_cluster, weir) = start(2);
+    let admin = console(&weir, "admin", ADMIN_PASSWORD).await;
+    run(&admin, "SET transaction_timeout = 2").await;
+    let client = app_client(&weir).await;
+    // Well under the limit: untouched, however many statements it has.
+    client.batch_execute("BEGIN").await.expect("BEGIN");
+    client.batch_execute("SELECT 1").await.expect("SELECT 1");
+    client.batch_execute("COMMIT").await.expect("COMMIT");
+    // A transaction that outlives the limit is ended by Weir, not by the query finishing.
+    let started = Instant::now();
+    client.batch_execute("BEGIN").await.expect("BEGIN");
+    let err = client
+        .batch_execute("SELECT pg_sleep(30)")
+        .await
+        .expect_err("a transaction past transaction_timeout went on");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "ended after {:?}",
+        started.elapsed()
+    );
+    let text = common::describe_error(&err);
+    assert!(text.contains("transaction timeout"), "{text}");
+    // The next client gets a working server.
+    let next = app_client(&weir).await;
+    assert_eq!(scalar(&next, "SELECT 1").await, "1");
+}
