@@ -32,8 +32,11 @@ use tokio::sync::watch;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shutdown {
     Running,
-    /// SIGINT: finish in-flight transactions, then leave.
+    /// SIGINT, SHUTDOWN WAIT_FOR_SERVERS: finish in-flight transactions, then leave.
     Graceful,
+    /// SIGTERM, SHUTDOWN WAIT_FOR_CLIENTS: accept no new clients (the Unix socket still takes
+    /// admin console logins), keep serving the connected ones, leave when the last is gone.
+    WaitForClients,
     /// SIGTERM: leave now.
     Immediate,
 }

@@ -248,51 +248,96 @@ async fn serve(path: PathBuf, config: Config, run_as: Option<String>) -> ExitCod
         tracing::info!(%addr, config = %path.display(), "weir {} listening", env!("CARGO_PKG_VERSION"));
     }
     let accept = tokio::spawn(weir::frontend::listener::serve_on(app.clone(), listener));
-    let (Ok(mut hup), Ok(mut int), Ok(mut term)) = (
+    let (Ok(mut hup), Ok(mut int), Ok(mut term), Ok(mut quit), Ok(mut usr1), Ok(mut usr2)) = (
         signal(SignalKind::hangup()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
+        signal(SignalKind::quit()),
+        signal(SignalKind::user_defined1()),
+        signal(SignalKind::user_defined2()),
     ) else {
         tracing::error!("cannot install signal handlers");
         return ExitCode::from(1);
     };
     weir::admin::start(&app);
-    // The admin console's SHUTDOWN arrives through the same watch.
+    // PgBouncer's signal table (1.23+): SIGHUP reload, SIGTERM = SHUTDOWN WAIT_FOR_CLIENTS,
+    // SIGINT = SHUTDOWN WAIT_FOR_SERVERS, SIGQUIT = SHUTDOWN; a second SIGTERM or SIGINT
+    // during a shutdown exits at once; SIGUSR1 = PAUSE, SIGUSR2 = RESUME. The admin
+    // console's SHUTDOWN arrives through the same watch.
     let mut console = app.shutdown.subscribe();
+    let mut accept = Some(accept);
+    let immediate = |why: &str| {
+        tracing::info!("{why}: exiting now");
+        let _ = app.shutdown.send(Shutdown::Immediate);
+        ExitCode::SUCCESS
+    };
     loop {
+        let state = app.shutdown_state();
         tokio::select! {
             _ = hup.recv() => reload(&app, &path),
-            Ok(()) = console.changed() => {
-                let state = *console.borrow_and_update();
-                match state {
-                    Shutdown::Immediate => {
-                        tracing::info!("SHUTDOWN: exiting now");
-                        return ExitCode::SUCCESS;
-                    }
-                    Shutdown::Graceful => {
-                        tracing::info!("SHUTDOWN WAIT_FOR_SERVERS: waiting for in-flight transactions, then exiting");
-                        let _ = accept.await;
-                        drain(&app).await;
-                        tracing::info!("shutdown complete");
-                        return ExitCode::SUCCESS;
-                    }
-                    Shutdown::Running => {}
+            _ = usr1.recv() => {
+                tracing::info!("got SIGUSR1, pausing all activity");
+                let _ = weir::admin::command::pause(&app, None);
+            }
+            _ = usr2.recv() => {
+                if state != Shutdown::Running {
+                    tracing::info!("got SIGUSR2 while shutting down, ignoring");
+                } else {
+                    tracing::info!("got SIGUSR2, continuing");
+                    let _ = weir::admin::command::resume(&app, None);
                 }
             }
+            _ = quit.recv() => return immediate("SIGQUIT"),
             _ = int.recv() => {
-                tracing::info!("SIGINT: waiting for in-flight transactions, then exiting");
-                let _ = app.shutdown.send(Shutdown::Graceful);
-                let _ = accept.await;
-                drain(&app).await;
+                if state != Shutdown::Running {
+                    return immediate("second SIGINT during shutdown");
+                }
+                tracing::info!("got SIGINT, shutting down, waiting for servers");
+                app.shutdown.send_replace(Shutdown::Graceful);
+            }
+            _ = term.recv() => {
+                if state != Shutdown::Running {
+                    return immediate("second SIGTERM during shutdown");
+                }
+                tracing::info!("got SIGTERM, shutting down, waiting for clients");
+                app.shutdown.send_replace(Shutdown::WaitForClients);
+            }
+            Ok(()) = console.changed() => {
+                if *console.borrow_and_update() == Shutdown::Immediate {
+                    tracing::info!("SHUTDOWN: exiting now");
+                    return ExitCode::SUCCESS;
+                }
+            }
+            _ = finished(&app, state, &mut accept), if state != Shutdown::Running => {
                 tracing::info!("shutdown complete");
                 return ExitCode::SUCCESS;
             }
-            _ = term.recv() => {
-                tracing::info!("SIGTERM: exiting now");
-                let _ = app.shutdown.send(Shutdown::Immediate);
-                return ExitCode::SUCCESS;
+        }
+    }
+}
+
+/// Resolves when a shutdown in `state` may end the process: WAIT_FOR_SERVERS once no client
+/// holds a server (see `drain`), WAIT_FOR_CLIENTS once no client is connected at all.
+async fn finished(
+    app: &Arc<App>,
+    state: Shutdown,
+    accept: &mut Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+) {
+    match state {
+        Shutdown::Graceful => {
+            // The TCP listener takes the connections the kernel completed, then closes.
+            if let Some(a) = accept.as_mut() {
+                let _ = a.await;
+                *accept = None;
+            }
+            drain(app).await;
+        }
+        Shutdown::WaitForClients => {
+            while app.clients.load(Ordering::Acquire) > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+        Shutdown::Running | Shutdown::Immediate => std::future::pending().await,
     }
 }
 

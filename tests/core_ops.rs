@@ -1,5 +1,6 @@
 //! Operating Weir: SIGHUP reloads (good and bad configs), SIGINT's graceful shutdown, SIGTERM's
-//! immediate one, and config errors at startup and from `weir --check`.
+//! wait for clients (a second one, or SIGQUIT, exits at once), and config errors at startup
+//! and from `weir --check`.
 
 #[path = "core_support.rs"]
 mod support;
@@ -132,15 +133,64 @@ async fn sigint_lets_an_open_transaction_commit_then_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_exits_promptly_even_with_an_open_transaction() {
+async fn sigterm_waits_for_clients_and_a_second_one_exits_promptly() {
     let (_cluster, mut weir) = app_cluster_and_weir("default_pool_size = 2");
     let client = common::connect(&app_url(&weir)).await;
     client.simple_query("BEGIN").await.expect("BEGIN");
 
+    // As PgBouncer 1.23+: SIGTERM is SHUTDOWN WAIT_FOR_CLIENTS. The connected client goes on…
+    weir.signal(libc::SIGTERM);
+    client
+        .simple_query("SELECT 1")
+        .await
+        .expect("a connected client is still served after SIGTERM");
+    // …a new one is turned away (the listener is closed)…
+    let mut refused = false;
+    for _ in 0..100 {
+        if common::try_connect(&app_url(&weir)).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "new clients were still let in after SIGTERM");
+    assert!(
+        weir.wait_exit(Duration::from_millis(300)).is_none(),
+        "exited with a client connected"
+    );
+    // …and a second SIGTERM exits at once.
     weir.signal(libc::SIGTERM);
     let status = weir.wait_exit(Duration::from_secs(3));
-    assert!(status.is_some(), "weir still running 3 s after SIGTERM");
+    assert!(
+        status.is_some(),
+        "weir still running 3 s after a second SIGTERM"
+    );
     assert!(client.simple_query("SELECT 1").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_when_the_last_client_leaves_and_sigquit_exits_at_once() {
+    let (_cluster, mut weir) = app_cluster_and_weir("default_pool_size = 2");
+    let client = common::connect(&app_url(&weir)).await;
+    client.simple_query("SELECT 1").await.expect("SELECT 1");
+    weir.signal(libc::SIGTERM);
+    client
+        .simple_query("SELECT 1")
+        .await
+        .expect("served after SIGTERM");
+    drop(client);
+    let status = weir.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "weir did not exit 0 once its last client left: {status:?}"
+    );
+
+    let (_cluster, mut weir) = app_cluster_and_weir("default_pool_size = 2");
+    let client = common::connect(&app_url(&weir)).await;
+    client.simple_query("BEGIN").await.expect("BEGIN");
+    weir.signal(libc::SIGQUIT);
+    let status = weir.wait_exit(Duration::from_secs(3));
+    assert!(status.is_some(), "weir still running 3 s after SIGQUIT");
 }
 
 /// The 1-based line of `key = ...` in `config` as Weir receives it (with listen settings added).

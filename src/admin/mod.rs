@@ -323,10 +323,7 @@ impl Console {
                 let mode = match arg.map(str::to_ascii_lowercase).as_deref() {
                     None => Shutdown::Immediate,
                     Some("wait_for_servers") => Shutdown::Graceful,
-                    Some("wait_for_clients") => {
-                        self.require_admin()?;
-                        return Err(AdminError::Unsupported("SHUTDOWN WAIT_FOR_CLIENTS"));
-                    }
+                    Some("wait_for_clients") => Shutdown::WaitForClients,
                     Some(_) => return Err(syntax()),
                 };
                 self.require_admin()?;

@@ -93,6 +93,32 @@ fn spawn_session(app: &Arc<App>, stream: Stream, peer: String) {
     let _ = abort.set(task.abort_handle());
 }
 
+/// During SHUTDOWN WAIT_FOR_CLIENTS: keeps accepting on the Unix socket (login refuses all
+/// but the admin console) until an immediate shutdown.
+async fn admin_only_unix(
+    app: &Arc<App>,
+    unix: &Option<(UnixListener, PathBuf)>,
+    shutdown: &mut tokio::sync::watch::Receiver<Shutdown>,
+) {
+    if unix.is_none() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            accepted = accept_unix(unix) => {
+                if let Ok(s) = accepted {
+                    spawn_session(app, Stream::Unix(s), "unix".into());
+                }
+            }
+            r = shutdown.changed() => {
+                if r.is_err() || *shutdown.borrow() == Shutdown::Immediate {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// Accept loop; returns when a shutdown begins (in-flight sessions go on).
 pub async fn serve_on(app: Arc<App>, listener: TcpListener) -> std::io::Result<()> {
     let unix = bind_unix(&app);
@@ -133,6 +159,12 @@ pub async fn serve_on(app: Arc<App>, listener: TcpListener) -> std::io::Result<(
                     {
                         crate::net::tune_tcp(&tcp, app.cluster().config.general.tcp_keepalive);
                         spawn_session(&app, Stream::Tcp(tcp), peer.to_string());
+                    }
+                    drop(listener);
+                    if *shutdown.borrow() == Shutdown::WaitForClients {
+                        // As PgBouncer: the Unix socket stays open for the admin console
+                        // (logins to other databases are refused) until the process ends.
+                        admin_only_unix(&app, &unix, &mut shutdown).await;
                     }
                     return Ok(());
                 }

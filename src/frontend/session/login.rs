@@ -108,6 +108,11 @@ pub(super) async fn login(
         .await;
         return None;
     }
+    if app.shutdown_state() == Shutdown::WaitForClients {
+        // Only the admin console is reachable during SHUTDOWN WAIT_FOR_CLIENTS.
+        refuse(stream, &who, log, "57P01", "pooler is shutting down").await;
+        return None;
+    }
     if app.shutdown_state() == Shutdown::Immediate {
         refuse(stream, &who, log, "57P01", "Weir is shutting down").await;
         return None;
