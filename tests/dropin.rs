@@ -292,7 +292,7 @@ async fn query_timeout_cancels_a_long_query_and_closes_its_server() {
         started.elapsed()
     );
     assert!(
-        common::describe_error(&err).contains("query_timeout"),
+        common::describe_error(&err).contains("query timeout"),
         "{}",
         common::describe_error(&err)
     );

@@ -647,7 +647,7 @@ impl Session {
                         {
                             Ok(n) => n,
                             Err(_) => {
-                                self.fail("25P03", "idle transaction timeout").await;
+                                self.fail("08P01", "idle transaction timeout").await;
                                 self.abandon(server, &x).await;
                                 return After::Stop;
                             }
@@ -789,12 +789,13 @@ impl Session {
     /// name (a running query cancelled first) and the client told why.
     async fn timed_out(&mut self, server: ServerConn, x: &Xact, limit: Limit) {
         let (server_reason, code, client_reason) = match limit {
+            // PgBouncer's SQLSTATE for every disconnect, and the server's reason as the client's.
             Limit::IdleTransaction => (
                 "idle transaction timeout",
-                "25P03",
+                "08P01",
                 "idle transaction timeout",
             ),
-            Limit::Query => ("query timeout", "08P01", "query_timeout"),
+            Limit::Query => ("query timeout", "08P01", "query timeout"),
             Limit::Transaction => ("transaction timeout", "08P01", "transaction timeout"),
         };
         PoolTotals::add(&self.pool.totals.errors, 1);
