@@ -832,6 +832,12 @@ fn unenforced_limits(path: &Path, doc: &Document) -> Vec<String> {
             warn(format!("[users.{name}] max_user_connections"));
         }
     }
+    if !doc.weir.pool_idle_timeout.is_zero() {
+        let w =
+            format!("{file}: pool_idle_timeout is not enforced by Weir yet; empty pools are kept");
+        tracing::warn!("{w}");
+        out.push(w);
+    }
     out
 }
 
