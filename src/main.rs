@@ -13,7 +13,10 @@ use weir::{App, Shutdown};
 
 #[derive(Parser, Debug)]
 #[command(
-    name = "weir",
+    // `--version` prints "Weir X.Y.Z", the same line as the console's SHOW VERSION (as
+    // PgBouncer's does); usage and help name the command.
+    name = "Weir",
+    bin_name = "weir",
     version,
     about = "PgBouncer-compatible PostgreSQL connection pooler"
 )]

@@ -321,6 +321,9 @@ pub fn users(s: &Snapshot) -> ResultSet {
         let pool_size = u
             .and_then(|u| u.pool_size)
             .map_or(String::new(), |n| format!("{n:9}"));
+        let reserve_pool_size = u
+            .and_then(|u| u.reserve_pool_size)
+            .map_or(String::new(), |n| format!("{n:9}"));
         let max = u
             .map(|u| u.max_user_connections)
             .filter(|n| *n > 0)
@@ -329,7 +332,7 @@ pub fn users(s: &Snapshot) -> ResultSet {
         rs.push(vec![
             text(name.clone()),
             text(pool_size),
-            text(""),
+            text(reserve_pool_size),
             u.and_then(|u| u.pool_mode).map(|m| m.to_string()),
             num(max),
             num(s.servers.iter().filter(|v| v.user == name).count()),
