@@ -5,34 +5,20 @@
 //!
 //! Run: `cargo bench --bench prepared`.
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use weir::backend::prepared::{self, ClientStatements, Registry, ServerStatements};
+use weir::backend::prepared::{ClientStatements, Registry, ServerStatements};
 use weir::frontend::relay::{Relay, Statements};
 
+#[path = "support/messages.rs"]
+mod messages;
+
 fn parse_msg(name: &str, q: &str) -> BytesMut {
-    let mut b = BytesMut::new();
-    b.put_u8(b'P');
-    b.put_i32((4 + name.len() + 1 + q.len() + 1 + 2) as i32);
-    b.put_slice(name.as_bytes());
-    b.put_u8(0);
-    b.put_slice(q.as_bytes());
-    b.put_u8(0);
-    b.put_i16(0);
-    b
+    messages::parse(name, q)
 }
 
 fn bind_msg(stmt: &str) -> BytesMut {
-    let mut out = BytesMut::new();
-    // one text parameter "12345"
-    let mut rest = BytesMut::new();
-    rest.put_i16(0);
-    rest.put_i16(1);
-    rest.put_i32(5);
-    rest.put_slice(b"12345");
-    rest.put_i16(0);
-    prepared::put_bind(&mut out, "", stmt, &rest);
-    out
+    messages::bind(stmt, "12345")
 }
 
 struct World {

@@ -16,35 +16,20 @@
 use bytes::{Buf, BufMut, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use weir::backend::params::ParamSet;
-use weir::backend::prepared::{self, ClientStatements, Registry, ServerStatements};
+use weir::backend::prepared::{ClientStatements, Registry, ServerStatements};
 use weir::frontend::relay::{Relay, Statements};
 use weir::wire::{build, TxStatus};
 
 const SQL: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1;";
 const SIMPLE_SQL: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;";
 
-fn parse(name: &str, q: &str) -> BytesMut {
-    let mut b = BytesMut::new();
-    b.put_u8(b'P');
-    b.put_i32((4 + name.len() + 1 + q.len() + 1 + 2) as i32);
-    b.put_slice(name.as_bytes());
-    b.put_u8(0);
-    b.put_slice(q.as_bytes());
-    b.put_u8(0);
-    b.put_i16(0);
-    b
-}
+#[path = "support/messages.rs"]
+mod messages;
+
+use messages::parse;
 
 fn bind(stmt: &str) -> BytesMut {
-    let mut rest = BytesMut::new();
-    rest.put_i16(0);
-    rest.put_i16(1);
-    rest.put_i32(5);
-    rest.put_slice(b"48213");
-    rest.put_i16(0);
-    let mut out = BytesMut::new();
-    prepared::put_bind(&mut out, "", stmt, &rest);
-    out
+    messages::bind(stmt, "48213")
 }
 
 fn short(tag: u8) -> [u8; 5] {
