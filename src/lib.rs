@@ -157,6 +157,14 @@ impl App {
         }
     }
 
+    /// Takes a client off SHOW CLIENTS and releases its place under the client limits (it
+    /// was counted by [`App::admit_client`] under the same database and user).
+    pub fn unlist_client(&self, id: u64) {
+        if let Some(info) = self.client_list.remove(id) {
+            self.release_client(&info.database, &info.user);
+        }
+    }
+
     /// Logged-in clients of a database.
     pub fn db_clients(&self, db: &str) -> usize {
         self.client_counts

@@ -144,9 +144,7 @@ impl ConsoleClient {
 
 impl Drop for ConsoleClient {
     fn drop(&mut self) {
-        if let Some(info) = self.app.client_list.remove(self.id) {
-            self.app.release_client(&info.database, &info.user);
-        }
+        self.app.unlist_client(self.id);
     }
 }
 

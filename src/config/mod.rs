@@ -392,23 +392,15 @@ pub struct User {
     pub max_user_connections: usize,
     /// This user's own client limit (0: the global `max_user_client_connections`).
     pub max_user_client_connections: usize,
-    pub timeouts: UserTimeouts,
+    pub timeouts: Timeouts,
     /// This user's own reserve_pool_size / query_wait_timeout (None: the database's, else the
     /// global one).
     pub reserve_pool_size: Option<usize>,
     pub query_wait_timeout: Option<Duration>,
 }
 
-/// A user's own timeouts (zero: the global setting applies).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct UserTimeouts {
-    pub query: Duration,
-    pub idle_transaction: Duration,
-    pub transaction: Duration,
-    pub client_idle: Duration,
-}
-
-/// The timeouts that apply to one client: its user's, else the global ones.
+/// Client timeouts: a user's own (zero: the global one applies), or those that apply to one
+/// client (its user's, else the global ones).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Timeouts {
     pub query: Duration,
@@ -533,7 +525,7 @@ impl Config {
             user.reserve_pool_size = section.reserve_pool_size;
             user.query_wait_timeout = section.query_wait_timeout;
             let own = |d: Option<Duration>| d.unwrap_or_default();
-            user.timeouts = UserTimeouts {
+            user.timeouts = Timeouts {
                 query: own(section.query_timeout),
                 idle_transaction: own(section.idle_transaction_timeout),
                 transaction: own(section.transaction_timeout),
@@ -662,7 +654,7 @@ impl User {
             pool_size: None,
             max_user_connections: 0,
             max_user_client_connections: 0,
-            timeouts: UserTimeouts::default(),
+            timeouts: Timeouts::default(),
             reserve_pool_size: None,
             query_wait_timeout: None,
         }

@@ -186,10 +186,7 @@ struct Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        if let Some(info) = self.app.client_list.remove(self.id) {
-            // Counted at login (see `login::admit`).
-            self.app.release_client(&info.database, &info.user);
-        }
+        self.app.unlist_client(self.id);
         self.app.cancels.unregister(self.key);
     }
 }
