@@ -296,14 +296,65 @@ impl Pool {
         }
     }
 
+    /// A server connection for one client's whole session (a replication connection):
+    /// opened with `extra` startup parameters on top of the pool's own, it takes a slot of
+    /// the pool (closing an idle connection to free one, as PgBouncer evicts) and is never
+    /// lent again: dropping it closes it and frees the slot.
+    pub async fn open_dedicated(
+        self: &Arc<Self>,
+        extra: &[(String, String)],
+    ) -> Result<ServerConn, CheckoutError> {
+        let start = Instant::now();
+        let grant = match self.queue.start(start) {
+            Start::Idle(conn) => Grant::Conn(conn),
+            Start::Open => Grant::Slot,
+            Start::Wait(ticket) => ticket.wait().await,
+        };
+        let slot = match grant {
+            Grant::Conn(mut conn) => {
+                if crate::logging::log_disconnections() {
+                    let age = conn.created.elapsed().as_secs();
+                    crate::logging::closing(&self.who(&conn), "evicted", age);
+                }
+                let mut slot = conn.slot.take().unwrap_or_else(|| self.new_slot());
+                if let Some(id) = slot.server.take() {
+                    self.servers.remove(id);
+                }
+                drop(conn);
+                slot
+            }
+            Grant::Slot => self.new_slot(),
+            Grant::TimedOut => {
+                PoolTotals::add(&self.totals.errors, 1);
+                return Err(CheckoutError::WaitTimeout);
+            }
+        };
+        let mut target = self.settings.target.clone();
+        for (k, v) in extra {
+            target.params.retain(|(name, _)| name != k);
+            target.params.push((k.clone(), v.clone()));
+        }
+        self.open_to(&target, slot, start).await
+    }
+
     async fn open(
         self: &Arc<Self>,
         slot: Slot,
         start: Instant,
     ) -> Result<ServerConn, CheckoutError> {
+        self.open_to(&self.settings.target, slot, start).await
+    }
+
+    async fn open_to(
+        self: &Arc<Self>,
+        target: &Target,
+        slot: Slot,
+        start: Instant,
+    ) -> Result<ServerConn, CheckoutError> {
         let creds = self.credentials();
         PoolTotals::add(&self.totals.server_connects, 1);
-        let result = ServerConn::connect(&self.settings.target, &creds).await;
+        let dedicated = !std::ptr::eq(target, &self.settings.target);
+        let result = ServerConn::connect(target, &creds).await;
         match result {
             Ok(mut conn) => {
                 let mut slot = slot;
@@ -326,9 +377,11 @@ impl Pool {
                 self.servers.insert(conn.id.0, info.clone());
                 conn.info = Some(info);
                 conn.slot = Some(slot);
-                self.defaults
-                    .lock()
-                    .get_or_insert_with(|| conn.params.clone());
+                if !dedicated {
+                    self.defaults
+                        .lock()
+                        .get_or_insert_with(|| conn.params.clone());
+                }
                 self.record_wait(start);
                 if crate::logging::log_connections() {
                     let from = conn
@@ -341,14 +394,22 @@ impl Pool {
                 Ok(conn)
             }
             Err(e) => {
+                let who = Who::server(
+                    0,
+                    &self.settings.database,
+                    &self.settings.user,
+                    &self.settings.target.address.to_string(),
+                );
+                // As PgBouncer: a replication login's failure is the server's error in the
+                // log and plain "login failed" as the reason (it does not fail the pool).
+                let reason = if dedicated {
+                    tracing::warn!("{who} S: login failed: {e}");
+                    "login failed".to_string()
+                } else {
+                    e.log_reason()
+                };
                 if crate::logging::log_disconnections() {
-                    let who = Who::server(
-                        0,
-                        &self.settings.database,
-                        &self.settings.user,
-                        &self.settings.target.address.to_string(),
-                    );
-                    crate::logging::closing(&who, &e.log_reason(), start.elapsed().as_secs());
+                    crate::logging::closing(&who, &reason, start.elapsed().as_secs());
                 }
                 tracing::warn!(db = %self.settings.database, user = %self.settings.user, error = %e, "server connection failed");
                 drop(slot);

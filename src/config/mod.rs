@@ -713,6 +713,17 @@ impl Validator<'_> {
                 ),
             ));
         }
+        if let Some(name) = g
+            .auth_dbname
+            .as_deref()
+            .filter(|n| crate::admin::is_admin_db(n))
+        {
+            return Err(self.err(
+                "weir",
+                "auth_dbname",
+                format!("cannot use the reserved \"{name}\" database as an auth_dbname"),
+            ));
+        }
         if g.auth_type == AuthType::Cert {
             return Err(self.err(
                 "weir",

@@ -10,6 +10,7 @@ pub(super) enum Login {
         user: String,
         role: crate::admin::Role,
     },
+    Replication(Box<replication::Replicated>),
 }
 
 pub(super) struct LoggedIn {
@@ -73,13 +74,21 @@ pub(super) async fn login(
         .unwrap_or_else(|| user.clone());
     who.user = user.clone();
     who.db = dbname.clone();
-    if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
+    let replication = match get("replication").map(|v| replication::Mode::parse(&v)) {
+        None => None,
+        Some(Ok(mode)) => mode,
+        Some(Err(msg)) => {
+            refuse(stream, &who, log, "08P01", &msg).await;
+            return None;
+        }
+    };
+    if replication.is_some() && crate::admin::is_admin_db(&dbname) {
         refuse(
             stream,
             &who,
             log,
             "08P01",
-            "replication connections are not supported by Weir",
+            "replication connections to the admin console are not supported",
         )
         .await;
         return None;
@@ -143,17 +152,15 @@ pub(super) async fn login(
     let auth_type = auth_type_for(cluster, stream, &dbname, &user, peer).await?;
     let known = cluster.config.users.get(&user);
     let mut looked_up = None;
-    if known.and_then(|u| u.secret.as_ref()).is_none()
-        && db.auth_user.is_some()
-        && auth_type != AuthType::Any
-    {
-        match auth::query::lookup(cluster, &db, &user).await {
-            Ok(found) => looked_up = found,
-            Err(e) => {
-                tracing::warn!(%peer, %user, db = %dbname, error = %e, "auth_query failed");
-                cluster.forget_unused_auto(&dbname);
-                refuse(stream, &who, log, "08P01", &e.to_string()).await;
-                return None;
+    if known.and_then(|u| u.secret.as_ref()).is_none() && auth_type != AuthType::Any {
+        if let Some(auth_user) = db.auth_user.clone() {
+            match query_secret(app, cluster, Some(&db), &auth_user, &user, &who).await {
+                Ok(found) => looked_up = found,
+                Err(msg) => {
+                    cluster.forget_unused_auto(&dbname);
+                    refuse(stream, &who, log, "08P01", &msg).await;
+                    return None;
+                }
             }
         }
     }
@@ -191,6 +198,17 @@ pub(super) async fn login(
                 p.set_scram_key(key);
             }
         }
+    }
+    if let Some(mode) = replication {
+        let user_limit = cluster.config.user_client_limit(&user);
+        if let Err(limit) =
+            app.admit_client(&db.name, &user, db.max_db_client_connections, user_limit)
+        {
+            refuse(stream, &who, log, "08P01", limit.message()).await;
+            return None;
+        }
+        let r = replication::open(app, stream, &who, log, pool, user, &params, mode).await?;
+        return Some(Login::Replication(Box::new(r)));
     }
     let defaults = match pool.defaults() {
         Some(d) => d,
@@ -265,6 +283,43 @@ pub(super) async fn login(
         key,
         cancel,
     })))
+}
+
+/// Looks a user that is in no auth file up with `auth_query` as `auth_user`, in the auth
+/// database of `db` (`None`: the admin console). `Err`: what the client is told (PgBouncer's
+/// words: "no such user", "bouncer config error"), the reason already logged.
+async fn query_secret(
+    app: &App,
+    cluster: &Cluster,
+    db: Option<&Arc<Database>>,
+    auth_user: &str,
+    user: &str,
+    who: &Who,
+) -> Result<Option<crate::config::secret::Secret>, String> {
+    use crate::auth::query::{self, AuthDbError, Lookup, LookupError};
+    let target = query::auth_database(cluster, db, |name| app.disabled.lock().contains(name))
+        .map_err(|e| {
+            if !matches!(e, AuthDbError::Disabled(_)) {
+                tracing::error!("{who} {e}");
+            }
+            e.client_message()
+        })?;
+    let query_of = db.map_or(&target, |d| d);
+    match query::lookup(cluster, query_of, &target, auth_user, user).await {
+        Ok(Lookup::Found(secret)) => Ok(secret),
+        Ok(Lookup::NoSuchUser) => {
+            tracing::info!("{who} no such user: {user}");
+            Err("no such user".into())
+        }
+        Err(e @ LookupError::Server(_)) => {
+            tracing::error!("{who} {e}");
+            Err("bouncer config error".into())
+        }
+        Err(e) => {
+            tracing::warn!("{who} {e}");
+            Err(e.to_string())
+        }
+    }
 }
 
 /// The authentication this connection must pass: `auth_type`, or what `auth_hba_file` asks of
@@ -374,14 +429,30 @@ async fn admin_login(
     let log = g.log_disconnections;
     let auth_type = auth_type_for(cluster, stream, dbname, &user, peer).await?;
     let known = cluster.config.users.get(&user);
-    if auth_type == AuthType::Trust && known.is_none() {
+    let mut looked_up = None;
+    if known.and_then(|u| u.secret.as_ref()).is_none() && auth_type != AuthType::Any {
+        // As PgBouncer: a console user in no auth file is looked up with the global
+        // auth_user and auth_query, in the global auth_dbname.
+        if let Some(auth_user) = g.auth_user.clone() {
+            match query_secret(app, cluster, None, &auth_user, &user, &who).await {
+                Ok(found) => looked_up = found,
+                Err(msg) => {
+                    refuse(stream, &who, log, "08P01", &msg).await;
+                    return None;
+                }
+            }
+        }
+    }
+    if auth_type == AuthType::Trust && known.is_none() && looked_up.is_none() {
         // As PgBouncer: trust skips the password, but the user must still be known.
         tracing::warn!(%peer, %user, "unknown user (auth_type trust)");
         let e = AuthError::TrustFailed;
         refuse(stream, &who, log, e.code(), &e.to_string()).await;
         return None;
     }
-    let secret = known.and_then(|u| u.secret.as_ref());
+    let secret = looked_up
+        .as_ref()
+        .or_else(|| known.and_then(|u| u.secret.as_ref()));
     if let Err(e) = auth::authenticate(stream, buf, auth_type, &user, secret).await {
         if !matches!(e, AuthError::Closed | AuthError::Io(_)) {
             tracing::warn!(%peer, %user, error = %e, "admin console authentication failed");

@@ -3,6 +3,7 @@
 
 mod cleanup;
 mod login;
+mod replication;
 mod shard;
 
 use self::login::Login;
@@ -53,6 +54,10 @@ pub(super) async fn run(
         Login::Client(parts) => *parts,
         Login::Admin { user, role } => {
             Box::pin(crate::admin::serve(app, stream, buf, user, role, &peer)).await;
+            return;
+        }
+        Login::Replication(r) => {
+            Box::pin(replication::serve(app, stream, buf, *r)).await;
             return;
         }
     };
