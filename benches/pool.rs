@@ -11,6 +11,7 @@ use weir::backend::queue::{Grant, Limits, Pooled, Queue, Start};
 struct Conn(u64);
 
 impl Pooled for Conn {
+    type Failure = ();
     fn is_alive(&self) -> bool {
         true
     }
@@ -32,7 +33,7 @@ async fn checkout(q: &Queue<Conn>, n: u64) -> Conn {
         Start::Wait(t) => match t.wait().await {
             Grant::Conn(c) => c,
             Grant::Slot => Conn(n),
-            Grant::TimedOut => panic!("timed out in a benchmark"),
+            Grant::TimedOut | Grant::Failed(()) => panic!("turned away in a benchmark"),
         },
     }
 }

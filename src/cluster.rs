@@ -79,12 +79,13 @@ impl Cluster {
         let old_pools = std::mem::take(&mut *old.pools.lock());
         let mut kept = HashMap::new();
         for (key, pool) in old_pools {
-            let same = new
+            let settings = new
                 .config
                 .database(&key.database)
-                .and_then(|d| new.settings_at(&d, &pool.client_user, key.shard, key.replica))
-                .is_some_and(|s| s == pool.settings);
-            if same {
+                .and_then(|d| new.settings_at(&d, &pool.client_user, key.shard, key.replica));
+            if let Some(s) = settings.filter(|s| s.same_pool(&pool.settings)) {
+                // Sizes, timeouts and lifetimes change in place; waiting clients stay queued.
+                pool.retune(&s);
                 kept.insert(key, pool);
             } else {
                 tracing::info!(db = %key.database, user = %key.user, "pool settings changed; retiring old pool");
@@ -93,6 +94,22 @@ impl Cluster {
         }
         *new.pools.lock() = kept;
         new
+    }
+
+    /// Opens the pools PgBouncer keeps warm without any client: those of databases with a
+    /// forced `user=` and a `min_pool_size` (their housekeeping opens the connections).
+    /// Needs a Tokio runtime; without one (config checks) it does nothing.
+    pub fn open_forced_pools(&self) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        for db in self.config.databases.values() {
+            if let (Some(user), true) = (&db.user, db.min_pool_size > 0) {
+                for pool in self.user_pools(db, user) {
+                    drop(pool);
+                }
+            }
+        }
     }
 
     /// The pool for a client of `db` logged in as `user`, created on first use.
@@ -251,17 +268,18 @@ impl Cluster {
                 .and_then(|u| u.pool_mode)
                 .or(db.pool_mode)
                 .unwrap_or(g.pool_mode),
-            // As PgBouncer: a user's own setting over the database's over the global one.
-            pool_size: client_cfg
+            // As PgBouncer: the pool's user's own setting (the forced user's, where the
+            // database names one) over the database's over the global one.
+            pool_size: user_cfg
                 .and_then(|u| u.pool_size)
                 .or(db.pool_size)
                 .unwrap_or(g.default_pool_size),
-            reserve_size: client_cfg
+            reserve_size: user_cfg
                 .and_then(|u| u.reserve_pool_size)
                 .unwrap_or(db.reserve_pool_size),
             min_pool_size: db.min_pool_size,
             reserve_timeout: g.reserve_pool_timeout,
-            query_wait_timeout: client_cfg
+            query_wait_timeout: user_cfg
                 .and_then(|u| u.query_wait_timeout)
                 .or(db.query_wait_timeout)
                 .unwrap_or(g.query_wait_timeout),

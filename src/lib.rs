@@ -101,8 +101,10 @@ impl App {
     pub fn new(config: Config) -> Arc<App> {
         let (shutdown, _) = watch::channel(Shutdown::Running);
         let config_path = config.path.clone();
+        let cluster = Cluster::new(Arc::new(config));
+        cluster.open_forced_pools();
         Arc::new(App {
-            cluster: RwLock::new(Arc::new(Cluster::new(Arc::new(config)))),
+            cluster: RwLock::new(Arc::new(cluster)),
             generation: AtomicU64::new(0),
             cancels: CancelRegistry::default(),
             statements: backend::prepared::Registry::default(),
@@ -201,6 +203,7 @@ impl App {
         }
         let mut guard = self.cluster.write();
         let new = Cluster::reload(&guard, Arc::new(config));
+        new.open_forced_pools();
         *guard = Arc::new(new);
         self.generation.fetch_add(1, Ordering::AcqRel);
     }

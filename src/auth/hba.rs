@@ -274,7 +274,15 @@ fn split_fields(line: &str) -> Vec<String> {
     if !cur.is_empty() {
         out.push(cur);
     }
-    out
+    // A list may have blanks around its commas (`user1,user2 , user3`): one field.
+    let mut joined: Vec<String> = Vec::with_capacity(out.len());
+    for field in out {
+        match joined.last_mut() {
+            Some(prev) if prev.ends_with(',') || field.starts_with(',') => prev.push_str(&field),
+            _ => joined.push(field),
+        }
+    }
+    joined
 }
 
 #[cfg(test)]
@@ -286,6 +294,14 @@ mod tests {
             ip: Some(ip.parse().unwrap()),
             tls: false,
         }
+    }
+
+    #[test]
+    fn list_with_blanks_around_commas_is_one_field() {
+        assert_eq!(
+            split_fields("host tmp1,all user1,user2 , user3 16.0.0.0/8 md5"),
+            ["host", "tmp1,all", "user1,user2,user3", "16.0.0.0/8", "md5"]
+        );
     }
 
     #[test]

@@ -43,6 +43,8 @@ impl ConnectError {
             }
             ConnectError::Connect(..) => "connect failed".into(),
             ConnectError::Tls(_, e) => format!("TLS setup failed: {e}"),
+            // PgBouncer closes with the server's own words.
+            ConnectError::Login(LoginError::Server(f)) => f.message.clone(),
             ConnectError::Login(e) => format!("login failed: {e}"),
         }
     }

@@ -43,7 +43,7 @@ async fn housekeep(pool: &std::sync::Arc<Pool>) {
             let age = conn.created.elapsed();
             let reason = if !conn.is_alive() {
                 "server conn crashed?"
-            } else if age >= pool.settings.server_lifetime {
+            } else if age >= pool.tuning().server_lifetime {
                 "server lifetime over"
             } else {
                 "server idle timeout"
@@ -53,7 +53,7 @@ async fn housekeep(pool: &std::sync::Arc<Pool>) {
     }
     drop(expired);
     // A paused pool (PAUSE, KILL) closes its servers; do not reopen them.
-    if pool.settings.min_pool_size > 0 && !pool.is_paused() {
+    if pool.tuning().min_pool_size > 0 && !pool.is_paused() {
         pool.fill_min().await;
     }
 }

@@ -6,7 +6,7 @@
 //! the pool's short mutex, and nothing is dropped or awaited while it is held.
 
 use super::conn::{ConnectError, ServerConn, Target};
-use super::login::Credentials;
+use super::login::{Credentials, LoginError};
 use super::params::ParamSet;
 use super::queue::{Counts, Grant, Limits, Pooled, Queue, Start};
 use crate::config::secret::Secret;
@@ -42,7 +42,46 @@ pub struct PoolSettings {
     pub replica: Option<usize>,
 }
 
+/// The settings a reload changes in place; the rest name the pool (a change there
+/// retires it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    pub min_pool_size: usize,
+    pub server_lifetime: Duration,
+    pub server_idle_timeout: Duration,
+}
+
 impl PoolSettings {
+    fn limits(&self) -> Limits {
+        Limits {
+            pool_size: self.pool_size,
+            reserve_size: self.reserve_size,
+            reserve_timeout: self.reserve_timeout,
+            wait_timeout: self.query_wait_timeout,
+        }
+    }
+
+    fn tuning(&self) -> Tuning {
+        Tuning {
+            min_pool_size: self.min_pool_size,
+            server_lifetime: self.server_lifetime,
+            server_idle_timeout: self.server_idle_timeout,
+        }
+    }
+
+    /// True when `other` differs at most in what [`Pool::retune`] changes in place.
+    pub fn same_pool(&self, other: &PoolSettings) -> bool {
+        let mut o = other.clone();
+        o.pool_size = self.pool_size;
+        o.reserve_size = self.reserve_size;
+        o.reserve_timeout = self.reserve_timeout;
+        o.query_wait_timeout = self.query_wait_timeout;
+        o.min_pool_size = self.min_pool_size;
+        o.server_lifetime = self.server_lifetime;
+        o.server_idle_timeout = self.server_idle_timeout;
+        &o == self
+    }
+
     /// The labels of this pool's metric series.
     pub fn labels(&self) -> PoolLabels {
         PoolLabels {
@@ -67,6 +106,7 @@ pub struct Pool {
     /// The client user whose login created the pool (settings derive from it).
     pub client_user: String,
     queue: Queue<ServerConn>,
+    tuning: Mutex<Tuning>,
     scram_key: Mutex<Option<[u8; 32]>>,
     /// A secret `auth_query` found, for users no config or auth file lists.
     looked_up: Mutex<Option<Secret>>,
@@ -103,6 +143,7 @@ impl Drop for Slot {
 }
 
 impl Pooled for ServerConn {
+    type Failure = crate::wire::ErrorFields;
     fn is_alive(&self) -> bool {
         ServerConn::is_alive(self)
     }
@@ -121,16 +162,11 @@ impl Drop for Pool {
 impl Pool {
     pub fn new(settings: PoolSettings, client_user: &str) -> Arc<Pool> {
         let metrics = PoolMetrics::new(settings.labels());
-        let limits = Limits {
-            pool_size: settings.pool_size,
-            reserve_size: settings.reserve_size,
-            reserve_timeout: settings.reserve_timeout,
-            wait_timeout: settings.query_wait_timeout,
-        };
         let pool = Arc::new(Pool {
+            queue: Queue::new(settings.limits()),
+            tuning: Mutex::new(settings.tuning()),
             settings,
             client_user: client_user.to_string(),
-            queue: Queue::new(limits),
             scram_key: Mutex::new(None),
             looked_up: Mutex::new(None),
             defaults: Mutex::new(None),
@@ -148,6 +184,17 @@ impl Pool {
 
     pub fn counts(&self) -> PoolCounts {
         self.queue.counts()
+    }
+
+    /// Applies a reload's new sizes, timeouts and lifetimes to this pool in place (see
+    /// [`PoolSettings::same_pool`]): its connections and waiting clients carry on.
+    pub fn retune(&self, new: &PoolSettings) {
+        *self.tuning.lock() = new.tuning();
+        self.queue.set_limits(new.limits());
+    }
+
+    pub fn tuning(&self) -> Tuning {
+        *self.tuning.lock()
     }
 
     /// The lending queue, for the housekeeping task's sweep.
@@ -282,8 +329,9 @@ impl Pool {
                 self.open(slot, start).await
             }
             Grant::Slot => {
-                if start.elapsed() >= self.settings.reserve_timeout
-                    && self.queue.counts().total > self.settings.pool_size
+                let limits = self.queue.limits();
+                if start.elapsed() >= limits.reserve_timeout
+                    && self.queue.counts().total > limits.pool_size
                 {
                     tracing::warn!(
                         "{} taking connection from reserve_pool",
@@ -293,6 +341,9 @@ impl Pool {
                 self.open(self.new_slot(), start).await
             }
             Grant::TimedOut => Err(CheckoutError::WaitTimeout),
+            Grant::Failed(f) => Err(CheckoutError::Connect(ConnectError::Login(
+                LoginError::Server(f),
+            ))),
         }
     }
 
@@ -327,6 +378,12 @@ impl Pool {
             Grant::TimedOut => {
                 PoolTotals::add(&self.totals.errors, 1);
                 return Err(CheckoutError::WaitTimeout);
+            }
+            Grant::Failed(f) => {
+                PoolTotals::add(&self.totals.errors, 1);
+                return Err(CheckoutError::Connect(ConnectError::Login(
+                    LoginError::Server(f),
+                )));
             }
         };
         let mut target = self.settings.target.clone();
@@ -402,6 +459,11 @@ impl Pool {
                 );
                 // As PgBouncer: a replication login's failure is the server's error in the
                 // log and plain "login failed" as the reason (it does not fail the pool).
+                if let ConnectError::Login(LoginError::Server(f)) = &e {
+                    if !dedicated {
+                        tracing::warn!("{who} server login failed: {} {}", f.severity, f.message);
+                    }
+                }
                 let reason = if dedicated {
                     tracing::warn!("{who} S: login failed: {e}");
                     "login failed".to_string()
@@ -412,6 +474,20 @@ impl Pool {
                     crate::logging::closing(&who, &reason, start.elapsed().as_secs());
                 }
                 tracing::warn!(db = %self.settings.database, user = %self.settings.user, error = %e, "server connection failed");
+                if let ConnectError::Login(LoginError::Server(f)) = &e {
+                    // As PgBouncer: the next login would fail the same way, so clients waiting
+                    // for this pool get the server's error now, unless a usable connection
+                    // remains or the server is only starting up (57P03).
+                    let usable = self
+                        .servers
+                        .snapshot()
+                        .iter()
+                        .any(|s| !s.close_needed.load(Ordering::Relaxed));
+                    if !dedicated && !usable && f.code != "57P03" {
+                        self.queue.fail_waiters(f);
+                    }
+                }
+                // Freed after the waiters were turned away: none of them reuses the slot.
                 drop(slot);
                 Err(e.into())
             }
@@ -454,7 +530,7 @@ impl Pool {
         }
         if self.is_retired()
             || conn.epoch != self.epoch.load(Ordering::Acquire)
-            || conn.created.elapsed() >= self.settings.server_lifetime
+            || conn.created.elapsed() >= self.tuning().server_lifetime
         {
             return; // dropping closes it and frees the slot
         }
@@ -465,7 +541,7 @@ impl Pool {
     /// `min_pool_size`), for the maintenance task to close outside the lock.
     pub(super) fn expire_idle(&self) -> Vec<ServerConn> {
         let now = Instant::now();
-        let s = &self.settings;
+        let s = self.tuning();
         self.queue.take_idle_where(|c, total| {
             let too_old = now.duration_since(c.created) >= s.server_lifetime;
             let idle_long = !s.server_idle_timeout.is_zero()
@@ -477,7 +553,7 @@ impl Pool {
 
     /// Opens connections up to `min_pool_size` (only when nobody is waiting).
     pub(super) async fn fill_min(self: &Arc<Self>) {
-        while self.queue.claim_spare(self.settings.min_pool_size) {
+        while self.queue.claim_spare(self.tuning().min_pool_size) {
             match self.open(self.new_slot(), Instant::now()).await {
                 Ok(conn) => self.checkin(conn),
                 Err(_) => return,

@@ -20,6 +20,8 @@ use tokio::sync::{oneshot, Notify};
 /// its slot in the count: dropping one must lead to [`Queue::release_slot`] (in
 /// Weir, `ServerConn`'s slot guard does that).
 pub trait Pooled: Send + 'static {
+    /// Why every waiter may be turned away at once ([`Queue::fail_waiters`]).
+    type Failure: Clone + Send + 'static;
     fn is_alive(&self) -> bool;
 }
 
@@ -47,16 +49,29 @@ impl Limits {
     fn max_total(&self) -> usize {
         self.pool_size + self.reserve_size
     }
+
+    /// The earliest moment a waiter that began at `since` needs the sweeper.
+    fn first_deadline(&self, since: Instant) -> Option<Instant> {
+        let reserve = (self.reserve_size > 0).then_some(self.reserve_timeout);
+        let wait = (!self.wait_timeout.is_zero()).then_some(self.wait_timeout);
+        match (reserve, wait) {
+            (Some(r), Some(w)) => Some(since + r.min(w)),
+            (Some(d), None) | (None, Some(d)) => Some(since + d),
+            (None, None) => None,
+        }
+    }
 }
 
 /// What a waiting client is given.
-pub enum Grant<C> {
+pub enum Grant<C: Pooled> {
     /// An idle connection.
     Conn(C),
     /// The right to open one (the count already includes it).
     Slot,
     /// `query_wait_timeout` passed.
     TimedOut,
+    /// Turned away: the pool cannot log in to its server.
+    Failed(C::Failure),
 }
 
 /// The first answer to a checkout.
@@ -68,13 +83,15 @@ pub enum Start<'a, C: Pooled> {
     Wait(Ticket<'a, C>),
 }
 
-struct Waiter<C> {
+struct Waiter<C: Pooled> {
     id: u64,
     since: Instant,
     tx: oneshot::Sender<Grant<C>>,
 }
 
-struct State<C> {
+struct State<C: Pooled> {
+    /// Sizes and timeouts; changed in place by a reload ([`Queue::set_limits`]).
+    limits: Limits,
     /// Idle connections, most recently used last (LIFO, as PgBouncer's default).
     idle: Vec<C>,
     /// Connections that exist or are being opened (idle + lent + connecting).
@@ -85,8 +102,7 @@ struct State<C> {
     sweep_at: Option<Instant>,
 }
 
-pub struct Queue<C> {
-    limits: Limits,
+pub struct Queue<C: Pooled> {
     state: Mutex<State<C>>,
     /// Wakes the sweeper early: a waiter's deadline is nearer than its plan.
     sweep_soon: Arc<Notify>,
@@ -105,8 +121,8 @@ pub struct Counts {
 impl<C: Pooled> Queue<C> {
     pub fn new(limits: Limits) -> Queue<C> {
         Queue {
-            limits,
             state: Mutex::new(State {
+                limits,
                 idle: Vec::new(),
                 total: 0,
                 waiters: VecDeque::new(),
@@ -144,7 +160,7 @@ impl<C: Pooled> Queue<C> {
             }
             dead.push(conn);
         }
-        if st.total < self.limits.open_now() {
+        if st.total < st.limits.open_now() {
             st.total += 1;
             return Start::Open;
         }
@@ -152,7 +168,7 @@ impl<C: Pooled> Queue<C> {
         st.next_id += 1;
         let (tx, rx) = oneshot::channel();
         st.waiters.push_back(Waiter { id, since, tx });
-        let first = self.first_deadline(since);
+        let first = st.limits.first_deadline(since);
         let wake = matches!((first, st.sweep_at), (Some(d), Some(at)) if d < at)
             || (first.is_some() && st.sweep_at.is_none());
         drop(st);
@@ -168,14 +184,42 @@ impl<C: Pooled> Queue<C> {
         })
     }
 
-    /// The earliest moment a waiter that began at `since` needs the sweeper.
-    fn first_deadline(&self, since: Instant) -> Option<Instant> {
-        let reserve = (self.limits.reserve_size > 0).then_some(self.limits.reserve_timeout);
-        let wait = (!self.limits.wait_timeout.is_zero()).then_some(self.limits.wait_timeout);
-        match (reserve, wait) {
-            (Some(r), Some(w)) => Some(since + r.min(w)),
-            (Some(d), None) | (None, Some(d)) => Some(since + d),
-            (None, None) => None,
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.state.lock().limits
+    }
+
+    /// Changes sizes and timeouts in place (a reload that changed only those): waiters
+    /// get the slots a larger pool has at once; a smaller one shrinks as connections close.
+    pub fn set_limits(&self, limits: Limits) {
+        let granted = {
+            let mut st = self.state.lock();
+            st.limits = limits;
+            let mut granted = Vec::new();
+            while st.total < limits.open_now() {
+                let Some(w) = st.waiters.pop_front() else {
+                    break;
+                };
+                st.total += 1;
+                granted.push(w);
+            }
+            granted
+        };
+        for w in granted {
+            if w.tx.send(Grant::Slot).is_err() {
+                self.release_slot();
+            }
+        }
+        self.sweep_soon.notify_one();
+    }
+
+    /// Turns every waiting client away with `failure` (a server login failed in a way the
+    /// next attempt would repeat, and the pool has no usable connection: PgBouncer's
+    /// kill_pool_logins).
+    pub fn fail_waiters(&self, failure: &C::Failure) {
+        let waiters = std::mem::take(&mut self.state.lock().waiters);
+        for w in waiters {
+            let _ = w.tx.send(Grant::Failed(failure.clone()));
         }
     }
 
@@ -203,6 +247,11 @@ impl<C: Pooled> Queue<C> {
     pub fn release_slot(&self) {
         loop {
             let mut st = self.state.lock();
+            if st.total > st.limits.max_total() {
+                // The pool was made smaller: this slot goes.
+                st.total -= 1;
+                return;
+            }
             let Some(w) = st.waiters.pop_front() else {
                 st.total = st.total.saturating_sub(1);
                 return;
@@ -222,7 +271,7 @@ impl<C: Pooled> Queue<C> {
         let mut expired = Vec::new();
         let next = {
             let mut st = self.state.lock();
-            let l = self.limits;
+            let l = st.limits;
             while let Some(front) = st.waiters.front() {
                 let waited = now.saturating_duration_since(front.since);
                 if !l.wait_timeout.is_zero() && waited >= l.wait_timeout {
@@ -333,7 +382,7 @@ impl<C: Pooled> Drop for Ticket<'_, C> {
         match self.rx.try_recv() {
             Ok(Grant::Conn(conn)) => self.queue.checkin(conn),
             Ok(Grant::Slot) => self.queue.release_slot(),
-            Ok(Grant::TimedOut) | Err(_) => {}
+            Ok(Grant::TimedOut) | Ok(Grant::Failed(_)) | Err(_) => {}
         }
     }
 }
@@ -349,6 +398,7 @@ mod tests {
     struct Conn(u32, bool);
 
     impl Pooled for Conn {
+        type Failure = ();
         fn is_alive(&self) -> bool {
             self.1
         }

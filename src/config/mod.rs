@@ -661,17 +661,22 @@ impl User {
     }
 }
 
-/// Resolves a path given in a config file relative to that file's directory.
+/// Resolves a path given in a config file: relative to that file's directory, or, when
+/// nothing is there but the name exists relative to the working directory, that one (which
+/// is what PgBouncer, opening the name as given, finds).
 pub fn resolve(config_path: &Path, p: &str) -> PathBuf {
     let candidate = Path::new(p);
     if candidate.is_absolute() {
-        candidate.to_path_buf()
-    } else {
-        config_path
-            .parent()
-            .unwrap_or_else(|| Path::new("."))
-            .join(candidate)
+        return candidate.to_path_buf();
     }
+    let beside = config_path
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join(candidate);
+    if !beside.exists() && candidate.exists() {
+        return candidate.to_path_buf();
+    }
+    beside
 }
 
 struct Validator<'a> {

@@ -5,6 +5,7 @@
 use super::cancel::FrontendKey;
 use crate::net::{read_startup, Stream};
 use crate::tls::ClientTls;
+use crate::wire::build;
 use crate::wire::startup::{self, StartupPacket};
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
@@ -50,6 +51,21 @@ pub(super) async fn read(
                 return Ok(Start::Cancel(FrontendKey { pid, secret }))
             }
             StartupPacket::Startup { params } => return Ok(Start::Login(params)),
+            StartupPacket::NewerMinor { minor, params } => {
+                // Protocol options (`_pq_.*`) are not supported: listed back and dropped.
+                let (options, params): (Vec<_>, Vec<_>) = params
+                    .into_iter()
+                    .partition(|(k, _)| k.starts_with("_pq_."));
+                let names: Vec<&str> = options.iter().map(|(k, _)| k.as_str()).collect();
+                tracing::debug!(
+                    minor,
+                    "client asked for protocol 3.{minor}: negotiating 3.0"
+                );
+                stream
+                    .write_all(&build::negotiate_protocol_version(3 << 16, &names))
+                    .await?;
+                return Ok(Start::Login(params));
+            }
             StartupPacket::UnsupportedVersion(v) => {
                 return Ok(Start::Refused(Some((
                     "0A000",

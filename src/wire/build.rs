@@ -89,6 +89,23 @@ pub fn backend_key_data(pid: i32, secret: i32) -> BytesMut {
     buf
 }
 
+/// NegotiateProtocolVersion: the newest protocol version spoken (as a whole version number,
+/// `3 << 16` for 3.0, which is what PostgreSQL sends and libpq checks), and the protocol
+/// options (`_pq_.*`) that were not recognised.
+pub fn negotiate_protocol_version(version: i32, unrecognised: &[&str]) -> BytesMut {
+    let mut buf =
+        BytesMut::with_capacity(13 + unrecognised.iter().map(|o| o.len() + 1).sum::<usize>());
+    let at = begin(&mut buf, b'v');
+    buf.put_i32(version);
+    buf.put_i32(unrecognised.len() as i32);
+    for name in unrecognised {
+        buf.put_slice(name.as_bytes());
+        buf.put_u8(0);
+    }
+    finish(&mut buf, at);
+    buf
+}
+
 pub fn ready_for_query(status: TxStatus) -> BytesMut {
     let mut buf = BytesMut::with_capacity(6);
     let at = begin(&mut buf, b'Z');

@@ -23,6 +23,12 @@ pub enum StartupPacket {
         pid: i32,
         secret: i32,
     },
+    /// A protocol 3.x newer than 3.0 (3.2 from libpq 18): Weir answers with
+    /// NegotiateProtocolVersion and speaks 3.0, as PostgreSQL does with a newer minor.
+    NewerMinor {
+        minor: u16,
+        params: Vec<(String, String)>,
+    },
     /// A protocol version Weir does not speak (e.g. 2.0).
     UnsupportedVersion(i32),
 }
@@ -57,6 +63,10 @@ pub fn parse(packet: &[u8]) -> Result<StartupPacket, WireError> {
             Ok(StartupPacket::Cancel { pid, secret })
         }
         PROTOCOL_3_0 => parse_params(&packet[8..]).map(|params| StartupPacket::Startup { params }),
+        v if v >> 16 == 3 => parse_params(&packet[8..]).map(|params| StartupPacket::NewerMinor {
+            minor: (v & 0xffff) as u16,
+            params,
+        }),
         other => Ok(StartupPacket::UnsupportedVersion(other)),
     }
 }

@@ -138,6 +138,24 @@ pub(super) async fn login(
         return None;
     }
     let Some(db) = cluster.config.database(&dbname) else {
+        // As PgBouncer: the client proves who it is first, so a wrong password never
+        // learns whether a database exists (an unknown user fails the password check).
+        let auth_type = auth_type_for(cluster, stream, &dbname, &user, peer).await?;
+        let known = cluster.config.users.get(&user);
+        if known.is_none() {
+            tracing::info!("{who} no such user: {user}");
+        }
+        let secret = known.and_then(|u| u.secret.as_ref());
+        if auth_type != AuthType::Trust || known.is_some() {
+            match auth::authenticate(stream, buf, auth_type, &user, secret).await {
+                Ok(_) => {}
+                Err(AuthError::Closed) | Err(AuthError::Io(_)) => return None,
+                Err(e) => {
+                    refuse(stream, &who, log, e.code(), &e.to_string()).await;
+                    return None;
+                }
+            }
+        }
         tracing::info!(%peer, %user, db = %dbname, "no such database");
         refuse(
             stream,
@@ -152,10 +170,14 @@ pub(super) async fn login(
     let auth_type = auth_type_for(cluster, stream, &dbname, &user, peer).await?;
     let known = cluster.config.users.get(&user);
     let mut looked_up = None;
+    let mut known_by_query = false;
     if known.and_then(|u| u.secret.as_ref()).is_none() && auth_type != AuthType::Any {
         if let Some(auth_user) = db.auth_user.clone() {
             match query_secret(app, cluster, Some(&db), &auth_user, &user, &who).await {
-                Ok(found) => looked_up = found,
+                Ok(found) => {
+                    known_by_query = true;
+                    looked_up = found;
+                }
                 Err(msg) => {
                     cluster.forget_unused_auto(&dbname);
                     refuse(stream, &who, log, "08P01", &msg).await;
@@ -164,7 +186,7 @@ pub(super) async fn login(
             }
         }
     }
-    if auth_type == AuthType::Trust && known.is_none() && looked_up.is_none() {
+    if auth_type == AuthType::Trust && known.is_none() && !known_by_query {
         // As PgBouncer: trust skips the password, but the user must still be known.
         tracing::warn!(%peer, %user, "unknown user (auth_type trust)");
         let e = AuthError::TrustFailed;
@@ -430,12 +452,16 @@ async fn admin_login(
     let auth_type = auth_type_for(cluster, stream, dbname, &user, peer).await?;
     let known = cluster.config.users.get(&user);
     let mut looked_up = None;
+    let mut known_by_query = false;
     if known.and_then(|u| u.secret.as_ref()).is_none() && auth_type != AuthType::Any {
         // As PgBouncer: a console user in no auth file is looked up with the global
         // auth_user and auth_query, in the global auth_dbname.
         if let Some(auth_user) = g.auth_user.clone() {
             match query_secret(app, cluster, None, &auth_user, &user, &who).await {
-                Ok(found) => looked_up = found,
+                Ok(found) => {
+                    known_by_query = true;
+                    looked_up = found;
+                }
                 Err(msg) => {
                     refuse(stream, &who, log, "08P01", &msg).await;
                     return None;
@@ -443,7 +469,7 @@ async fn admin_login(
             }
         }
     }
-    if auth_type == AuthType::Trust && known.is_none() && looked_up.is_none() {
+    if auth_type == AuthType::Trust && known.is_none() && !known_by_query {
         // As PgBouncer: trust skips the password, but the user must still be known.
         tracing::warn!(%peer, %user, "unknown user (auth_type trust)");
         let e = AuthError::TrustFailed;
