@@ -43,6 +43,8 @@ pub struct Cluster {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     routers: Mutex<HashMap<String, Arc<ShardRouter>>>,
     paused: Mutex<Paused>,
+    /// max_db_connections / max_user_connections, shared by pools and kept across reloads.
+    caps: Arc<crate::backend::cap::Caps>,
 }
 
 impl Cluster {
@@ -52,7 +54,28 @@ impl Cluster {
             pools: Mutex::new(HashMap::new()),
             routers: Mutex::new(HashMap::new()),
             paused: Mutex::new(Paused::default()),
+            caps: Arc::default(),
         }
+    }
+
+    /// The shared connection caps of a new pool of `db` logged in as `login_user`, with the
+    /// limits of this config.
+    fn caps_for(&self, db: &Database, login_user: &str) -> Vec<Arc<crate::backend::cap::Cap>> {
+        let g = &self.config.general;
+        let user_max = self
+            .config
+            .users
+            .get(login_user)
+            .map(|u| u.max_user_connections)
+            .filter(|n| *n > 0)
+            .unwrap_or(g.max_user_connections);
+        self.caps
+            .for_pool(&db.name, db.max_db_connections, login_user, user_max)
+    }
+
+    /// Server connections open to a database, over all its pools.
+    pub fn db_connections(&self, database: &str) -> usize {
+        self.caps.db_count(database)
     }
 
     pub fn paused(&self) -> Paused {
@@ -74,7 +97,8 @@ impl Cluster {
 
     /// Builds the cluster for a reloaded config, keeping unchanged pools.
     pub fn reload(old: &Cluster, config: Arc<Config>) -> Cluster {
-        let new = Cluster::new(config);
+        let mut new = Cluster::new(config);
+        new.caps = old.caps.clone();
         *new.paused.lock() = old.paused();
         let old_pools = std::mem::take(&mut *old.pools.lock());
         let mut kept = HashMap::new();
@@ -86,6 +110,9 @@ impl Cluster {
             if let Some(s) = settings.filter(|s| s.same_pool(&pool.settings)) {
                 // Sizes, timeouts and lifetimes change in place; waiting clients stay queued.
                 pool.retune(&s);
+                if let Some(db) = new.config.database(&key.database) {
+                    new.caps_for(&db, &key.user); // applies the new limits
+                }
                 kept.insert(key, pool);
             } else {
                 tracing::info!(db = %key.database, user = %key.user, "pool settings changed; retiring old pool");
@@ -151,6 +178,7 @@ impl Cluster {
             return Some(p.clone());
         }
         let settings = self.settings_at(db, user, shard, replica)?;
+        let caps = self.caps_for(db, &settings.user);
         let mut pools = self.pools.lock();
         if pools.len() >= AUTO_POOL_SWEEP_AT && !self.config.databases.contains_key(&db.name) {
             self.sweep_auto_pools(&mut pools);
@@ -159,7 +187,7 @@ impl Cluster {
             pools
                 .entry(key)
                 .or_insert_with(|| {
-                    let pool = Pool::new(settings, user);
+                    let pool = Pool::new(settings, user, caps);
                     if self.paused.lock().covers(&db.name) {
                         pool.pause();
                     }
@@ -194,7 +222,9 @@ impl Cluster {
     fn shard_pool_fallback(&self, db: &Database, user: &str) -> Arc<Pool> {
         // Only reachable for a database whose shard 0 is missing, which
         // validation prevents; keep a working pool rather than panic.
-        Pool::new(self.settings(db, user), user)
+        let settings = self.settings(db, user);
+        let caps = self.caps_for(db, &settings.user);
+        Pool::new(settings, user, caps)
     }
 
     /// The shard router of a sharded database (shared by its sessions).

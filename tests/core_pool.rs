@@ -368,3 +368,55 @@ fn pgbench_select_only_simple_protocol_has_no_failures() {
 fn pgbench_select_only_extended_protocol_has_no_failures() {
     pgbench_select_only("extended");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_db_connections_caps_every_user_s_pool_and_evicts_idle_servers() {
+    let cluster = app_cluster();
+    cluster.create_user("other", "other-secret", "scram-sha-256");
+    let config = format!(
+        "[weir]\ndefault_pool_size = 5\nquery_wait_timeout = 2\n\n\
+         [users.app]\npassword = \"{}\"\n\
+         [users.other]\npassword = \"other-secret\"\n\n\
+         [databases.app]\nhost = \"127.0.0.1\"\nport = {}\nmax_db_connections = 2\n",
+        support::APP_PASSWORD,
+        cluster.port
+    );
+    let weir = Weir::start(&config);
+    let other_url = weir.url("other", "other-secret", "app");
+    // Logging in opens a first server for each pool (for its parameters), as PgBouncer.
+    let other = common::connect(&other_url).await;
+    let other2 = common::connect(&other_url).await;
+
+    // Two of app's clients hold both places of the database (other's idle server is evicted).
+    let a1 = common::connect(&app_url(&weir)).await;
+    let a2 = common::connect(&app_url(&weir)).await;
+    a1.simple_query("BEGIN").await.expect("BEGIN a1");
+    a2.simple_query("BEGIN").await.expect("BEGIN a2");
+    assert_eq!(backends(&cluster, "app"), 2);
+
+    // Under the cap: other's pool may not open a third server, and gives up at
+    // query_wait_timeout with PgBouncer's error.
+    let err = expect_sqlstate(
+        other.simple_query("SELECT 1").await,
+        "08P01",
+        "a third server for the database",
+    );
+    assert_eq!(db_message(&err), "query_wait_timeout");
+    assert_eq!(backends(&cluster, "app"), 2);
+
+    // At the cap, a server app leaves idle is closed for other's waiting client.
+    let other = other2;
+    let waiting = tokio::spawn(async move {
+        let r = scalar(&other, "SELECT current_user").await;
+        (other, r)
+    });
+    a1.simple_query("COMMIT").await.expect("COMMIT a1");
+    let (other, who) = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("other's client was never served after a server went idle")
+        .expect("other's query");
+    assert_eq!(who, "other");
+    assert_eq!(backends(&cluster, "app"), 2);
+    drop(other);
+    a2.simple_query("COMMIT").await.expect("COMMIT a2");
+}

@@ -1,6 +1,7 @@
 //! Server side: connections to PostgreSQL, their login, and the pools that
 //! lend them to clients.
 
+pub mod cap;
 pub mod conn;
 pub mod login;
 mod maintenance;

@@ -5,6 +5,7 @@
 //! gives up (timeout, disconnect) removes itself. Every hand-off happens under
 //! the pool's short mutex, and nothing is dropped or awaited while it is held.
 
+use super::cap::{self, Cap, Permits};
 use super::conn::{ConnectError, ServerConn, Target};
 use super::login::{Credentials, LoginError};
 use super::params::ParamSet;
@@ -107,6 +108,8 @@ pub struct Pool {
     pub client_user: String,
     queue: Queue<ServerConn>,
     tuning: Mutex<Tuning>,
+    /// max_db_connections and max_user_connections this pool counts against.
+    caps: Vec<Arc<Cap>>,
     scram_key: Mutex<Option<[u8; 32]>>,
     /// A secret `auth_query` found, for users no config or auth file lists.
     looked_up: Mutex<Option<Secret>>,
@@ -129,6 +132,8 @@ pub struct Slot {
     pool: Weak<Pool>,
     /// The connection using this slot, once open (for SHOW SERVERS).
     server: Option<u64>,
+    /// Its places under max_db_connections / max_user_connections.
+    permits: Permits,
 }
 
 impl Drop for Slot {
@@ -160,11 +165,12 @@ impl Drop for Pool {
 }
 
 impl Pool {
-    pub fn new(settings: PoolSettings, client_user: &str) -> Arc<Pool> {
+    pub fn new(settings: PoolSettings, client_user: &str, caps: Vec<Arc<Cap>>) -> Arc<Pool> {
         let metrics = PoolMetrics::new(settings.labels());
         let pool = Arc::new(Pool {
             queue: Queue::new(settings.limits()),
             tuning: Mutex::new(settings.tuning()),
+            caps,
             settings,
             client_user: client_user.to_string(),
             scram_key: Mutex::new(None),
@@ -178,8 +184,21 @@ impl Pool {
             metrics,
             servers: Registry::default(),
         });
+        for cap in &pool.caps {
+            cap.join(&pool);
+        }
         tokio::spawn(super::maintenance::run(Arc::downgrade(&pool)));
         pool
+    }
+
+    /// An idle connection to close so another pool under a shared cap may open one.
+    pub(super) fn take_one_idle(&self) -> Option<ServerConn> {
+        self.queue.take_one_idle()
+    }
+
+    /// True when every cap this pool is under has room for one more connection.
+    fn caps_have_room(&self) -> bool {
+        self.caps.iter().all(|c| c.has_room())
     }
 
     pub fn counts(&self) -> PoolCounts {
@@ -304,6 +323,7 @@ impl Pool {
         Slot {
             pool: Arc::downgrade(self),
             server: None,
+            permits: Permits::default(),
         }
     }
 
@@ -408,6 +428,18 @@ impl Pool {
         slot: Slot,
         start: Instant,
     ) -> Result<ServerConn, CheckoutError> {
+        let mut slot = slot;
+        if slot.permits.is_empty() && !self.caps.is_empty() {
+            let wait = self.queue.limits().wait_timeout;
+            let deadline = (!wait.is_zero()).then(|| tokio::time::Instant::from_std(start + wait));
+            match cap::acquire(&self.caps, self, deadline).await {
+                Some(p) => slot.permits = p,
+                None => {
+                    PoolTotals::add(&self.totals.errors, 1);
+                    return Err(CheckoutError::WaitTimeout);
+                }
+            }
+        }
         let creds = self.credentials();
         PoolTotals::add(&self.totals.server_connects, 1);
         let dedicated = !std::ptr::eq(target, &self.settings.target);
@@ -534,7 +566,10 @@ impl Pool {
         {
             return; // dropping closes it and frees the slot
         }
-        self.queue.checkin(conn);
+        if self.queue.checkin(conn) {
+            // Another pool under a full shared cap may be waiting to evict it.
+            self.caps.iter().for_each(|c| c.idle_available());
+        }
     }
 
     /// Takes idle connections past their lifetime or idle timeout (keeping
@@ -553,7 +588,7 @@ impl Pool {
 
     /// Opens connections up to `min_pool_size` (only when nobody is waiting).
     pub(super) async fn fill_min(self: &Arc<Self>) {
-        while self.queue.claim_spare(self.tuning().min_pool_size) {
+        while self.caps_have_room() && self.queue.claim_spare(self.tuning().min_pool_size) {
             match self.open(self.new_slot(), Instant::now()).await {
                 Ok(conn) => self.checkin(conn),
                 Err(_) => return,

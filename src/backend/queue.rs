@@ -223,8 +223,9 @@ impl<C: Pooled> Queue<C> {
         }
     }
 
-    /// Returns a connection: to the longest-waiting client, else to the idle stack.
-    pub fn checkin(&self, conn: C) {
+    /// Returns a connection: to the longest-waiting client, else to the idle stack (then
+    /// true).
+    pub fn checkin(&self, conn: C) -> bool {
         let mut grant = Grant::Conn(conn);
         loop {
             let mut st = self.state.lock();
@@ -232,11 +233,11 @@ impl<C: Pooled> Queue<C> {
                 if let Grant::Conn(conn) = grant {
                     st.idle.push(conn);
                 }
-                return;
+                return true;
             };
             drop(st);
             match w.tx.send(grant) {
-                Ok(()) => return,
+                Ok(()) => return false,
                 Err(back) => grant = back, // that client left: next one
             }
         }
@@ -315,6 +316,16 @@ impl<C: Pooled> Queue<C> {
         self.sweep_soon.clone()
     }
 
+    /// Takes the idle connection unused longest (to close it: eviction).
+    pub fn take_one_idle(&self) -> Option<C> {
+        let mut st = self.state.lock();
+        if st.idle.is_empty() {
+            None
+        } else {
+            Some(st.idle.remove(0))
+        }
+    }
+
     /// Takes every idle connection (RECONNECT, retirement); the caller drops
     /// them outside the lock, each freeing its slot.
     pub fn take_idle(&self) -> Vec<C> {
@@ -380,7 +391,9 @@ impl<C: Pooled> Drop for Ticket<'_, C> {
         self.queue.leave(self.id);
         self.rx.close();
         match self.rx.try_recv() {
-            Ok(Grant::Conn(conn)) => self.queue.checkin(conn),
+            Ok(Grant::Conn(conn)) => {
+                self.queue.checkin(conn);
+            }
             Ok(Grant::Slot) => self.queue.release_slot(),
             Ok(Grant::TimedOut) | Ok(Grant::Failed(_)) | Err(_) => {}
         }

@@ -777,8 +777,8 @@ frobnicate = 3
         assert!(has(
             "pgbouncer.ini:40: [pgbouncer] frobnicate: unknown setting; ignored"
         ));
-        assert!(has("max_user_connections is not enforced by Weir yet"));
-        assert_eq!(c.warnings.len(), 3, "{:#?}", c.warnings);
+        assert!(!has("max_user_connections"), "{:#?}", c.warnings);
+        assert_eq!(c.warnings.len(), 2, "{:#?}", c.warnings);
     }
 
     #[test]

@@ -819,27 +819,6 @@ impl Validator<'_> {
 fn unenforced_limits(path: &Path, doc: &Document) -> Vec<String> {
     let file = path.display();
     let mut out = Vec::new();
-    let mut warn = |what: String| {
-        let w = format!("{file}: {what} is not enforced by Weir yet; pool_size limits each pool");
-        tracing::warn!("{w}");
-        out.push(w);
-    };
-    if doc.weir.max_db_connections > 0 {
-        warn("max_db_connections".into());
-    }
-    if doc.weir.max_user_connections > 0 {
-        warn("max_user_connections".into());
-    }
-    for (name, d) in &doc.databases {
-        if d.max_db_connections.is_some_and(|n| n > 0) {
-            warn(format!("[databases.{name}] max_db_connections"));
-        }
-    }
-    for (name, u) in &doc.users {
-        if u.max_user_connections.is_some_and(|n| n > 0) {
-            warn(format!("[users.{name}] max_user_connections"));
-        }
-    }
     if !doc.weir.pool_idle_timeout.is_zero() {
         let w =
             format!("{file}: pool_idle_timeout is not enforced by Weir yet; empty pools are kept");

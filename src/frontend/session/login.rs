@@ -178,16 +178,20 @@ pub(super) async fn login(
                     known_by_query = true;
                     looked_up = found;
                 }
-                Err(msg) => {
+                Err((code, msg)) => {
                     cluster.forget_unused_auto(&dbname);
-                    refuse(stream, &who, log, "08P01", &msg).await;
+                    refuse(stream, &who, log, code, &msg).await;
                     return None;
                 }
             }
         }
     }
-    if auth_type == AuthType::Trust && known.is_none() && !known_by_query {
-        // As PgBouncer: trust skips the password, but the user must still be known.
+    if auth_type == AuthType::Trust
+        && known.and_then(|u| u.secret.as_ref()).is_none()
+        && !known_by_query
+    {
+        // As PgBouncer: trust skips the password, but the user must have an auth_file entry
+        // (or be found by auth_query); a [users] section alone is not enough.
         tracing::warn!(%peer, %user, "unknown user (auth_type trust)");
         let e = AuthError::TrustFailed;
         refuse(stream, &who, log, e.code(), &e.to_string()).await;
@@ -309,7 +313,8 @@ pub(super) async fn login(
 
 /// Looks a user that is in no auth file up with `auth_query` as `auth_user`, in the auth
 /// database of `db` (`None`: the admin console). `Err`: what the client is told (PgBouncer's
-/// words: "no such user", "bouncer config error"), the reason already logged.
+/// words: "no such user", "bouncer config error") with its SQLSTATE, the reason already logged.
+/// An unknown user gets 28P01, the class drivers treat as a failed login (PgBouncer: 08P01).
 async fn query_secret(
     app: &App,
     cluster: &Cluster,
@@ -317,29 +322,29 @@ async fn query_secret(
     auth_user: &str,
     user: &str,
     who: &Who,
-) -> Result<Option<crate::config::secret::Secret>, String> {
+) -> Result<Option<crate::config::secret::Secret>, (&'static str, String)> {
     use crate::auth::query::{self, AuthDbError, Lookup, LookupError};
     let target = query::auth_database(cluster, db, |name| app.disabled.lock().contains(name))
         .map_err(|e| {
             if !matches!(e, AuthDbError::Disabled(_)) {
                 tracing::error!("{who} {e}");
             }
-            e.client_message()
+            ("08P01", e.client_message())
         })?;
     let query_of = db.map_or(&target, |d| d);
     match query::lookup(cluster, query_of, &target, auth_user, user).await {
         Ok(Lookup::Found(secret)) => Ok(secret),
         Ok(Lookup::NoSuchUser) => {
             tracing::info!("{who} no such user: {user}");
-            Err("no such user".into())
+            Err(("28P01", "no such user".into()))
         }
         Err(e @ LookupError::Server(_)) => {
             tracing::error!("{who} {e}");
-            Err("bouncer config error".into())
+            Err(("08P01", "bouncer config error".into()))
         }
         Err(e) => {
             tracing::warn!("{who} {e}");
-            Err(e.to_string())
+            Err(("08P01", e.to_string()))
         }
     }
 }
@@ -462,15 +467,19 @@ async fn admin_login(
                     known_by_query = true;
                     looked_up = found;
                 }
-                Err(msg) => {
-                    refuse(stream, &who, log, "08P01", &msg).await;
+                Err((code, msg)) => {
+                    refuse(stream, &who, log, code, &msg).await;
                     return None;
                 }
             }
         }
     }
-    if auth_type == AuthType::Trust && known.is_none() && !known_by_query {
-        // As PgBouncer: trust skips the password, but the user must still be known.
+    if auth_type == AuthType::Trust
+        && known.and_then(|u| u.secret.as_ref()).is_none()
+        && !known_by_query
+    {
+        // As PgBouncer: trust skips the password, but the user must have an auth_file entry
+        // (or be found by auth_query); a [users] section alone is not enough.
         tracing::warn!(%peer, %user, "unknown user (auth_type trust)");
         let e = AuthError::TrustFailed;
         refuse(stream, &who, log, e.code(), &e.to_string()).await;
