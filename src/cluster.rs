@@ -180,8 +180,13 @@ impl Cluster {
         let settings = self.settings_at(db, user, shard, replica)?;
         let caps = self.caps_for(db, &settings.user);
         let mut pools = self.pools.lock();
-        if pools.len() >= AUTO_POOL_SWEEP_AT && !self.config.databases.contains_key(&db.name) {
+        let auto = !self.config.databases.contains_key(&db.name);
+        if pools.len() >= AUTO_POOL_SWEEP_AT && auto {
             self.sweep_auto_pools(&mut pools);
+        }
+        if auto && !pools.keys().any(|k| k.database == db.name) {
+            // PgBouncer's words, once per database the `*` entry stands in for.
+            tracing::info!("registered new auto-database: {}", db.name);
         }
         Some(
             pools
@@ -288,6 +293,7 @@ impl Cluster {
                 params: db.server_params.clone(),
                 connect_timeout: g.server_connect_timeout,
                 tls: self.config.tls.server.clone(),
+                connect_query: db.connect_query.clone(),
             },
             creds: Credentials {
                 user: login_user,

@@ -77,14 +77,12 @@ impl Cap {
         pools.push(Arc::downgrade(pool));
     }
 
-    /// Closes one idle connection of a pool under this cap other than `except`; true if one
-    /// was closed (its permit is back).
-    fn evict_one(&self, except: &Pool) -> bool {
+    /// Closes one idle connection of a pool under this cap; true if one was closed (its
+    /// permit is back). The asking pool's own idle connections count too: one may have gone
+    /// idle while its client was already waiting here for a new one.
+    fn evict_one(&self) -> bool {
         let pools: Vec<Arc<Pool>> = self.pools.lock().iter().filter_map(Weak::upgrade).collect();
         for pool in pools {
-            if std::ptr::eq(Arc::as_ptr(&pool), except) {
-                continue;
-            }
             if let Some(conn) = pool.take_one_idle() {
                 if crate::logging::log_disconnections() {
                     let age = conn.created.elapsed().as_secs();
@@ -138,11 +136,7 @@ pub fn try_acquire(caps: &[Arc<Cap>]) -> Option<Permits> {
 /// Takes a permit of every cap, evicting idle connections of other pools under a full cap,
 /// else waiting for one to close until `deadline` (`None`: no limit). `None` when the
 /// deadline passed.
-pub async fn acquire(
-    caps: &[Arc<Cap>],
-    pool: &Pool,
-    deadline: Option<tokio::time::Instant>,
-) -> Option<Permits> {
+pub async fn acquire(caps: &[Arc<Cap>], deadline: Option<tokio::time::Instant>) -> Option<Permits> {
     loop {
         // Register interest (in the limited caps, the only ones that can be full) before
         // trying, so a permit given back in between wakes us.
@@ -154,13 +148,13 @@ pub async fn acquire(
         if let Some(p) = try_acquire(caps) {
             return Some(p);
         }
-        if caps.iter().any(|c| !c.has_room() && c.evict_one(pool)) {
+        if caps.iter().any(|c| !c.has_room() && c.evict_one()) {
             continue;
         }
         let _waiting = Waiting::new(caps);
         // An idle connection may have appeared between the eviction attempt and counting
         // ourselves as waiting: look once more before sleeping.
-        if caps.iter().any(|c| !c.has_room() && c.evict_one(pool)) {
+        if caps.iter().any(|c| !c.has_room() && c.evict_one()) {
             continue;
         }
         let any = futures_any(waits);

@@ -31,6 +31,9 @@ pub enum ConnectError {
     Tls(Address, crate::tls::ServerTlsError),
     #[error(transparent)]
     Login(#[from] LoginError),
+    /// The database's `connect_query` failed on the new connection.
+    #[error("connect_query failed: {0}")]
+    ConnectQuery(ExecError),
 }
 
 impl ConnectError {
@@ -46,6 +49,7 @@ impl ConnectError {
             // PgBouncer closes with the server's own words.
             ConnectError::Login(LoginError::Server(f)) => f.message.clone(),
             ConnectError::Login(e) => format!("login failed: {e}"),
+            ConnectError::ConnectQuery(e) => format!("connect_query failed: {e}"),
         }
     }
 }
@@ -59,6 +63,8 @@ pub struct Target {
     pub connect_timeout: Duration,
     /// server_tls_sslmode and its certificates.
     pub tls: crate::tls::ServerTls,
+    /// Run once on every new connection before it is used (the database's `connect_query`).
+    pub connect_query: Option<String>,
 }
 
 pub struct ServerConn {
@@ -130,7 +136,7 @@ impl ServerConn {
             startup.extend(target.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
             let result = login(&mut stream, &mut buf, &startup, creds).await?;
             let now = Instant::now();
-            Ok(ServerConn {
+            let mut conn = ServerConn {
                 id: ServerId(NEXT_ID.fetch_add(1, Ordering::Relaxed)),
                 stream,
                 buf,
@@ -144,7 +150,11 @@ impl ServerConn {
                 slot: None,
                 info: None,
                 epoch: 0,
-            })
+            };
+            if let Some(q) = &target.connect_query {
+                conn.exec(q).await.map_err(ConnectError::ConnectQuery)?;
+            }
+            Ok(conn)
         };
         match tokio::time::timeout(target.connect_timeout, work).await {
             Ok(r) => r,

@@ -120,6 +120,8 @@ pub struct Pool {
     resumed: Notify,
     /// Bumped by RECONNECT: older connections are closed when returned.
     epoch: AtomicU64,
+    /// Fired by RECONNECT and retirement (server_fast_close sessions watch it).
+    changed: Notify,
     pub totals: PoolTotals,
     /// Prometheus handles for this pool (see `crate::metrics`).
     pub metrics: PoolMetrics,
@@ -180,6 +182,7 @@ impl Pool {
             paused: AtomicBool::new(false),
             resumed: Notify::new(),
             epoch: AtomicU64::new(0),
+            changed: Notify::new(),
             totals: PoolTotals::default(),
             metrics,
             servers: Registry::default(),
@@ -226,6 +229,7 @@ impl Pool {
         self.retired.store(true, Ordering::Release);
         self.mark_close_needed();
         drop(self.queue.take_idle());
+        self.changed.notify_waiters();
     }
 
     /// PAUSE: new checkouts wait until [`Pool::resume`].
@@ -253,6 +257,18 @@ impl Pool {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.mark_close_needed();
         drop(self.queue.take_idle());
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves at the next RECONNECT or retirement; create it before checking
+    /// [`Pool::is_stale`] so no change is missed.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    /// True when `conn` must close rather than serve again (RECONNECT, reload).
+    pub fn is_stale(&self, conn: &ServerConn) -> bool {
+        self.is_retired() || conn.epoch != self.epoch.load(Ordering::Acquire)
     }
 
     /// Flags every open connection for SHOW SERVERS' close_needed.
@@ -432,7 +448,7 @@ impl Pool {
         if slot.permits.is_empty() && !self.caps.is_empty() {
             let wait = self.queue.limits().wait_timeout;
             let deadline = (!wait.is_zero()).then(|| tokio::time::Instant::from_std(start + wait));
-            match cap::acquire(&self.caps, self, deadline).await {
+            match cap::acquire(&self.caps, deadline).await {
                 Some(p) => slot.permits = p,
                 None => {
                     PoolTotals::add(&self.totals.errors, 1);

@@ -147,6 +147,9 @@ pub struct General {
     pub max_user_client_connections: usize,
     #[serde(deserialize_with = "duration::de")]
     pub query_wait_timeout: Duration,
+    /// A client queued this long for a server is sent a NOTICE saying so (0 = never).
+    #[serde(deserialize_with = "duration::de")]
+    pub query_wait_notify: Duration,
     #[serde(deserialize_with = "duration::de")]
     pub query_timeout: Duration,
     #[serde(deserialize_with = "duration::de")]
@@ -199,6 +202,8 @@ pub struct General {
     pub stats_port: Option<u16>,
     pub ignore_startup_parameters: NameList,
     pub application_name_add_host: bool,
+    /// Sent to every client as a NOTICE once it has logged in (empty: none).
+    pub login_notify_message: String,
     pub so_reuseport: bool,
     pub tcp_keepalive: bool,
     pub log_connections: bool,
@@ -245,6 +250,7 @@ impl Default for General {
             max_db_client_connections: 0,
             max_user_client_connections: 0,
             query_wait_timeout: d(120),
+            query_wait_notify: d(5),
             query_timeout: d(0),
             server_lifetime: d(3600),
             server_idle_timeout: d(600),
@@ -275,6 +281,7 @@ impl Default for General {
             stats_port: None,
             ignore_startup_parameters: NameList::default(),
             application_name_add_host: false,
+            login_notify_message: String::new(),
             so_reuseport: false,
             tcp_keepalive: true,
             log_connections: true,

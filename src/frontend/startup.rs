@@ -131,23 +131,22 @@ async fn encryption_request(
 /// Splits PostgreSQL's `options` startup parameter (`-c name=value`,
 /// `--name=value`) into parameters.
 pub(super) fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
+    // PgBouncer's wording for anything but `-c name=value` / `--name=value`.
+    const ONLY: &str =
+        "unsupported options startup parameter: only '-c config=val' and '--config=val' are allowed";
     let mut out = Vec::new();
     let mut words = split_words(options).into_iter();
     while let Some(w) = words.next() {
         let setting = if w == "-c" {
-            words
-                .next()
-                .ok_or_else(|| "missing setting after -c".to_string())?
+            words.next().ok_or_else(|| ONLY.to_string())?
         } else if let Some(rest) = w.strip_prefix("-c") {
             rest.to_string()
         } else if let Some(rest) = w.strip_prefix("--") {
             rest.to_string()
         } else {
-            return Err(format!("unsupported options startup parameter: {w}"));
+            return Err(ONLY.to_string());
         };
-        let (k, v) = setting
-            .split_once('=')
-            .ok_or_else(|| format!("invalid setting in options: {setting}"))?;
+        let (k, v) = setting.split_once('=').ok_or_else(|| ONLY.to_string())?;
         out.push((k.replace('-', "_"), v.to_string()));
     }
     Ok(out)

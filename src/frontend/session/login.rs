@@ -256,7 +256,13 @@ pub(super) async fn login(
         match k.as_str() {
             "user" | "database" | "replication" => {}
             "options" => match startup::parse_options(v) {
-                Ok(list) => list.iter().for_each(|(k, v)| wanted.set(k, v)),
+                // As PgBouncer: a setting in ignore_startup_parameters is dropped here too.
+                Ok(list) => list
+                    .iter()
+                    .filter(|(k, _)| !g.ignore_startup_parameters.contains(k))
+                    .for_each(|(k, v)| wanted.set(k, v)),
+                // `options` itself ignored: what cannot be parsed is dropped, not refused.
+                Err(_) if g.ignore_startup_parameters.contains("options") => {}
                 Err(msg) => {
                     refuse(stream, &who, log, "08P01", &msg).await;
                     return None;
@@ -290,6 +296,9 @@ pub(super) async fn login(
         out.put(build::parameter_status(name, value));
     }
     out.put(build::backend_key_data(key.pid, key.secret));
+    if !g.login_notify_message.is_empty() {
+        out.put(build::notice("NOTICE", "00000", &g.login_notify_message));
+    }
     out.put(build::ready_for_query(TxStatus::Idle));
     if stream.write_all(&out).await.is_err() {
         app.cancels.unregister(key);

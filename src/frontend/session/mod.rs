@@ -545,15 +545,57 @@ impl Session {
         let pool = self.pool.clone();
         let wait = pool.checkout();
         tokio::pin!(wait);
+        // Most checkouts find a server at once: they set up no timer.
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::future::Future::poll(wait.as_mut(), cx) {
+                std::task::Poll::Ready(r) => Some(r),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await;
+        if let Some(r) = first {
+            return r.map(Some);
+        }
+        // query_wait_notify: a client queued this long is told so, once per wait.
+        let notify_after = self.cluster.config.general.query_wait_notify;
+        let notify = tokio::time::sleep(notify_after);
+        tokio::pin!(notify);
+        let mut notified = notify_after.is_zero();
         loop {
             tokio::select! {
                 r = &mut wait => return r.map(Some),
+                _ = &mut notify, if !notified => {
+                    notified = true;
+                    let notice = build::notice(
+                        "NOTICE",
+                        "00000",
+                        "No server connection available in postgres backend, client being queued",
+                    );
+                    if self.client.write_all(&notice).await.is_err() {
+                        return Ok(None);
+                    }
+                }
                 n = self.client.read_buf(&mut self.cbuf), if self.cbuf.len() < 1 << 20 => match n {
                     Ok(0) | Err(_) => return Ok(None),
                     Ok(_) => {}
                 },
             }
         }
+    }
+
+    /// server_fast_close: closes a session's stale server between transactions, and the
+    /// client with it (in session mode they are bound), in PgBouncer's words.
+    async fn fast_close(&mut self, server: ServerConn) {
+        if crate::logging::log_disconnections() {
+            let age = server.created.elapsed().as_secs();
+            crate::logging::closing(
+                &self.pool.who(&server),
+                "database configuration changed",
+                age,
+            );
+        }
+        drop(server);
+        self.fail("08P01", "database configuration changed").await;
     }
 
     fn mode(&self) -> PoolMode {
@@ -677,6 +719,18 @@ impl Session {
             let waiting_in_tx = x.relay.progress.inflight == 0
                 && x.relay.progress.tx.in_block()
                 && x.relay.up.ready == 0;
+            // server_fast_close in session mode: a server RECONNECT or a reload made stale
+            // closes as soon as its session is between transactions.
+            let watch_close = self.mode() == PoolMode::Session
+                && x.relay.progress.tx == TxStatus::Idle
+                && x.relay.progress.at_rest(&x.relay.up)
+                && self.app.cluster().config.general.server_fast_close;
+            let pool = watch_close.then(|| self.pool.clone());
+            let changed = pool.as_ref().map(|p| p.changed());
+            if pool.as_ref().is_some_and(|p| p.is_stale(&server)) {
+                self.fast_close(server).await;
+                return After::Stop;
+            }
             let hold_client = x.relay.progress.budget == 0 && self.cbuf.len() > 1 << 20;
             let step = relay::step(
                 &mut self.client,
@@ -715,6 +769,15 @@ impl Session {
             if let Some(since) = block_since {
                 consider(since + limits.transaction, Limit::Transaction);
             }
+            let step = async {
+                match changed {
+                    None => Some(step.await),
+                    Some(changed) => tokio::select! {
+                        ev = step => Some(ev),
+                        _ = changed => None,
+                    },
+                }
+            };
             let event = match deadline {
                 None => step.await,
                 Some((at, limit)) => match tokio::time::timeout_at(at, step).await {
@@ -724,6 +787,10 @@ impl Session {
                         return After::Stop;
                     }
                 },
+            };
+            let Some(event) = event else {
+                self.fast_close(server).await;
+                return After::Stop;
             };
             match event {
                 Event::ClientData => {}
