@@ -642,3 +642,111 @@ async fn transaction_timeout_ends_a_long_transaction_and_spares_short_ones() {
     let next = app_client(&weir).await;
     assert_eq!(scalar(&next, "SELECT 1").await, "1");
 }
+
+/// weir.toml for the settings tests: database `app` with `db_extra` lines, general `general`.
+fn settings_config(pg_port: u16, general: &str, db_extra: &str) -> String {
+    format!(
+        "[weir]\nadmin_users = [\"admin\"]\n{general}\n\n\
+         [users.app]\npassword = \"{APP_PASSWORD}\"\n\
+         [users.admin]\npassword = \"{ADMIN_PASSWORD}\"\n\n\
+         [databases.app]\nhost = \"127.0.0.1\"\nport = {pg_port}\n{db_extra}\n"
+    )
+}
+
+/// An app client whose NOTICE messages are collected (the connection task keeps them).
+async fn client_with_notices(
+    weir: &Weir,
+) -> (Client, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let url = weir.url("app", APP_PASSWORD, "app");
+    let (client, mut connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {}", common::describe_error(&e)));
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = notices.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let tokio_postgres::AsyncMessage::Notice(n) = msg {
+                seen.lock().expect("notices").push(n.message().to_string());
+            }
+        }
+    });
+    (client, notices)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_query_and_login_and_queue_notices() {
+    let cluster = app_cluster();
+    let weir = Weir::start(&settings_config(
+        cluster.port,
+        "login_notify_message = \"Welcome to Weir\"\nquery_wait_notify = 1\nreserve_pool_size = 0",
+        "pool_size = 1\nconnect_query = \"SET enable_seqscan = off; SET enable_nestloop = off\"",
+    ));
+    let (holder, holder_notices) = client_with_notices(&weir).await;
+    // connect_query ran on the server before any client used it.
+    assert_eq!(scalar(&holder, "SHOW enable_seqscan").await, "off");
+    assert_eq!(scalar(&holder, "SHOW enable_nestloop").await, "off");
+    assert_eq!(
+        holder_notices.lock().expect("notices").as_slice(),
+        ["Welcome to Weir"],
+        "login_notify_message once at login"
+    );
+
+    // A client that waits past query_wait_notify for the only server is told so, once.
+    holder.simple_query("BEGIN").await.expect("BEGIN");
+    let (waiter, waiter_notices) = client_with_notices(&weir).await;
+    let waiting = tokio::spawn(async move {
+        let r = scalar(&waiter, "SELECT 'served'").await;
+        (waiter, r)
+    });
+    common::eventually(Duration::from_secs(10), "the queue notice", || {
+        waiter_notices.lock().expect("notices").len() == 2
+    });
+    holder.simple_query("COMMIT").await.expect("COMMIT");
+    let (waiter, served) = waiting.await.expect("waiter");
+    assert_eq!(served, "served");
+    assert_eq!(
+        waiter_notices.lock().expect("notices").as_slice(),
+        [
+            "Welcome to Weir",
+            "No server connection available in postgres backend, client being queued"
+        ]
+    );
+    // Served at once: no notice.
+    assert_eq!(scalar(&waiter, "SELECT 1").await, "1");
+    assert_eq!(waiter_notices.lock().expect("notices").len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_fast_close_ends_a_session_whose_server_was_reconnected() {
+    let cluster = app_cluster();
+    let weir = Weir::start(&settings_config(
+        cluster.port,
+        "pool_mode = \"session\"",
+        "",
+    ));
+    let admin = console(&weir, "admin", ADMIN_PASSWORD).await;
+    // Without server_fast_close a session keeps its server through RECONNECT.
+    let keeps = app_client(&weir).await;
+    assert_eq!(scalar(&keeps, "SELECT 1").await, "1");
+    run(&admin, "RECONNECT app").await;
+    assert_eq!(scalar(&keeps, "SELECT 2").await, "2");
+    drop(keeps);
+
+    run(&admin, "SET server_fast_close = 1").await;
+    let closed = app_client(&weir).await;
+    assert_eq!(scalar(&closed, "SELECT 1").await, "1");
+    run(&admin, "RECONNECT app").await;
+    let err = closed
+        .simple_query("SELECT 2")
+        .await
+        .expect_err("a session whose server was reconnected under server_fast_close");
+    let text = common::describe_error(&err);
+    assert!(
+        text.contains("database configuration changed") || closed.is_closed(),
+        "{text}"
+    );
+    common::eventually(Duration::from_secs(10), "the close to be logged", || {
+        weir.log()
+            .contains("closing because: database configuration changed")
+    });
+}
