@@ -85,7 +85,6 @@ pub struct App {
     pub shutdown: watch::Sender<Shutdown>,
     /// Logged-in clients, for SHOW CLIENTS and KILL.
     pub client_list: stats::Registry<stats::ClientInfo>,
-    next_client_id: AtomicU64,
     /// Where the config came from (RELOAD reads it again).
     pub config_path: PathBuf,
     /// Process start, µs since the epoch.
@@ -114,7 +113,6 @@ impl App {
             fresh: AtomicUsize::new(0),
             shutdown,
             client_list: stats::Registry::default(),
-            next_client_id: AtomicU64::new(1),
             config_path,
             started: stats::now_us(),
             disabled: Default::default(),
@@ -208,8 +206,10 @@ impl App {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// A new client's id, from the one sequence clients and servers share (as PgBouncer's
+    /// socket ids; SHOW SOCKETS lists both).
     pub fn next_client_id(&self) -> u64 {
-        self.next_client_id.fetch_add(1, Ordering::Relaxed)
+        crate::stats::next_socket_id()
     }
 
     /// Reads the config file again and applies it (SIGHUP, RELOAD).

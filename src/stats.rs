@@ -8,6 +8,14 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Ids of client and server connections: one sequence, as PgBouncer's socket ids.
+static NEXT_SOCKET_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The next client or server connection id.
+pub fn next_socket_id() -> u64 {
+    NEXT_SOCKET_ID.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Microseconds since the Unix epoch.
 pub fn now_us() -> u64 {
     SystemTime::now()
@@ -32,6 +40,8 @@ pub struct PoolTotals {
     pub max_wait_us: AtomicU64,
     pub server_connects: AtomicU64,
     pub errors: AtomicU64,
+    /// Clients that logged in to this pool (PgBouncer's client_login_count).
+    pub client_logins: AtomicU64,
 }
 
 impl PoolTotals {

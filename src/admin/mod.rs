@@ -24,6 +24,7 @@ pub mod stats;
 
 use crate::net::{read_message, Stream};
 use crate::stats::now_us;
+use crate::stats::PoolTotals;
 use crate::wire::{self, build, TxStatus};
 use crate::{App, Shutdown};
 use bytes::{BufMut, BytesMut};
@@ -130,8 +131,7 @@ struct ConsoleClient {
 }
 
 impl ConsoleClient {
-    fn new(app: &Arc<App>, user: &str, peer: &str) -> ConsoleClient {
-        let id = app.next_client_id();
+    fn new(app: &Arc<App>, id: u64, user: &str, peer: &str) -> ConsoleClient {
         let info = crate::stats::ClientInfo::new(id, user, snapshot::ADMIN_DB, peer, "", 0);
         info.set_state(crate::stats::ClientState::Active);
         app.client_list.insert(id, Arc::new(info));
@@ -157,10 +157,12 @@ pub async fn serve(
     user: String,
     role: Role,
     peer: &str,
+    id: u64,
 ) {
     start(&app);
     let _count = ConsoleCount::new(&app);
-    let _listed = ConsoleClient::new(&app, &user, peer);
+    let _listed = ConsoleClient::new(&app, id, &user, peer);
+    PoolTotals::add(&app.admin.stats.console.client_logins, 1);
     tracing::debug!(%user, ?role, "admin console login");
     let mut console = Console {
         app,
@@ -214,6 +216,9 @@ impl Console {
             let Ok(Some(msg)) = msg else { return };
             match msg[0] {
                 wire::tag::QUERY => {
+                    let counters = &self.app.admin.stats.console;
+                    PoolTotals::add(&counters.xact_count, 1);
+                    PoolTotals::add(&counters.query_count, 1);
                     let sql = wire::cstr(wire::body(&msg), 0).map(|(s, _)| s.to_string());
                     let reply = match sql {
                         Some(sql) => self.query(&sql).await,

@@ -214,6 +214,32 @@ pub fn servers(s: &Snapshot) -> ResultSet {
     rs
 }
 
+/// SHOW SOCKETS / SHOW ACTIVE_SOCKETS: every client and server connection (or only the
+/// active ones), with SHOW CLIENTS' columns and PgBouncer's buffer columns after them.
+/// Weir's buffers are per task, not per socket, so those read 0.
+pub fn sockets(s: &Snapshot, active_only: bool) -> ResultSet {
+    const BUFFERS: [&str; 7] = [
+        "recv_pos",
+        "pkt_pos",
+        "pkt_remain",
+        "send_pos",
+        "send_remain",
+        "pkt_avail",
+        "send_avail",
+    ];
+    let mut rs = socket_columns();
+    rs.columns.extend(BUFFERS.iter().map(|&n| (n, INT4)));
+    let state = rs.columns.iter().position(|(n, _)| *n == "state");
+    for mut row in clients(s).rows.into_iter().chain(servers(s).rows) {
+        if active_only && state.and_then(|i| row[i].as_deref()) != Some("active") {
+            continue;
+        }
+        row.extend(BUFFERS.iter().map(|_| num(0)));
+        rs.push(row);
+    }
+    rs
+}
+
 pub fn databases(s: &Snapshot) -> ResultSet {
     let mut rs = ResultSet::new(&[
         ("name", TEXT),
@@ -328,9 +354,9 @@ pub fn users(s: &Snapshot) -> ResultSet {
     rs
 }
 
-/// The eleven counters in PgBouncer's column order; Weir does not count protocol
+/// The twelve counters in PgBouncer's column order; Weir does not count protocol
 /// Parse and Bind messages per database, so those three are 0.
-fn values(c: &Counters) -> [u64; 11] {
+fn values(c: &Counters) -> [u64; 12] {
     [
         c.server_assignment_count,
         c.xact_count,
@@ -343,6 +369,7 @@ fn values(c: &Counters) -> [u64; 11] {
         0,
         0,
         0,
+        c.client_login_count,
     ]
 }
 
@@ -360,6 +387,7 @@ pub fn stats(s: &Snapshot) -> ResultSet {
         ("total_client_parse_count", NUMERIC),
         ("total_server_parse_count", NUMERIC),
         ("total_bind_count", NUMERIC),
+        ("total_client_login_count", NUMERIC),
         ("avg_server_assignment_count", NUMERIC),
         ("avg_xact_count", NUMERIC),
         ("avg_query_count", NUMERIC),
@@ -371,6 +399,7 @@ pub fn stats(s: &Snapshot) -> ResultSet {
         ("avg_client_parse_count", NUMERIC),
         ("avg_server_parse_count", NUMERIC),
         ("avg_bind_count", NUMERIC),
+        ("avg_client_login_count", NUMERIC),
     ]);
     for (db, total) in &s.stats.totals {
         let avg = s.stats.averages.get(db).copied().unwrap_or_default();
@@ -390,9 +419,15 @@ fn per_database(s: &Snapshot, averages: bool) -> ResultSet {
             "avg_client_parse_count",
             "avg_server_parse_count",
             "avg_bind_count",
+            "avg_client_login_count",
         ]
     } else {
-        ["client_parse_count", "server_parse_count", "bind_count"]
+        [
+            "client_parse_count",
+            "server_parse_count",
+            "bind_count",
+            "client_login_count",
+        ]
     };
     let mut cols = vec![("database", TEXT)];
     cols.extend(
@@ -457,6 +492,7 @@ pub fn totals(s: &Snapshot) -> ResultSet {
         "ps_client_parse_count",
         "ps_server_parse_count",
         "ps_bind_count",
+        "client_login_count",
     ];
     for (prefix, c) in [("total", &total), ("avg", &avg)] {
         for (field, v) in fields.iter().zip(values(c)) {
@@ -645,6 +681,8 @@ pub fn render(what: &str, s: &Snapshot) -> Option<ResultSet> {
         "pools" => pools(s),
         "clients" => clients(s),
         "servers" => servers(s),
+        "sockets" => sockets(s, false),
+        "active_sockets" => sockets(s, true),
         "databases" => databases(s),
         "users" => users(s),
         "stats" => stats(s),
@@ -852,15 +890,15 @@ mod tests {
     fn stats_are_numeric_and_totals_use_pgbouncer_field_names() {
         let s = snapshot();
         let st = stats(&s);
-        assert_eq!(st.columns.len(), 23);
+        assert_eq!(st.columns.len(), 25);
         assert!(st.columns[1..].iter().all(|(_, t)| *t == NUMERIC));
         let app = row(&st, "database", "app");
         assert_eq!(get(&app, "total_xact_count"), Some("10"));
         assert_eq!(get(&app, "total_received"), Some("100"));
-        assert_eq!(stats_totals(&s).columns.len(), 12);
+        assert_eq!(stats_totals(&s).columns.len(), 13);
         assert_eq!(stats_averages(&s).columns[9].0, "avg_client_parse_count");
         let t = totals(&s);
-        assert_eq!(t.rows.len(), 22);
+        assert_eq!(t.rows.len(), 24);
         assert_eq!(row(&t, "name", "total_client_bytes")[1].1, Some("100"));
         assert_eq!(row(&t, "name", "avg_ps_bind_count")[1].1, Some("0"));
     }
@@ -889,6 +927,8 @@ mod tests {
             "POOLS",
             "clients",
             "servers",
+            "sockets",
+            "active_sockets",
             "databases",
             "users",
             "stats",

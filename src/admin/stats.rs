@@ -30,6 +30,7 @@ pub struct Counters {
     pub xact_time: u64,
     pub query_time: u64,
     pub wait_time: u64,
+    pub client_login_count: u64,
 }
 
 impl Counters {
@@ -44,6 +45,7 @@ impl Counters {
             xact_time: PoolTotals::get(&t.xact_time_us),
             query_time: PoolTotals::get(&t.query_time_us),
             wait_time: PoolTotals::get(&t.wait_time_us),
+            client_login_count: PoolTotals::get(&t.client_logins),
         }
     }
 
@@ -56,6 +58,7 @@ impl Counters {
         self.xact_time += o.xact_time;
         self.query_time += o.query_time;
         self.wait_time += o.wait_time;
+        self.client_login_count += o.client_login_count;
     }
 
     /// PgBouncer's averages between an older snapshot and now: counts and
@@ -81,6 +84,7 @@ impl Counters {
             xact_time: per(cur.xact_time, old.xact_time, xacts),
             query_time: per(cur.query_time, old.query_time, queries),
             wait_time: per(cur.wait_time, old.wait_time, assignments),
+            client_login_count: rate(cur.client_login_count, old.client_login_count),
         }
     }
 }
@@ -94,6 +98,9 @@ pub struct DatabaseStats {
 
 pub struct StatsTracker {
     inner: Mutex<Inner>,
+    /// The admin console's own counters (logins, and each command as one transaction and
+    /// one query), shown as database `pgbouncer` as PgBouncer does.
+    pub console: PoolTotals,
 }
 
 struct Inner {
@@ -118,6 +125,7 @@ impl StatsTracker {
                 old_stamp_us: start_us,
                 new_stamp_us: start_us,
             }),
+            console: PoolTotals::default(),
         }
     }
 
@@ -156,8 +164,14 @@ impl StatsTracker {
             .collect()
     }
 
-    fn totals_locked(inner: &Inner) -> BTreeMap<String, Counters> {
+    fn totals_locked(&self, inner: &Inner) -> BTreeMap<String, Counters> {
         let mut out = inner.carried.clone();
+        let console = Counters::of(&self.console);
+        if console != Counters::default() {
+            out.entry(crate::admin::snapshot::ADMIN_DB.to_string())
+                .or_default()
+                .add(&console);
+        }
         for pool in &inner.seen {
             out.entry(pool.settings.database.clone())
                 .or_default()
@@ -170,7 +184,7 @@ impl StatsTracker {
     pub fn rotate(&self, live: &[Arc<Pool>], now_us: u64) {
         self.observe(live);
         let mut inner = self.inner.lock();
-        let totals = Self::totals_locked(&inner);
+        let totals = self.totals_locked(&inner);
         inner.older = std::mem::replace(&mut inner.newer, totals);
         inner.old_stamp_us = inner.new_stamp_us;
         inner.new_stamp_us = now_us;
@@ -179,7 +193,7 @@ impl StatsTracker {
     pub fn stats(&self, live: &[Arc<Pool>], now_us: u64) -> DatabaseStats {
         self.observe(live);
         let inner = self.inner.lock();
-        let totals = Self::totals_locked(&inner);
+        let totals = self.totals_locked(&inner);
         let elapsed = now_us.saturating_sub(inner.old_stamp_us);
         let zero = Counters::default();
         let averages = totals
@@ -208,6 +222,7 @@ mod tests {
             xact_time: 1000,
             query_time: 1000,
             wait_time: 100,
+            client_login_count: 4,
         };
         let cur = Counters {
             server_assignment_count: 30,
@@ -218,8 +233,10 @@ mod tests {
             xact_time: 4000,
             query_time: 2200,
             wait_time: 500,
+            client_login_count: 10,
         };
         let avg = Counters::average(&cur, &old, 2 * USEC);
+        assert_eq!(avg.client_login_count, 3); // 6 logins in 2 s
         assert_eq!(avg.xact_count, 15); // 30 transactions in 2 s
         assert_eq!(avg.query_count, 30);
         assert_eq!(avg.server_assignment_count, 10);

@@ -10,7 +10,6 @@ use crate::net::{read_message, Stream};
 use crate::stats::ServerInfo;
 use crate::wire::{self, build, tag, ErrorFields, TxStatus};
 use bytes::BytesMut;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -100,8 +99,6 @@ impl std::fmt::Debug for ServerConn {
     }
 }
 
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
 /// A server error from an internal query, passed to the client that caused it.
 #[derive(Debug, Error)]
 pub enum ExecError {
@@ -137,7 +134,7 @@ impl ServerConn {
             let result = login(&mut stream, &mut buf, &startup, creds).await?;
             let now = Instant::now();
             let mut conn = ServerConn {
-                id: ServerId(NEXT_ID.fetch_add(1, Ordering::Relaxed)),
+                id: ServerId(crate::stats::next_socket_id()),
                 stream,
                 buf,
                 address: target.address.clone(),

@@ -38,6 +38,10 @@ pub struct PoolSettings {
     pub query_wait_timeout: Duration,
     pub server_lifetime: Duration,
     pub server_idle_timeout: Duration,
+    /// An idle server unused this long runs `check_query` before it is lent again
+    /// (server_check_delay / server_check_query; empty: an empty query).
+    pub check_delay: Duration,
+    pub check_query: String,
     /// For sharded databases: the shard, and the replica (`None` = primary).
     pub shard: Option<usize>,
     pub replica: Option<usize>,
@@ -335,6 +339,27 @@ impl Pool {
         self.take(grant, start).await
     }
 
+    /// server_check_delay: a server idle at least that long must answer `check_query`
+    /// before it is lent (a connection a firewall dropped fails here, not in a client's
+    /// transaction). True when it may be lent.
+    async fn passes_check(&self, conn: &mut ServerConn) -> bool {
+        let s = &self.settings;
+        if conn.last_used.elapsed() < s.check_delay {
+            return true;
+        }
+        let check = tokio::time::timeout(s.target.connect_timeout, conn.exec(&s.check_query));
+        match check.await {
+            Ok(Ok(crate::wire::TxStatus::Idle)) => true,
+            _ => {
+                if crate::logging::log_disconnections() {
+                    let age = conn.created.elapsed().as_secs();
+                    crate::logging::closing(&self.who(conn), "server check query failed", age);
+                }
+                false
+            }
+        }
+    }
+
     fn new_slot(self: &Arc<Self>) -> Slot {
         Slot {
             pool: Arc::downgrade(self),
@@ -349,12 +374,12 @@ impl Pool {
         start: Instant,
     ) -> Result<ServerConn, CheckoutError> {
         match grant {
-            Grant::Conn(mut conn) if conn.is_alive() => {
-                self.record_wait(start);
-                conn.last_used = Instant::now();
-                Ok(conn)
-            }
             Grant::Conn(mut conn) => {
+                if conn.is_alive() && self.passes_check(&mut conn).await {
+                    self.record_wait(start);
+                    conn.last_used = Instant::now();
+                    return Ok(conn);
+                }
                 // A dead connection: keep its slot and open a fresh one with it.
                 let mut slot = conn.slot.take().unwrap_or_else(|| self.new_slot());
                 // The slot outlives its dead connection: unlist that one.

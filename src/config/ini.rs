@@ -533,7 +533,13 @@ impl<'a> Importer<'a> {
         Ok(table)
     }
 
-    fn finish(self) -> Result<IniImport, ConfigError> {
+    fn finish(mut self) -> Result<IniImport, ConfigError> {
+        // PgBouncer's default pool_mode is session (Weir's own TOML default is transaction):
+        // an ini that does not say runs as it would under PgBouncer.
+        if !self.general.contains_key("pool_mode") {
+            self.general
+                .insert("pool_mode".into(), Value::String("session".into()));
+        }
         let mut root = Table::new();
         root.insert("weir".into(), Value::Table(self.general));
         root.insert("databases".into(), Value::Table(self.databases));

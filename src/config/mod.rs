@@ -263,7 +263,8 @@ impl Default for General {
             pool_idle_timeout: d(0),
             server_fast_close: false,
             server_check_delay: d(30),
-            server_check_query: "select 1".into(),
+            // PgBouncer's default: an empty query, the cheapest round trip.
+            server_check_query: String::new(),
             server_reset_query: "DISCARD ALL".into(),
             server_reset_query_always: false,
             shutdown_timeout: d(0),

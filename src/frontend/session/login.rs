@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::logging::Who;
+use crate::stats::PoolTotals;
 
 pub(super) enum Login {
     Client(Box<LoggedIn>),
@@ -21,6 +22,9 @@ pub(super) struct LoggedIn {
     pub(super) wanted: ParamSet,
     pub(super) key: FrontendKey,
     pub(super) cancel: Arc<CancelEntry>,
+    /// Session mode: the server opened to learn the pool's parameters, kept for this client
+    /// (as PgBouncer links it at login).
+    pub(super) first_server: Option<Box<crate::backend::ServerConn>>,
 }
 
 /// Refuses a login: the client gets the error, the log PgBouncer's closing line for it.
@@ -132,7 +136,7 @@ pub(super) async fn login(
             &who,
             log,
             "08P01",
-            &format!("database \"{dbname}\" does not allow connections"),
+            &format!("database \"{dbname}\" is disabled"),
         )
         .await;
         return None;
@@ -236,12 +240,17 @@ pub(super) async fn login(
         let r = replication::open(app, stream, &who, log, pool, user, &params, mode).await?;
         return Some(Login::Replication(Box::new(r)));
     }
+    let mut first_server = None;
     let defaults = match pool.defaults() {
         Some(d) => d,
         None => match pool.checkout().await {
             Ok(conn) => {
                 let d = conn.params.clone();
-                pool.checkin(conn);
+                if pool.settings.mode == PoolMode::Session {
+                    first_server = Some(Box::new(conn));
+                } else {
+                    pool.checkin(conn);
+                }
                 d
             }
             Err(e) => {
@@ -305,6 +314,7 @@ pub(super) async fn login(
         app.release_client(&db.name, &user);
         return None;
     }
+    PoolTotals::add(&pool.totals.client_logins, 1);
     if g.log_connections {
         let tls = stream.tls_description();
         tracing::info!("{who} login attempt: db={dbname} user={user} tls={tls}");
@@ -317,6 +327,7 @@ pub(super) async fn login(
         wanted,
         key,
         cancel,
+        first_server,
     })))
 }
 

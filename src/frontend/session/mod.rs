@@ -45,6 +45,8 @@ pub(super) async fn run(
     abort: Arc<std::sync::OnceLock<tokio::task::AbortHandle>>,
     fresh: Fresh,
 ) {
+    // As PgBouncer, a client's id is taken when it connects (one sequence with servers').
+    let id = app.next_client_id();
     // Each phase is a boxed future that exists only while it runs: the task of a logged-in
     // client holds no room for the login's state.
     let Some((cluster, stream, buf, login)) = Box::pin(log_in(&app, stream, &peer)).await else {
@@ -53,7 +55,7 @@ pub(super) async fn run(
     let parts = match login {
         Login::Client(parts) => *parts,
         Login::Admin { user, role } => {
-            Box::pin(crate::admin::serve(app, stream, buf, user, role, &peer)).await;
+            Box::pin(crate::admin::serve(app, stream, buf, user, role, &peer, id)).await;
             return;
         }
         Login::Replication(r) => {
@@ -61,7 +63,7 @@ pub(super) async fn run(
             return;
         }
     };
-    let mut session = Session::new(app, cluster, stream, buf, peer, parts, &abort, fresh);
+    let mut session = Session::new(app, cluster, stream, buf, peer, id, parts, &abort, fresh);
     if let Some(reason) = Box::pin(session.serve()).await {
         if session.cluster.config.general.log_disconnections {
             crate::logging::closing(&session.who(), reason, session.age_secs());
@@ -111,12 +113,13 @@ impl Session {
         stream: Stream,
         buf: BytesMut,
         peer: String,
+        id: u64,
         parts: login::LoggedIn,
         abort: &std::sync::OnceLock<tokio::task::AbortHandle>,
         fresh: Fresh,
     ) -> Session {
         let info = Arc::new(ClientInfo::new(
-            app.next_client_id(),
+            id,
             &parts.user,
             &parts.db.name,
             &peer,
@@ -135,6 +138,7 @@ impl Session {
             _registered: registered,
             shutdown: app.shutdown.subscribe(),
             fresh: Some(fresh),
+            first_server: parts.first_server,
             info,
             app,
             cluster,
@@ -318,6 +322,8 @@ struct Session {
     shutdown: tokio::sync::watch::Receiver<Shutdown>,
     /// Set until the first transaction ends (see `App::fresh`).
     fresh: Option<Fresh>,
+    /// Session mode: the server the login opened, used for the first checkout.
+    first_server: Option<Box<ServerConn>>,
     info: Arc<ClientInfo>,
     app: Arc<App>,
     /// The cluster this session's pool belongs to (refreshed after a reload).
@@ -531,6 +537,8 @@ impl Session {
     fn refresh(&mut self) {
         if self.generation != self.app.generation() {
             self.generation = self.app.generation();
+            // The login's server belongs to the pool a reload may have replaced.
+            self.first_server = None;
             self.cluster = self.app.cluster();
             if let Some(db) = self.cluster.config.database(&self.db.name) {
                 self.db = db;
@@ -542,6 +550,9 @@ impl Session {
     }
 
     async fn checkout(&mut self) -> Result<Option<ServerConn>, CheckoutError> {
+        if let Some(server) = self.first_server.take() {
+            return Ok(Some(*server));
+        }
         let pool = self.pool.clone();
         let wait = pool.checkout();
         tokio::pin!(wait);
