@@ -8,7 +8,9 @@ use crate::config::{Config, Database, Secret};
 use crate::router::route::ShardRouter;
 use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Which pool: database and login user, and for sharded databases the shard
 /// and the replica (`None` = the primary).
@@ -244,6 +246,42 @@ impl Cluster {
         let r = Arc::new(ShardRouter::new(db)?);
         routers.insert(db.name.clone(), r.clone());
         Some(r)
+    }
+
+    /// pool_idle_timeout: frees pools that had no client and no server for `timeout`
+    /// (`in_use(database, client_user)` says whether a client uses one); pools kept open by
+    /// `min_pool_size` stay.
+    pub fn cleanup_idle_pools(&self, timeout: Duration, in_use: impl Fn(&str, &str) -> bool) {
+        let now = crate::stats::now_us();
+        let limit = timeout.as_micros() as u64;
+        let mut freed = Vec::new();
+        self.pools.lock().retain(|_, pool| {
+            let unused = pool.counts().total == 0
+                && pool.tuning().min_pool_size == 0
+                && !in_use(&pool.settings.database, &pool.client_user);
+            if !unused {
+                pool.unused_since.store(0, Ordering::Relaxed);
+                return true;
+            }
+            let since = pool.unused_since.load(Ordering::Relaxed);
+            if since == 0 {
+                pool.unused_since.store(now, Ordering::Relaxed);
+                return true;
+            }
+            if now.saturating_sub(since) < limit {
+                return true;
+            }
+            freed.push((pool.clone(), now.saturating_sub(since) / 1_000_000));
+            false
+        });
+        for (pool, age) in freed {
+            pool.retire();
+            tracing::info!(
+                "cleaning up idle pool for user {} on db {} because: pool idle timeout (age= {age}s)",
+                pool.settings.user,
+                pool.settings.database
+            );
+        }
     }
 
     pub fn pools(&self) -> Vec<Arc<Pool>> {

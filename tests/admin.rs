@@ -72,7 +72,8 @@ fn stdout_ok(out: &Output, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// PgBouncer 1.24's columns, in order (usage.md and admin.c / stats.c).
+/// PgBouncer's columns at its current release (1.24's, plus 1.25's client_login_count), in
+/// order (usage.md and admin.c / stats.c).
 const SOCKET_COLUMNS: &str = "type,user,database,replication,state,addr,port,local_addr,\
 local_port,connect_time,request_time,wait,wait_us,close_needed,ptr,link,remote_pid,tls,\
 application_name,prepared_statements,id";
@@ -89,20 +90,22 @@ const EXPECTED_HEADERS: &[(&str, &str)] = &[
         "database,total_server_assignment_count,total_xact_count,total_query_count,\
          total_received,total_sent,total_xact_time,total_query_time,total_wait_time,\
          total_client_parse_count,total_server_parse_count,total_bind_count,\
+         total_client_login_count,\
          avg_server_assignment_count,avg_xact_count,avg_query_count,avg_recv,avg_sent,\
          avg_xact_time,avg_query_time,avg_wait_time,avg_client_parse_count,\
-         avg_server_parse_count,avg_bind_count",
+         avg_server_parse_count,avg_bind_count,avg_client_login_count",
     ),
     (
         "SHOW STATS_TOTALS",
         "database,server_assignment_count,xact_count,query_count,bytes_received,bytes_sent,\
-         xact_time,query_time,wait_time,client_parse_count,server_parse_count,bind_count",
+         xact_time,query_time,wait_time,client_parse_count,server_parse_count,bind_count,\
+         client_login_count",
     ),
     (
         "SHOW STATS_AVERAGES",
         "database,server_assignment_count,xact_count,query_count,bytes_received,bytes_sent,\
          xact_time,query_time,wait_time,avg_client_parse_count,avg_server_parse_count,\
-         avg_bind_count",
+         avg_bind_count,avg_client_login_count",
     ),
     ("SHOW TOTALS", "name,value"),
     ("SHOW CLIENTS", SOCKET_COLUMNS),
@@ -749,4 +752,45 @@ async fn server_fast_close_ends_a_session_whose_server_was_reconnected() {
         weir.log()
             .contains("closing because: database configuration changed")
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_idle_timeout_frees_unused_pools_only() {
+    let cluster = app_cluster();
+    let other = format!(
+        "\n[databases.other]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"app\"\n",
+        cluster.port
+    );
+    let weir = Weir::start(&settings_config(
+        cluster.port,
+        "pool_idle_timeout = 1\nserver_idle_timeout = 1",
+        &other,
+    ));
+    let admin = console(&weir, "admin", ADMIN_PASSWORD).await;
+    // `app` keeps a client; `other` is used once and left.
+    let stays = app_client(&weir).await;
+    assert_eq!(scalar(&stays, "SELECT 1").await, "1");
+    let once = common::connect(&weir.url("app", APP_PASSWORD, "other")).await;
+    assert_eq!(scalar(&once, "SELECT 1").await, "1");
+    drop(once);
+    until("other's pool to be freed", || async {
+        weir.log()
+            .contains("cleaning up idle pool for user app on db other because: pool idle timeout")
+    })
+    .await;
+    assert_eq!(
+        show_value(&admin, "POOLS", "database", "other", "user").await,
+        None
+    );
+    assert_eq!(
+        show_value(&admin, "POOLS", "database", "app", "user")
+            .await
+            .as_deref(),
+        Some("app"),
+        "a pool with a client is kept"
+    );
+    assert!(!weir.log().contains("idle pool for user app on db app "));
+    // A freed pool comes back with the next client.
+    let again = common::connect(&weir.url("app", APP_PASSWORD, "other")).await;
+    assert_eq!(scalar(&again, "SELECT 2").await, "2");
 }

@@ -96,7 +96,15 @@ pub fn start(app: &Arc<App>) {
         loop {
             tick.tick().await;
             let Some(app) = weak.upgrade() else { return };
-            let pools = app.cluster().pools();
+            let cluster = app.cluster();
+            let idle_timeout = cluster.config.general.pool_idle_timeout;
+            if !idle_timeout.is_zero() {
+                let clients = app.client_list.snapshot();
+                cluster.cleanup_idle_pools(idle_timeout, |db, user| {
+                    clients.iter().any(|c| c.database == db && c.user == user)
+                });
+            }
+            let pools = cluster.pools();
             if period_start.elapsed() >= stats::STATS_PERIOD {
                 period_start = Instant::now();
                 app.admin.stats.rotate(&pools, now_us());

@@ -96,6 +96,15 @@ pub struct DatabaseStats {
     pub averages: BTreeMap<String, Counters>,
 }
 
+/// True once a pool has had a server, a client or a checkout.
+fn used(pool: &Pool) -> bool {
+    let t = &pool.totals;
+    pool.counts().total > 0
+        || PoolTotals::get(&t.client_logins) > 0
+        || PoolTotals::get(&t.wait_count) > 0
+        || PoolTotals::get(&t.server_connects) > 0
+}
+
 pub struct StatsTracker {
     inner: Mutex<Inner>,
     /// The admin console's own counters (logins, and each command as one transaction and
@@ -133,13 +142,18 @@ impl StatsTracker {
     pub fn observe(&self, live: &[Arc<Pool>]) {
         let mut inner = self.inner.lock();
         for pool in live {
-            if !inner.seen.iter().any(|p| Arc::ptr_eq(p, pool)) {
+            // A pool nothing has used yet has nothing to count; holding it would keep a pool
+            // a failed login made (an auto-database) from being forgotten.
+            if used(pool) && !inner.seen.iter().any(|p| Arc::ptr_eq(p, pool)) {
                 inner.seen.push(pool.clone());
             }
         }
-        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut inner.seen)
-            .into_iter()
-            .partition(|p| p.is_retired() && p.servers.is_empty());
+        // Retired pools, and pools the cluster dropped (pool_idle_timeout, unused
+        // auto-databases), are folded once their servers are closed.
+        let (done, keep): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut inner.seen).into_iter().partition(|p| {
+                (p.is_retired() || !live.iter().any(|l| Arc::ptr_eq(l, p))) && p.servers.is_empty()
+            });
         inner.seen = keep;
         for pool in &done {
             let c = Counters::of(&pool.totals);

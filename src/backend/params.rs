@@ -106,6 +106,16 @@ impl ParamSet {
         self.find(key).map(|i| self.entries[i].value.as_str())
     }
 
+    /// A parameter's name as it was first spelled (`DateStyle`), with its value.
+    pub fn named(&self, key: &str) -> Option<(&str, &str)> {
+        self.find(key).map(|i| {
+            (
+                self.entries[i].name.as_str(),
+                self.entries[i].value.as_str(),
+            )
+        })
+    }
+
     fn put(&mut self, name: &str, value: &str, reported: bool) {
         match self.find(name) {
             Some(i) => {

@@ -126,6 +126,9 @@ pub struct Pool {
     epoch: AtomicU64,
     /// Fired by RECONNECT and retirement (server_fast_close sessions watch it).
     changed: Notify,
+    /// pool_idle_timeout: when the pool was first seen with no client and no server
+    /// (microseconds since the epoch; 0 = in use).
+    pub unused_since: AtomicU64,
     pub totals: PoolTotals,
     /// Prometheus handles for this pool (see `crate::metrics`).
     pub metrics: PoolMetrics,
@@ -187,6 +190,7 @@ impl Pool {
             resumed: Notify::new(),
             epoch: AtomicU64::new(0),
             changed: Notify::new(),
+            unused_since: AtomicU64::new(0),
             totals: PoolTotals::default(),
             metrics,
             servers: Registry::default(),

@@ -547,7 +547,7 @@ impl Config {
                 Arc::new(v.database(name, section, &doc.weir)?),
             );
         }
-        let warnings = unenforced_limits(path, &doc);
+        let warnings = Vec::new();
         let hba = match &doc.weir.auth_hba_file {
             Some(f) => {
                 let hba_path = resolve(path, f);
@@ -820,20 +820,6 @@ impl Validator<'_> {
             read_from_replicas: s.read_from_replicas,
         })
     }
-}
-
-/// Limits Weir accepts but does not enforce yet: each set one gets a warning
-/// (logged, and listed by `weir --check`), never a silent ignore.
-fn unenforced_limits(path: &Path, doc: &Document) -> Vec<String> {
-    let file = path.display();
-    let mut out = Vec::new();
-    if !doc.weir.pool_idle_timeout.is_zero() {
-        let w =
-            format!("{file}: pool_idle_timeout is not enforced by Weir yet; empty pools are kept");
-        tracing::warn!("{w}");
-        out.push(w);
-    }
-    out
 }
 
 /// Parses `host:port` or `[host]:port` (an IPv6 address in brackets); the port defaults to

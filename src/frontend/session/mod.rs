@@ -472,11 +472,14 @@ impl Session {
             self.cancel.detach();
             self.info.set_state(ClientState::Idle);
             self.info.server_pid.store(0, Ordering::Relaxed);
-            let totals = &pool.totals;
-            PoolTotals::add(&totals.xact_count, 1);
-            let xact_us = now_us().saturating_sub(now);
-            PoolTotals::add(&totals.xact_time_us, xact_us);
-            pool.metrics.transaction_done(xact_us);
+            if pool.settings.mode != PoolMode::Session {
+                // (Session mode counted each of its transactions as it ended.)
+                let totals = &pool.totals;
+                PoolTotals::add(&totals.xact_count, 1);
+                let xact_us = now_us().saturating_sub(now);
+                PoolTotals::add(&totals.xact_time_us, xact_us);
+                pool.metrics.transaction_done(xact_us);
+            }
             drop(active);
             after
         }
@@ -631,6 +634,9 @@ impl Session {
         let mut query_since: Option<tokio::time::Instant> = None;
         // When the server's session entered the current transaction block (transaction_timeout).
         let mut block_since: Option<tokio::time::Instant> = None;
+        // Session mode: when the current transaction began (SHOW STATS counts each one).
+        let session_mode = self.mode() == PoolMode::Session;
+        let mut xact_began: Option<u64> = None;
         loop {
             let scanned = x.scan_client(
                 &mut self.cbuf,
@@ -804,7 +810,11 @@ impl Session {
                 return After::Stop;
             };
             match event {
-                Event::ClientData => {}
+                Event::ClientData => {
+                    if session_mode && xact_began.is_none() {
+                        xact_began = Some(now_us());
+                    }
+                }
                 Event::ServerData => {
                     let idle = match x.scan_server(&mut server, &mut self.stmts, &mut self.wanted) {
                         Ok(idle) => idle,
@@ -818,9 +828,16 @@ impl Session {
                     if idle
                         && x.relay.progress.tx == TxStatus::Idle
                         && x.relay.progress.at_rest(&x.relay.up)
-                        && self.mode() != PoolMode::Session
                     {
-                        return self.finish(server, &mut x).await;
+                        if !session_mode {
+                            return self.finish(server, &mut x).await;
+                        }
+                        // Session mode keeps its server: count the transaction that ended.
+                        let began = xact_began.take().unwrap_or_else(now_us);
+                        let xact_us = now_us().saturating_sub(began);
+                        PoolTotals::add(&x.pool.totals.xact_count, 1);
+                        PoolTotals::add(&x.pool.totals.xact_time_us, xact_us);
+                        x.pool.metrics.transaction_done(xact_us);
                     }
                     if idle && x.relay.progress.tx.in_block() && self.mode() == PoolMode::Statement
                     {
@@ -904,9 +921,37 @@ impl Session {
             server.params.remember_match(&self.wanted);
             return Ok(());
         };
+        let noise = tracing::enabled!(tracing::Level::TRACE);
+        if noise {
+            // PgBouncer's NOISE lines for the same events (operators grep them).
+            for key in &changed {
+                if let Some((name, v)) = self.wanted.named(key) {
+                    tracing::trace!("varcache_apply: SET {name}={}", quote_literal(v));
+                }
+            }
+        }
         match server.exec(&sql).await {
             Ok(_) => {
+                let asked: Vec<(String, String)> = if noise {
+                    changed
+                        .iter()
+                        .filter_map(|k| {
+                            let (name, v) = self.wanted.named(k)?;
+                            Some((name.to_string(), v.to_string()))
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 server.params.after_sync(&mut self.wanted, &changed);
+                for (key, old) in asked {
+                    match self.wanted.get(&key) {
+                        Some(new) if new != old => tracing::trace!(
+                            "varcache_set_canonical: setting {key} to its canonical version {old} -> {new}"
+                        ),
+                        _ => {}
+                    }
+                }
                 Ok(())
             }
             Err(ExecError::Server(e)) => {
