@@ -84,10 +84,7 @@ impl Cap {
         let pools: Vec<Arc<Pool>> = self.pools.lock().iter().filter_map(Weak::upgrade).collect();
         for pool in pools {
             if let Some(conn) = pool.take_one_idle() {
-                if crate::logging::log_disconnections() {
-                    let age = conn.created.elapsed().as_secs();
-                    crate::logging::closing(&pool.who(&conn), "evicted", age);
-                }
+                pool.log_closing(&conn, "evicted");
                 drop(conn);
                 return true;
             }

@@ -355,10 +355,7 @@ impl Pool {
         match check.await {
             Ok(Ok(crate::wire::TxStatus::Idle)) => true,
             _ => {
-                if crate::logging::log_disconnections() {
-                    let age = conn.created.elapsed().as_secs();
-                    crate::logging::closing(&self.who(conn), "server check query failed", age);
-                }
+                self.log_closing(conn, "server check query failed");
                 false
             }
         }
@@ -428,10 +425,7 @@ impl Pool {
         };
         let slot = match grant {
             Grant::Conn(mut conn) => {
-                if crate::logging::log_disconnections() {
-                    let age = conn.created.elapsed().as_secs();
-                    crate::logging::closing(&self.who(&conn), "evicted", age);
-                }
+                self.log_closing(&conn, "evicted");
                 let mut slot = conn.slot.take().unwrap_or_else(|| self.new_slot());
                 if let Some(id) = slot.server.take() {
                     self.servers.remove(id);
@@ -572,6 +566,15 @@ impl Pool {
     }
 
     /// A server connection of this pool in PgBouncer's log prefix.
+    /// Logs PgBouncer's `closing because: <reason>` line for one of this pool's servers
+    /// (when log_disconnections is on).
+    pub fn log_closing(&self, conn: &ServerConn, reason: &str) {
+        if crate::logging::log_disconnections() {
+            let age = conn.created.elapsed().as_secs();
+            crate::logging::closing(&self.who(conn), reason, age);
+        }
+    }
+
     pub fn who(&self, conn: &ServerConn) -> Who {
         Who::server(
             conn.id.0,

@@ -474,11 +474,7 @@ impl Session {
             self.info.server_pid.store(0, Ordering::Relaxed);
             if pool.settings.mode != PoolMode::Session {
                 // (Session mode counted each of its transactions as it ended.)
-                let totals = &pool.totals;
-                PoolTotals::add(&totals.xact_count, 1);
-                let xact_us = now_us().saturating_sub(now);
-                PoolTotals::add(&totals.xact_time_us, xact_us);
-                pool.metrics.transaction_done(xact_us);
+                count_xact(&pool, now_us().saturating_sub(now));
             }
             drop(active);
             after
@@ -600,14 +596,8 @@ impl Session {
     /// server_fast_close: closes a session's stale server between transactions, and the
     /// client with it (in session mode they are bound), in PgBouncer's words.
     async fn fast_close(&mut self, server: ServerConn) {
-        if crate::logging::log_disconnections() {
-            let age = server.created.elapsed().as_secs();
-            crate::logging::closing(
-                &self.pool.who(&server),
-                "database configuration changed",
-                age,
-            );
-        }
+        self.pool
+            .log_closing(&server, "database configuration changed");
         drop(server);
         self.fail("08P01", "database configuration changed").await;
     }
@@ -738,7 +728,7 @@ impl Session {
                 && x.relay.up.ready == 0;
             // server_fast_close in session mode: a server RECONNECT or a reload made stale
             // closes as soon as its session is between transactions.
-            let watch_close = self.mode() == PoolMode::Session
+            let watch_close = session_mode
                 && x.relay.progress.tx == TxStatus::Idle
                 && x.relay.progress.at_rest(&x.relay.up)
                 && self.app.cluster().config.general.server_fast_close;
@@ -834,10 +824,7 @@ impl Session {
                         }
                         // Session mode keeps its server: count the transaction that ended.
                         let began = xact_began.take().unwrap_or_else(now_us);
-                        let xact_us = now_us().saturating_sub(began);
-                        PoolTotals::add(&x.pool.totals.xact_count, 1);
-                        PoolTotals::add(&x.pool.totals.xact_time_us, xact_us);
-                        x.pool.metrics.transaction_done(xact_us);
+                        count_xact(&x.pool, now_us().saturating_sub(began));
                     }
                     if idle && x.relay.progress.tx.in_block() && self.mode() == PoolMode::Statement
                     {
@@ -896,10 +883,7 @@ impl Session {
             Limit::Transaction => ("transaction timeout", "08P01", "transaction timeout"),
         };
         PoolTotals::add(&self.pool.totals.errors, 1);
-        if crate::logging::log_disconnections() {
-            let age = server.created.elapsed().as_secs();
-            crate::logging::closing(&self.pool.who(&server), server_reason, age);
-        }
+        self.pool.log_closing(&server, server_reason);
         if x.relay.progress.inflight > 0 {
             tokio::spawn(cancel::forward(BackendKey {
                 address: server.address.clone(),
@@ -965,6 +949,13 @@ impl Session {
             }
         }
     }
+}
+
+/// Counts one finished transaction of `pool` for SHOW STATS and the metrics.
+fn count_xact(pool: &Pool, xact_us: u64) {
+    PoolTotals::add(&pool.totals.xact_count, 1);
+    PoolTotals::add(&pool.totals.xact_time_us, xact_us);
+    pool.metrics.transaction_done(xact_us);
 }
 
 /// Bytes a client read starts with when it holds no buffer.
