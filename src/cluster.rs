@@ -359,6 +359,7 @@ impl Cluster {
                 .unwrap_or(g.query_wait_timeout),
             server_lifetime: db.server_lifetime.unwrap_or(g.server_lifetime),
             server_idle_timeout: g.server_idle_timeout,
+            login_retry: g.server_login_retry,
             check_delay: g.server_check_delay,
             check_query: g.server_check_query.clone(),
             shard: None,

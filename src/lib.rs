@@ -79,9 +79,6 @@ pub struct App {
     pub clients: AtomicUsize,
     /// Clients currently holding a server connection.
     pub active: AtomicUsize,
-    /// Accepted clients that have not finished a transaction yet: a graceful
-    /// shutdown serves them one (they connected before the listener closed).
-    pub fresh: AtomicUsize,
     pub shutdown: watch::Sender<Shutdown>,
     /// Logged-in clients, for SHOW CLIENTS and KILL.
     pub client_list: stats::Registry<stats::ClientInfo>,
@@ -110,7 +107,6 @@ impl App {
             param_sets: backend::params::SharedParams::default(),
             clients: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
-            fresh: AtomicUsize::new(0),
             shutdown,
             client_list: stats::Registry::default(),
             config_path,

@@ -257,7 +257,9 @@ async fn serve(path: PathBuf, config: Config, run_as: Option<String>) -> ExitCod
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, config = %path.display(), "weir {} listening", env!("CARGO_PKG_VERSION"));
     }
-    let accept = tokio::spawn(weir::frontend::listener::serve_on(app.clone(), listener));
+    // Ends with the process: after a shutdown began it still serves the admin console on
+    // the Unix socket.
+    tokio::spawn(weir::frontend::listener::serve_on(app.clone(), listener));
     let (Ok(mut hup), Ok(mut int), Ok(mut term), Ok(mut quit), Ok(mut usr1), Ok(mut usr2)) = (
         signal(SignalKind::hangup()),
         signal(SignalKind::interrupt()),
@@ -275,7 +277,6 @@ async fn serve(path: PathBuf, config: Config, run_as: Option<String>) -> ExitCod
     // during a shutdown exits at once; SIGUSR1 = PAUSE, SIGUSR2 = RESUME. The admin
     // console's SHUTDOWN arrives through the same watch.
     let mut console = app.shutdown.subscribe();
-    let mut accept = Some(accept);
     let immediate = |why: &str| {
         tracing::info!("{why}: exiting now");
         let _ = app.shutdown.send(Shutdown::Immediate);
@@ -318,7 +319,7 @@ async fn serve(path: PathBuf, config: Config, run_as: Option<String>) -> ExitCod
                     return ExitCode::SUCCESS;
                 }
             }
-            _ = finished(&app, state, &mut accept), if state != Shutdown::Running => {
+            _ = finished(&app, state), if state != Shutdown::Running => {
                 tracing::info!("shutdown complete");
                 return ExitCode::SUCCESS;
             }
@@ -328,20 +329,10 @@ async fn serve(path: PathBuf, config: Config, run_as: Option<String>) -> ExitCod
 
 /// Resolves when a shutdown in `state` may end the process: WAIT_FOR_SERVERS once no client
 /// holds a server (see `drain`), WAIT_FOR_CLIENTS once no client is connected at all.
-async fn finished(
-    app: &Arc<App>,
-    state: Shutdown,
-    accept: &mut Option<tokio::task::JoinHandle<std::io::Result<()>>>,
-) {
+async fn finished(app: &Arc<App>, state: Shutdown) {
     match state {
-        Shutdown::Graceful => {
-            // The TCP listener takes the connections the kernel completed, then closes.
-            if let Some(a) = accept.as_mut() {
-                let _ = a.await;
-                *accept = None;
-            }
-            drain(app).await;
-        }
+        // The listener task goes on serving the admin console on the Unix socket.
+        Shutdown::Graceful => drain(app).await,
         Shutdown::WaitForClients => {
             while app.clients.load(Ordering::Acquire) > 0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -361,18 +352,12 @@ fn reload(app: &Arc<App>, path: &std::path::Path) {
     }
 }
 
-/// How long a graceful shutdown waits for clients that connected just before
-/// the listener closed to send their first transaction.
-const FRESH_CLIENT_GRACE: Duration = Duration::from_secs(5);
-
-/// Waits until no client holds a server and clients accepted before the
-/// listener closed had their transaction (bounded by shutdown_timeout if set).
+/// Waits until no client holds a server (bounded by shutdown_timeout if set); clients
+/// that want a new one meanwhile are closed with "server shutting down".
 async fn drain(app: &Arc<App>) {
     let limit = app.cluster().config.general.shutdown_timeout;
     let started = tokio::time::Instant::now();
-    while app.active.load(Ordering::Acquire) > 0
-        || (app.fresh.load(Ordering::Acquire) > 0 && started.elapsed() < FRESH_CLIENT_GRACE)
-    {
+    while app.active.load(Ordering::Acquire) > 0 {
         if !limit.is_zero() && started.elapsed() >= limit {
             tracing::warn!("shutdown_timeout reached with transactions still running");
             return;

@@ -233,10 +233,10 @@ fn rolling_restart_through_an_so_reuseport_pair_fails_no_transaction() {
         "the new process to serve clients",
         || new.log().contains("login"),
     );
-    old.signal(libc::SIGINT);
+    old.signal(libc::SIGTERM);
     let status = old
         .wait_exit(Duration::from_secs(15))
-        .expect("the old process still running 15 s after SIGINT");
+        .expect("the old process still running 15 s after SIGTERM");
     assert!(status.success(), "old weir exited with {status}");
 
     let out = bench.join().expect("pgbench thread");

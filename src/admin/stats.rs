@@ -96,13 +96,14 @@ pub struct DatabaseStats {
     pub averages: BTreeMap<String, Counters>,
 }
 
-/// True once a pool has had a server, a client or a checkout.
+/// True once a pool has had a server, a client or a checkout. A pool whose connection
+/// attempts all failed does not count: it may be one a failed login made for a `*`
+/// database, which holding here would keep from being forgotten.
 fn used(pool: &Pool) -> bool {
     let t = &pool.totals;
-    pool.counts().total > 0
+    !pool.servers.is_empty()
         || PoolTotals::get(&t.client_logins) > 0
         || PoolTotals::get(&t.wait_count) > 0
-        || PoolTotals::get(&t.server_connects) > 0
 }
 
 pub struct StatsTracker {

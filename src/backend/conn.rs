@@ -36,6 +36,19 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// True for failures a later attempt may not repeat: the server refused the
+    /// connection, did not answer in time, or closed it during login (PgBouncer retries
+    /// these after server_login_retry). A server's error, a TLS or protocol failure and
+    /// a failing connect_query reach the client at once.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Timeout
+                | ConnectError::Connect(..)
+                | ConnectError::Login(LoginError::Io(_))
+        )
+    }
+
     /// PgBouncer's words for why a new server connection was closed.
     pub fn log_reason(&self) -> String {
         match self {

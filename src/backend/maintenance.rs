@@ -3,19 +3,25 @@
 //! `server_lifetime` or `server_idle_timeout`, and keep `min_pool_size` open.
 
 use super::pool::Pool;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 
 /// How often idle connections are checked (and the longest a sweep sleeps).
 const PERIOD: Duration = Duration::from_millis(500);
 
-pub(super) async fn run(pool: Weak<Pool>) {
-    let Some(signal) = pool.upgrade().map(|p| p.queue().sweep_signal()) else {
-        return;
-    };
+/// Sleeps first: a pool made for one failed login (a `*` database) is dropped at once, and
+/// no strong reference held here may keep it alive meanwhile.
+pub(super) async fn run(pool: Weak<Pool>, signal: Arc<Notify>) {
     let mut housekeeping_at = Instant::now() + PERIOD;
+    let mut wake = housekeeping_at;
     loop {
-        let wake = {
+        // No strong reference is held while asleep: the pool may be dropped.
+        tokio::select! {
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
+            _ = signal.notified() => {}
+        }
+        wake = {
             let Some(pool) = pool.upgrade() else { return };
             if pool.is_retired() {
                 return;
@@ -28,11 +34,6 @@ pub(super) async fn run(pool: Weak<Pool>) {
             }
             next_deadline.map_or(housekeeping_at, |d| d.min(housekeeping_at))
         };
-        // No strong reference is held while asleep: the pool may be dropped.
-        tokio::select! {
-            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
-            _ = signal.notified() => {}
-        }
     }
 }
 

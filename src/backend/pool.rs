@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::Notify;
 
+/// How often a pool whose server cannot be reached checks whether it is back.
+const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+
 /// The fixed settings of one pool; two pools with equal settings are
 /// interchangeable, which is how reload keeps connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +45,9 @@ pub struct PoolSettings {
     /// (server_check_delay / server_check_query; empty: an empty query).
     pub check_delay: Duration,
     pub check_query: String,
+    /// server_login_retry: after a failed connection attempt, a waiting client tries
+    /// again this much later, and new clients are turned away meanwhile (as PgBouncer).
+    pub login_retry: Duration,
     /// For sharded databases: the shard, and the replica (`None` = primary).
     pub shard: Option<usize>,
     pub replica: Option<usize>,
@@ -54,6 +60,7 @@ pub struct Tuning {
     pub min_pool_size: usize,
     pub server_lifetime: Duration,
     pub server_idle_timeout: Duration,
+    pub login_retry: Duration,
 }
 
 impl PoolSettings {
@@ -71,6 +78,7 @@ impl PoolSettings {
             min_pool_size: self.min_pool_size,
             server_lifetime: self.server_lifetime,
             server_idle_timeout: self.server_idle_timeout,
+            login_retry: self.login_retry,
         }
     }
 
@@ -84,6 +92,7 @@ impl PoolSettings {
         o.min_pool_size = self.min_pool_size;
         o.server_lifetime = self.server_lifetime;
         o.server_idle_timeout = self.server_idle_timeout;
+        o.login_retry = self.login_retry;
         &o == self
     }
 
@@ -102,8 +111,19 @@ impl PoolSettings {
 pub enum CheckoutError {
     #[error("query_wait_timeout")]
     WaitTimeout,
+    /// query_timeout passed while the client waited for a server (PgBouncer counts the
+    /// wait in the query's time).
+    #[error("query_timeout")]
+    QueryTimeout,
+    /// SHUTDOWN WAIT_FOR_SERVERS while the client waited.
+    #[error("server shutting down")]
+    ShuttingDown,
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    /// The pool's last connection attempt failed less than server_login_retry ago and it
+    /// has no server: PgBouncer's fast fail, with the cached reason.
+    #[error("server login has been failing, cached error: {0} (server_login_retry)")]
+    LoginFailing(String),
 }
 
 pub struct Pool {
@@ -126,6 +146,15 @@ pub struct Pool {
     epoch: AtomicU64,
     /// Fired by RECONNECT and retirement (server_fast_close sessions watch it).
     changed: Notify,
+    /// The last connection attempt failed in a way a retry may cure (refused, timed out,
+    /// closed during login): when, and PgBouncer's reason. Cleared by a successful one.
+    connect_failure: Mutex<Option<(Instant, String)>>,
+    failing: AtomicBool,
+    /// A probe task is watching for the server to accept connections again.
+    probing: AtomicBool,
+    /// Fired when a connection attempt succeeds or the server looks back up (clients waiting
+    /// to retry try at once), and when a server goes idle while attempts fail.
+    reconnected: Notify,
     /// pool_idle_timeout: when the pool was first seen with no client and no server
     /// (microseconds since the epoch; 0 = in use).
     pub unused_since: AtomicU64,
@@ -190,6 +219,10 @@ impl Pool {
             resumed: Notify::new(),
             epoch: AtomicU64::new(0),
             changed: Notify::new(),
+            connect_failure: Mutex::new(None),
+            failing: AtomicBool::new(false),
+            probing: AtomicBool::new(false),
+            reconnected: Notify::new(),
             unused_since: AtomicU64::new(0),
             totals: PoolTotals::default(),
             metrics,
@@ -198,7 +231,10 @@ impl Pool {
         for cap in &pool.caps {
             cap.join(&pool);
         }
-        tokio::spawn(super::maintenance::run(Arc::downgrade(&pool)));
+        tokio::spawn(super::maintenance::run(
+            Arc::downgrade(&pool),
+            pool.queue.sweep_signal(),
+        ));
         pool
     }
 
@@ -334,6 +370,9 @@ impl Pool {
                 break;
             }
             resumed.await;
+        }
+        if let Some(reason) = self.login_failing() {
+            return Err(CheckoutError::LoginFailing(reason));
         }
         let grant = match self.queue.start(start) {
             Start::Idle(conn) => Grant::Conn(conn),
@@ -480,89 +519,195 @@ impl Pool {
             }
         }
         let creds = self.credentials();
-        PoolTotals::add(&self.totals.server_connects, 1);
         let dedicated = !std::ptr::eq(target, &self.settings.target);
-        let result = ServerConn::connect(target, &creds).await;
-        match result {
-            Ok(mut conn) => {
-                let mut slot = slot;
-                slot.server = Some(conn.id.0);
-                conn.epoch = self.epoch.load(Ordering::Acquire);
-                let local_port = conn
-                    .stream
-                    .tcp()
-                    .and_then(|t| t.local_addr().ok())
-                    .map_or(0, |a| a.port());
-                let info = Arc::new(ServerInfo::new(
-                    conn.id.0,
-                    &self.settings.database,
-                    &self.settings.user,
-                    &conn.address.host,
-                    conn.address.port,
-                    local_port,
-                    conn.backend_pid,
-                ));
-                self.servers.insert(conn.id.0, info.clone());
-                conn.info = Some(info);
-                conn.slot = Some(slot);
-                if !dedicated {
-                    self.defaults
-                        .lock()
-                        .get_or_insert_with(|| conn.params.clone());
+        loop {
+            PoolTotals::add(&self.totals.server_connects, 1);
+            let e = match ServerConn::connect(target, &creds).await {
+                Ok(conn) => {
+                    self.recovered();
+                    return Ok(self.adopt(conn, slot, start, dedicated));
                 }
-                self.record_wait(start);
-                if crate::logging::log_connections() {
-                    let from = conn
-                        .stream
-                        .tcp()
-                        .and_then(|t| t.local_addr().ok())
-                        .map_or_else(|| "unix socket".to_string(), |a| a.to_string());
-                    tracing::info!("{} new connection to server (from {from})", self.who(&conn));
+                Err(e) => e,
+            };
+            self.log_connect_failure(&e, start, dedicated);
+            if !dedicated && e.is_transient() {
+                // As PgBouncer: the client keeps waiting and the pool tries again after
+                // server_login_retry (sooner if another attempt gets through), until the
+                // client's query_wait_timeout.
+                let now = Instant::now();
+                *self.connect_failure.lock() = Some((now, e.log_reason()));
+                self.failing.store(true, Ordering::Release);
+                self.start_probe();
+                let retry_at = now + self.tuning().login_retry;
+                let wait = self.queue.limits().wait_timeout;
+                let deadline = (!wait.is_zero()).then(|| start + wait);
+                let until = deadline.map_or(retry_at, |d| d.min(retry_at));
+                let woken = self.reconnected.notified();
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until.into()) => {}
+                    _ = woken => {}
                 }
-                Ok(conn)
+                // A server another client returned meanwhile serves this one.
+                if let Some(conn) = self.queue.take_one_idle().filter(|c| c.is_alive()) {
+                    drop(slot);
+                    self.record_wait(start);
+                    return Ok(conn);
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(CheckoutError::WaitTimeout);
+                }
+                continue;
             }
-            Err(e) => {
-                let who = Who::server(
-                    0,
-                    &self.settings.database,
-                    &self.settings.user,
-                    &self.settings.target.address.to_string(),
-                );
-                // As PgBouncer: a replication login's failure is the server's error in the
-                // log and plain "login failed" as the reason (it does not fail the pool).
-                if let ConnectError::Login(LoginError::Server(f)) = &e {
-                    if !dedicated {
-                        tracing::warn!("{who} server login failed: {} {}", f.severity, f.message);
+            if let ConnectError::Login(LoginError::Server(f)) = &e {
+                // As PgBouncer: the next login would fail the same way, so clients waiting
+                // for this pool get the server's error now, unless a usable connection
+                // remains or the server is only starting up (57P03).
+                let usable = self
+                    .servers
+                    .snapshot()
+                    .iter()
+                    .any(|s| !s.close_needed.load(Ordering::Relaxed));
+                if !dedicated && !usable && f.code != "57P03" {
+                    self.queue.fail_waiters(f);
+                }
+            }
+            // Freed after the waiters were turned away: none of them reuses the slot.
+            drop(slot);
+            return Err(e.into());
+        }
+    }
+
+    /// The server took a connection: new clients are no longer turned away and clients
+    /// waiting to retry try at once.
+    fn recovered(&self) {
+        if self.failing.swap(false, Ordering::AcqRel) {
+            self.connect_failure.lock().take();
+        }
+        self.reconnected.notify_waiters();
+    }
+
+    /// While connection attempts fail, checks every [`PROBE_INTERVAL`] with a bare TCP
+    /// connect (no login) whether the server is back, so a restarted server ends the
+    /// fast-fail window and the retry wait at once rather than after server_login_retry.
+    fn start_probe(self: &Arc<Self>) {
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let pool = Arc::downgrade(self);
+        let address = self.settings.target.address.clone();
+        let limit = self.settings.target.connect_timeout.max(PROBE_INTERVAL);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_INTERVAL).await;
+                match pool.upgrade() {
+                    Some(p) if p.failing.load(Ordering::Acquire) && !p.is_retired() => {}
+                    Some(p) => {
+                        p.probing.store(false, Ordering::Release);
+                        // A failure recorded just now found the flag still set: keep going.
+                        if p.failing.load(Ordering::Acquire)
+                            && !p.is_retired()
+                            && !p.probing.swap(true, Ordering::AcqRel)
+                        {
+                            continue;
+                        }
+                        return;
+                    }
+                    None => return,
+                }
+                let connect = tokio::net::TcpStream::connect((address.host.as_str(), address.port));
+                if let Ok(Ok(_)) = tokio::time::timeout(limit, connect).await {
+                    if let Some(p) = pool.upgrade() {
+                        p.recovered();
                     }
                 }
-                let reason = if dedicated {
-                    tracing::warn!("{who} S: login failed: {e}");
-                    "login failed".to_string()
-                } else {
-                    e.log_reason()
-                };
-                if crate::logging::log_disconnections() {
-                    crate::logging::closing(&who, &reason, start.elapsed().as_secs());
-                }
-                tracing::warn!(db = %self.settings.database, user = %self.settings.user, error = %e, "server connection failed");
-                if let ConnectError::Login(LoginError::Server(f)) = &e {
-                    // As PgBouncer: the next login would fail the same way, so clients waiting
-                    // for this pool get the server's error now, unless a usable connection
-                    // remains or the server is only starting up (57P03).
-                    let usable = self
-                        .servers
-                        .snapshot()
-                        .iter()
-                        .any(|s| !s.close_needed.load(Ordering::Relaxed));
-                    if !dedicated && !usable && f.code != "57P03" {
-                        self.queue.fail_waiters(f);
-                    }
-                }
-                // Freed after the waiters were turned away: none of them reuses the slot.
-                drop(slot);
-                Err(e.into())
+            }
+        });
+    }
+
+    /// PgBouncer's fast fail: the last connection attempt failed less than
+    /// server_login_retry ago and the pool has no server, so a new client is turned away
+    /// at once with the cached reason rather than queued behind a server that is down.
+    fn login_failing(&self) -> Option<String> {
+        if !self.failing.load(Ordering::Acquire) {
+            return None;
+        }
+        let failure = self.connect_failure.lock();
+        let (at, reason) = failure.as_ref()?;
+        if at.elapsed() >= self.tuning().login_retry || !self.servers.snapshot().is_empty() {
+            return None;
+        }
+        Some(reason.clone())
+    }
+
+    /// Registers a freshly opened connection in its slot, SHOW SERVERS and the log.
+    fn adopt(
+        &self,
+        mut conn: ServerConn,
+        mut slot: Slot,
+        start: Instant,
+        dedicated: bool,
+    ) -> ServerConn {
+        slot.server = Some(conn.id.0);
+        conn.epoch = self.epoch.load(Ordering::Acquire);
+        let local_port = conn
+            .stream
+            .tcp()
+            .and_then(|t| t.local_addr().ok())
+            .map_or(0, |a| a.port());
+        let info = Arc::new(ServerInfo::new(
+            conn.id.0,
+            &self.settings.database,
+            &self.settings.user,
+            &conn.address.host,
+            conn.address.port,
+            local_port,
+            conn.backend_pid,
+        ));
+        self.servers.insert(conn.id.0, info.clone());
+        conn.info = Some(info);
+        conn.slot = Some(slot);
+        if !dedicated {
+            self.defaults
+                .lock()
+                .get_or_insert_with(|| conn.params.clone());
+        }
+        self.record_wait(start);
+        if crate::logging::log_connections() {
+            let from = conn
+                .stream
+                .tcp()
+                .and_then(|t| t.local_addr().ok())
+                .map_or_else(|| "unix socket".to_string(), |a| a.to_string());
+            tracing::info!("{} new connection to server (from {from})", self.who(&conn));
+        }
+        conn
+    }
+
+    /// Logs a failed connection attempt in PgBouncer's words.
+    fn log_connect_failure(&self, e: &ConnectError, start: Instant, dedicated: bool) {
+        let who = Who::server(
+            0,
+            &self.settings.database,
+            &self.settings.user,
+            &self.settings.target.address.to_string(),
+        );
+        // As PgBouncer: a replication login's failure is the server's error in the
+        // log and plain "login failed" as the reason (it does not fail the pool).
+        if let ConnectError::Login(LoginError::Server(f)) = e {
+            if !dedicated {
+                tracing::warn!("{who} server login failed: {} {}", f.severity, f.message);
             }
         }
+        let reason = if dedicated {
+            tracing::warn!("{who} S: login failed: {e}");
+            "login failed".to_string()
+        } else {
+            e.log_reason()
+        };
+        if crate::logging::log_disconnections() {
+            crate::logging::closing(&who, &reason, start.elapsed().as_secs());
+        }
+        tracing::warn!(db = %self.settings.database, user = %self.settings.user, error = %e, "server connection failed");
     }
 
     /// A server connection of this pool in PgBouncer's log prefix.
@@ -617,6 +762,10 @@ impl Pool {
         if self.queue.checkin(conn) {
             // Another pool under a full shared cap may be waiting to evict it.
             self.caps.iter().for_each(|c| c.idle_available());
+            // So may a client of this pool waiting to retry a failed connection.
+            if self.failing.load(Ordering::Relaxed) {
+                self.reconnected.notify_waiters();
+            }
         }
     }
 

@@ -80,15 +80,16 @@ pub fn bind_unix(app: &App) -> Option<(UnixListener, PathBuf)> {
     }
 }
 
-fn spawn_session(app: &Arc<App>, stream: Stream, peer: String) {
+/// Serves one accepted connection; `late`: accepted after a shutdown began (only the
+/// admin console may log in).
+fn spawn_session(app: &Arc<App>, stream: Stream, peer: String, late: bool) {
     app.clients.fetch_add(1, Ordering::AcqRel);
     let app = app.clone();
     let abort = Arc::new(std::sync::OnceLock::new());
     let handle = abort.clone();
-    let fresh = super::session::Fresh::new(&app);
     let task = tokio::spawn(async move {
         let _count = ClientCount(app.clone());
-        super::session::run(app, stream, peer, handle, fresh).await;
+        super::session::run(app, stream, peer, handle, late).await;
     });
     let _ = abort.set(task.abort_handle());
 }
@@ -107,7 +108,7 @@ async fn admin_only_unix(
         tokio::select! {
             accepted = accept_unix(unix) => {
                 if let Ok(s) = accepted {
-                    spawn_session(app, Stream::Unix(s), "unix".into());
+                    spawn_session(app, Stream::Unix(s), "unix".into(), true);
                 }
             }
             r = shutdown.changed() => {
@@ -129,7 +130,7 @@ pub async fn serve_on(app: Arc<App>, listener: TcpListener) -> std::io::Result<(
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     crate::net::tune_tcp(&tcp, app.cluster().config.general.tcp_keepalive);
-                    spawn_session(&app, Stream::Tcp(tcp), peer.to_string());
+                    spawn_session(&app, Stream::Tcp(tcp), peer.to_string(), false);
                 }
                 Err(e) => {
                     // EMFILE and friends: log, back off briefly, keep serving.
@@ -138,7 +139,7 @@ pub async fn serve_on(app: Arc<App>, listener: TcpListener) -> std::io::Result<(
                 }
             },
             accepted = accept_unix(&unix) => match accepted {
-                Ok(s) => spawn_session(&app, Stream::Unix(s), "unix".into()),
+                Ok(s) => spawn_session(&app, Stream::Unix(s), "unix".into(), false),
                 Err(e) => {
                     tracing::warn!(error = %e, "unix accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -158,10 +159,10 @@ pub async fn serve_on(app: Arc<App>, listener: TcpListener) -> std::io::Result<(
                     .await
                     {
                         crate::net::tune_tcp(&tcp, app.cluster().config.general.tcp_keepalive);
-                        spawn_session(&app, Stream::Tcp(tcp), peer.to_string());
+                        spawn_session(&app, Stream::Tcp(tcp), peer.to_string(), false);
                     }
                     drop(listener);
-                    if *shutdown.borrow() == Shutdown::WaitForClients {
+                    if *shutdown.borrow() != Shutdown::Immediate {
                         // As PgBouncer: the Unix socket stays open for the admin console
                         // (logins to other databases are refused) until the process ends.
                         admin_only_unix(&app, &unix, &mut shutdown).await;

@@ -41,6 +41,7 @@ pub(super) async fn login(
     stream: &mut Stream,
     buf: &mut BytesMut,
     peer: &str,
+    late: bool,
 ) -> Option<Login> {
     let generation = app.generation();
     let log = cluster.config.general.log_disconnections;
@@ -121,8 +122,8 @@ pub(super) async fn login(
         .await;
         return None;
     }
-    if app.shutdown_state() == Shutdown::WaitForClients {
-        // Only the admin console is reachable during SHUTDOWN WAIT_FOR_CLIENTS.
+    if late {
+        // Accepted on the Unix socket after a shutdown began: admin console only.
         refuse(stream, &who, log, "57P01", "pooler is shutting down").await;
         return None;
     }
@@ -243,7 +244,7 @@ pub(super) async fn login(
     let mut first_server = None;
     let defaults = match pool.defaults() {
         Some(d) => d,
-        None => match pool.checkout().await {
+        None => match checkout_in_time(&pool, cluster.config.timeouts(&user).query).await {
             Ok(conn) => {
                 let d = conn.params.clone();
                 if pool.settings.mode == PoolMode::Session {
@@ -542,4 +543,18 @@ async fn admin_login(
     }
     // Released by the console when it ends (`admin::serve`).
     Some(Login::Admin { user, role })
+}
+
+/// A checkout during login, bounded by query_timeout as PgBouncer bounds every waiting
+/// client (zero: only query_wait_timeout applies).
+async fn checkout_in_time(
+    pool: &Arc<crate::backend::pool::Pool>,
+    limit: std::time::Duration,
+) -> Result<crate::backend::conn::ServerConn, CheckoutError> {
+    if limit.is_zero() {
+        return pool.checkout().await;
+    }
+    tokio::time::timeout(limit, pool.checkout())
+        .await
+        .unwrap_or(Err(CheckoutError::QueryTimeout))
 }

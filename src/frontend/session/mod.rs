@@ -43,13 +43,14 @@ pub(super) async fn run(
     stream: Stream,
     peer: String,
     abort: Arc<std::sync::OnceLock<tokio::task::AbortHandle>>,
-    fresh: Fresh,
+    late: bool,
 ) {
     // As PgBouncer, a client's id is taken when it connects (one sequence with servers').
     let id = app.next_client_id();
     // Each phase is a boxed future that exists only while it runs: the task of a logged-in
     // client holds no room for the login's state.
-    let Some((cluster, stream, buf, login)) = Box::pin(log_in(&app, stream, &peer)).await else {
+    let Some((cluster, stream, buf, login)) = Box::pin(log_in(&app, stream, &peer, late)).await
+    else {
         return;
     };
     let parts = match login {
@@ -63,7 +64,7 @@ pub(super) async fn run(
             return;
         }
     };
-    let mut session = Session::new(app, cluster, stream, buf, peer, id, parts, &abort, fresh);
+    let mut session = Session::new(app, cluster, stream, buf, peer, id, parts, &abort);
     if let Some(reason) = Box::pin(session.serve()).await {
         if session.cluster.config.general.log_disconnections {
             crate::logging::closing(&session.who(), reason, session.age_secs());
@@ -76,11 +77,12 @@ async fn log_in(
     app: &Arc<App>,
     mut stream: Stream,
     peer: &str,
+    late: bool,
 ) -> Option<(Arc<Cluster>, Stream, BytesMut, Login)> {
     let mut buf = BytesMut::with_capacity(8192);
     let cluster = app.cluster();
     let limit = cluster.config.general.client_login_timeout;
-    let attempt = login::login(app, &cluster, &mut stream, &mut buf, peer);
+    let attempt = login::login(app, &cluster, &mut stream, &mut buf, peer, late);
     let login = if limit.is_zero() {
         attempt.await
     } else {
@@ -116,7 +118,6 @@ impl Session {
         id: u64,
         parts: login::LoggedIn,
         abort: &std::sync::OnceLock<tokio::task::AbortHandle>,
-        fresh: Fresh,
     ) -> Session {
         let info = Arc::new(ClientInfo::new(
             id,
@@ -137,7 +138,6 @@ impl Session {
         Session {
             _registered: registered,
             shutdown: app.shutdown.subscribe(),
-            fresh: Some(fresh),
             first_server: parts.first_server,
             info,
             app,
@@ -209,6 +209,9 @@ fn checkout_error(e: &CheckoutError) -> (String, String) {
             (f.code.clone(), f.message.clone())
         }
         CheckoutError::Connect(other) => ("08P01".into(), format!("server login failed: {other}")),
+        CheckoutError::LoginFailing(_)
+        | CheckoutError::QueryTimeout
+        | CheckoutError::ShuttingDown => ("08P01".into(), e.to_string()),
     }
 }
 
@@ -283,22 +286,6 @@ impl Drop for Xact {
     }
 }
 
-/// Counts an accepted client in `App::fresh` until its first transaction ends.
-pub(super) struct Fresh(Arc<App>);
-
-impl Fresh {
-    pub(super) fn new(app: &Arc<App>) -> Fresh {
-        app.fresh.fetch_add(1, Ordering::AcqRel);
-        Fresh(app.clone())
-    }
-}
-
-impl Drop for Fresh {
-    fn drop(&mut self) {
-        self.0.fresh.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// Counts a client holding a server in `App::active`, however the
 /// transaction ends (the admin console's KILL aborts the session task).
 struct Active(Arc<App>);
@@ -320,8 +307,6 @@ struct Session {
     /// Unregisters the client however the task ends.
     _registered: Registered,
     shutdown: tokio::sync::watch::Receiver<Shutdown>,
-    /// Set until the first transaction ends (see `App::fresh`).
-    fresh: Option<Fresh>,
     /// Session mode: the server the login opened, used for the first checkout.
     first_server: Option<Box<ServerConn>>,
     info: Arc<ClientInfo>,
@@ -468,7 +453,6 @@ impl Session {
             }
             let pool = self.pool.clone();
             let after = self.transaction(server, budget).await;
-            self.fresh = None;
             self.cancel.detach();
             self.info.set_state(ClientState::Idle);
             self.info.server_pid.store(0, Ordering::Relaxed);
@@ -493,18 +477,22 @@ impl Session {
                 Ok(Some(h)) if h.tag == tag::TERMINATE => {
                     return Work::Closed(Some("client close request"))
                 }
-                Ok(Some(_)) => return Work::Message,
+                Ok(Some(_)) => {
+                    if *self.shutdown.borrow() == Shutdown::Graceful {
+                        // As PgBouncer's SHUTDOWN WAIT_FOR_SERVERS: a client that needs a
+                        // server for a new transaction is closed.
+                        self.fail("08P01", "server shutting down").await;
+                        return Work::Closed(None);
+                    }
+                    return Work::Message;
+                }
                 Ok(None) => {}
                 Err(e) => {
                     self.fail("08P01", &format!("protocol error: {e}")).await;
                     return Work::Closed(None);
                 }
             }
-            let state = *self.shutdown.borrow_and_update();
-            // A graceful shutdown still serves a client that connected before
-            // the listener closed and has not had its first transaction.
-            if state == Shutdown::Immediate || (state == Shutdown::Graceful && self.fresh.is_none())
-            {
+            if *self.shutdown.borrow_and_update() == Shutdown::Immediate {
                 self.fail("57P01", "Weir is shutting down").await;
                 return Work::Closed(None);
             }
@@ -571,9 +559,22 @@ impl Session {
         let notify = tokio::time::sleep(notify_after);
         tokio::pin!(notify);
         let mut notified = notify_after.is_zero();
+        // query_timeout counts the wait too (PgBouncer's janitor applies it to queued clients).
+        let query_limit = self.cluster.config.timeouts(&self.user).query;
+        let query_timer = tokio::time::sleep(query_limit);
+        tokio::pin!(query_timer);
         loop {
             tokio::select! {
                 r = &mut wait => return r.map(Some),
+                _ = &mut query_timer, if !query_limit.is_zero() => {
+                    return Err(CheckoutError::QueryTimeout);
+                }
+                // As PgBouncer: SHUTDOWN WAIT_FOR_SERVERS turns queued clients away at once.
+                Ok(()) = self.shutdown.changed() => {
+                    if *self.shutdown.borrow_and_update() != Shutdown::Running {
+                        return Err(CheckoutError::ShuttingDown);
+                    }
+                }
                 _ = &mut notify, if !notified => {
                     notified = true;
                     let notice = build::notice(
@@ -984,13 +985,13 @@ mod tests {
         let serve = size_of_future(|s: &'static mut Session| s.serve());
         let session = std::mem::size_of::<Session>();
         let run = size_of_future(
-            |(app, stream, peer, abort, fresh): (
+            |(app, stream, peer, abort, late): (
                 Arc<App>,
                 Stream,
                 String,
                 Arc<std::sync::OnceLock<tokio::task::AbortHandle>>,
-                Fresh,
-            )| run(app, stream, peer, abort, fresh),
+                bool,
+            )| run(app, stream, peer, abort, late),
         );
         eprintln!("Session {session} B, serve {serve} B, run {run} B");
         // What an idle client's task holds: `run` (with the session in it) and the boxed

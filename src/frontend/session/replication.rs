@@ -77,15 +77,15 @@ pub(super) async fn open(
         Err(e) => {
             app.release_client(&db, &user);
             let message = match &e {
-                CheckoutError::WaitTimeout => "query_wait_timeout".to_string(),
                 CheckoutError::Connect(c) => format!("login failed: {c}"),
+                other => other.to_string(),
             };
             if log {
                 let reason = match e {
-                    CheckoutError::WaitTimeout => "query_wait_timeout",
-                    CheckoutError::Connect(_) => "login failed",
+                    CheckoutError::Connect(_) => "login failed".to_string(),
+                    other => other.to_string(),
                 };
-                crate::logging::closing(who, reason, 0);
+                crate::logging::closing(who, &reason, 0);
             }
             fatal(stream, "08P01", &message).await;
             return None;
