@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Weir's test command: installs what the tests need (PostgreSQL 15 server and client, build
-# tools, and the client drivers tests/drivers.rs runs: Python asyncpg and psycopg, node-postgres,
-# pgjdbc with a JDK), builds, and runs every test target.
+# tools, and the client drivers tests/drivers.rs runs: Python asyncpg, psycopg, psycopg2 and
+# SQLAlchemy, node-postgres, pgjdbc with a JDK, Ruby pg, Perl DBD::Pg), builds, and runs every
+# test target.
 #
 #   bash scripts/test.sh                        # everything
 #   bash scripts/test.sh --test harness_selftest # cargo test arguments are passed on
@@ -93,6 +94,9 @@ missing_driver_packages() {
     { command -v javac && command -v java; } >/dev/null 2>&1 || echo default-jdk-headless
     [ -f /usr/share/java/postgresql.jar ] || echo libpostgresql-jdbc-java
     command -v node >/dev/null 2>&1 || echo nodejs
+    # Ruby pg and Perl DBD::Pg bring their runtimes (ruby, perl) along.
+    ruby -e 'require "pg"' >/dev/null 2>&1 || echo ruby-pg
+    perl -MDBD::Pg -e 1 >/dev/null 2>&1 || echo libdbd-pg-perl
 }
 
 install_driver_packages() {
@@ -114,16 +118,17 @@ install_driver_packages() {
     fi
 }
 
-# asyncpg and psycopg for the python3 on PATH (the one the tests run), pinned in
+# asyncpg, psycopg, psycopg2 and SQLAlchemy for the python3 on PATH (the one the tests run,
+# which need not be Debian's, so not python3-psycopg2 from apt), pinned in
 # tests/drivers/requirements.txt. A Debian python3 refuses a plain pip install (PEP 668).
 install_python_drivers() {
     command -v python3 >/dev/null 2>&1 || return 0
-    python3 -c 'import asyncpg, psycopg' >/dev/null 2>&1 && return 0
+    python3 -c 'import asyncpg, psycopg, psycopg2, sqlalchemy' >/dev/null 2>&1 && return 0
     log "pip install -r tests/drivers/requirements.txt"
     local pip=(python3 -m pip install --quiet --disable-pip-version-check
         --root-user-action=ignore -r tests/drivers/requirements.txt)
     "${pip[@]}" || "${pip[@]}" --break-system-packages ||
-        log "WARNING: could not install the Python drivers; asyncpg and psycopg tests will fail"
+        log "WARNING: could not install the Python drivers; their tests will fail"
 }
 
 # node-postgres into tests/drivers/node_modules, as locked in tests/drivers/package-lock.json.

@@ -256,8 +256,9 @@ impl Cluster {
         let limit = timeout.as_micros() as u64;
         let mut freed = Vec::new();
         self.pools.lock().retain(|_, pool| {
-            let unused = pool.counts().total == 0
-                && pool.tuning().min_pool_size == 0
+            // As PgBouncer: idle counts from the last client (servers may outlive it until
+            // server_idle_timeout); the pool goes once it also has no server.
+            let unused = pool.tuning().min_pool_size == 0
                 && !in_use(&pool.settings.database, &pool.client_user);
             if !unused {
                 pool.unused_since.store(0, Ordering::Relaxed);
@@ -268,7 +269,7 @@ impl Cluster {
                 pool.unused_since.store(now, Ordering::Relaxed);
                 return true;
             }
-            if now.saturating_sub(since) < limit {
+            if now.saturating_sub(since) < limit || pool.counts().total > 0 {
                 return true;
             }
             freed.push((pool.clone(), now.saturating_sub(since) / 1_000_000));

@@ -1,13 +1,15 @@
 //! Real client drivers through Weir in transaction mode with only 2 server connections:
-//! asyncpg, psycopg 3, pgjdbc, node-postgres, tokio-postgres and sqlx, each with many concurrent
-//! connections hammering protocol-level prepared statements, so every statement is prepared
-//! under the driver's own name, mapped by Weir and re-prepared on whichever server the next
-//! transaction lands on. Most also add a column while the load runs.
+//! asyncpg, psycopg 3, pgjdbc, node-postgres, tokio-postgres, sqlx, Ruby pg and Perl DBD::Pg,
+//! each with many concurrent connections hammering protocol-level prepared statements, so
+//! every statement is prepared under the driver's own name, mapped by Weir and re-prepared on
+//! whichever server the next transaction lands on. Most also add a column while the load runs.
+//! SQLAlchemy over psycopg2 (client-side binding, simple queries) covers an ORM with its own
+//! connection pool, executemany, and commits and rollbacks that move clients between servers.
 //!
-//! The Python, Node and Java programs live in tests/drivers/; `bash scripts/test.sh` (and
-//! `--deps-only`) installs their libraries. A test is skipped, saying so, only when the
-//! language runtime itself (python3, node, javac/java) is missing; a runtime without its
-//! driver library is a broken setup and fails.
+//! The Python, Node, Java, Ruby and Perl programs live in tests/drivers/; `bash scripts/test.sh`
+//! (and `--deps-only`) installs their libraries. A test is skipped, saying so, only when the
+//! language runtime itself (python3, node, javac/java, ruby, perl) is missing; a runtime
+//! without its driver library is a broken setup and fails.
 
 #[path = "drivers/support.rs"]
 mod support;
@@ -75,19 +77,55 @@ fn assert_no_missing_statement(stack: &Stack, what: &str) {
 
 /// True when `python3 -c "import <module>"` works; panics if python3 runs but lacks it.
 fn python_has(module: &str) -> bool {
-    if !on_path("python3") {
+    runtime_has("python3", &["-c", &format!("import {module}")], module)
+}
+
+/// True when `runtime` is on PATH and `runtime <load_args>` (which loads `library`) succeeds;
+/// panics if the runtime runs but cannot load the library.
+fn runtime_has(runtime: &str, load_args: &[&str], library: &str) -> bool {
+    if !on_path(runtime) {
         return false;
     }
-    let out = Command::new("python3")
-        .args(["-c", &format!("import {module}")])
+    let out = Command::new(runtime)
+        .args(load_args)
         .output()
-        .expect("run python3");
+        .unwrap_or_else(|e| panic!("cannot run {runtime}: {e}"));
     assert!(
         out.status.success(),
-        "python3 cannot import {module}: {INSTALL_HINT}\n{}",
+        "{runtime} cannot load {library}: {INSTALL_HINT}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     true
+}
+
+/// Checks the `key=value` totals a driver printed on its `prefix` line against what
+/// PostgreSQL itself (not through Weir) holds: `sql` returns one row with one column per key.
+fn assert_server_holds(
+    stack: &Stack,
+    what: &str,
+    stdout: &str,
+    prefix: &str,
+    keys: &[&str],
+    sql: &str,
+) {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("{what}: no `{prefix}` line in\n{stdout}"));
+    let printed: Vec<&str> = keys
+        .iter()
+        .map(|key| {
+            line.split_whitespace()
+                .find_map(|field| field.strip_prefix(key)?.strip_prefix('='))
+                .unwrap_or_else(|| panic!("{what}: no `{key}=` in `{line}`"))
+        })
+        .collect();
+    let held = stack.cluster.psql("app", sql);
+    assert_eq!(
+        held,
+        printed.join("|"),
+        "{what}: PostgreSQL holds {keys:?} = {held}, the driver saw `{line}`"
+    );
 }
 
 #[test]
@@ -111,6 +149,73 @@ fn psycopg_prepare_threshold_zero_from_many_threads() {
     let mut cmd = Command::new("python3");
     cmd.arg("psycopg_load.py");
     let out = run_driver(&stack, cmd, "psycopg_load.py", "psycopg ok:");
+    eprintln!("{out}");
+}
+
+/// SQLAlchemy's QueuePool, ORM sessions (commit and rollback), Core and psycopg2 executemany,
+/// and multi-statement transactions from 8 threads; the totals must be what PostgreSQL holds.
+#[test]
+fn psycopg2_sqlalchemy_orm_and_executemany_from_a_queue_pool() {
+    if !python_has("psycopg2, sqlalchemy") {
+        return skip("psycopg2 with SQLAlchemy", "python3 is not installed");
+    }
+    let stack = Stack::start(POOL_SIZE);
+    let mut cmd = Command::new("python3");
+    cmd.arg("sqlalchemy_load.py");
+    let out = run_driver(&stack, cmd, "sqlalchemy_load.py", "sqlalchemy ok:");
+    assert_server_holds(
+        &stack,
+        "sqlalchemy_load.py",
+        &out,
+        "sqlalchemy ok:",
+        &["accounts", "balance", "events", "amount"],
+        "SELECT (SELECT count(*) FROM sa_accounts), (SELECT sum(balance) FROM sa_accounts),
+                (SELECT count(*) FROM sa_events), (SELECT sum(amount) FROM sa_events)",
+    );
+    eprintln!("{out}");
+}
+
+/// Ruby pg: `prepare` once per connection, `exec_prepared` in and out of `transaction` blocks
+/// (some rolled back), and `exec_params`, from 8 threads.
+#[test]
+fn ruby_pg_exec_prepared_across_transactions_from_many_threads() {
+    if !runtime_has("ruby", &["-e", "require 'pg'"], "pg (ruby-pg)") {
+        return skip("ruby-pg", "ruby is not installed");
+    }
+    let stack = Stack::start(POOL_SIZE);
+    let mut cmd = Command::new("ruby");
+    cmd.arg("ruby_pg_load.rb");
+    let out = run_driver(&stack, cmd, "ruby_pg_load.rb", "ruby-pg ok:");
+    assert_server_holds(
+        &stack,
+        "ruby_pg_load.rb",
+        &out,
+        "ruby-pg ok:",
+        &["ledger_rows", "ledger_sum"],
+        "SELECT count(*), sum(amount) FROM rb_ledger",
+    );
+    eprintln!("{out}");
+}
+
+/// DBD::Pg with `pg_server_prepare`: statements parsed once per connection and executed in
+/// `AutoCommit => 0` transactions, committed or rolled back, from 4 processes that reconnect.
+#[test]
+fn dbd_pg_server_prepared_statements_with_commit_and_rollback() {
+    if !runtime_has("perl", &["-MDBD::Pg", "-e", "1"], "DBD::Pg") {
+        return skip("DBD::Pg", "perl is not installed");
+    }
+    let stack = Stack::start(POOL_SIZE);
+    let mut cmd = Command::new("perl");
+    cmd.arg("dbd_pg_load.pl");
+    let out = run_driver(&stack, cmd, "dbd_pg_load.pl", "dbd-pg ok:");
+    assert_server_holds(
+        &stack,
+        "dbd_pg_load.pl",
+        &out,
+        "dbd-pg ok:",
+        &["ledger_rows", "ledger_sum"],
+        "SELECT count(*), sum(amount) FROM pl_ledger",
+    );
     eprintln!("{out}");
 }
 

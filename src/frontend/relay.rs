@@ -268,7 +268,15 @@ fn scan_client(
                     .then(|| wire::cstr(wire::body(&buf[at..at + h.total]), 0))
                     .flatten();
                 match sql {
-                    Some((sql, _)) => observe_sql(sql, ctx),
+                    Some((sql, _)) => {
+                        if let Some(replacement) = deallocate_alias(sql, ctx) {
+                            splice(buf, at, h.total, &replacement);
+                            dir.ready += replacement.len();
+                            progress.budget = progress.budget.saturating_sub(h.total);
+                            continue;
+                        }
+                        observe_sql(sql, ctx)
+                    }
                     // Streamed unread, or not text: what it did is found out afterwards.
                     None => ctx.seen.unobserved = true,
                 }
@@ -336,6 +344,26 @@ fn scan_client(
         progress.budget = progress.budget.saturating_sub(h.total);
         dir.pass = h.total;
     }
+}
+
+/// `DEALLOCATE name` inside a transaction, where `name` is one of this client's
+/// protocol-level statements and the server holds its Weir-wide copy (it ran in this
+/// transaction, as with DBD::Pg's `do` with bind values): the alias is forgotten and the
+/// server's copy deallocated under its real name, so the client gets PostgreSQL's own
+/// answer. Other cases go to the server unchanged.
+fn deallocate_alias(sql: &str, ctx: &mut ClientCtx<'_>) -> Option<BytesMut> {
+    let lead = sql.trim_start().as_bytes();
+    if !lead.get(..10)?.eq_ignore_ascii_case(b"deallocate") {
+        return None;
+    }
+    let name = sqlscan::sole_deallocate(sql)?;
+    let stmt = ctx.stmts.get(&name)?.clone();
+    if !ctx.server.contains(stmt.id) {
+        return None;
+    }
+    ctx.stmts.remove(&name);
+    ctx.server.remove(stmt.id);
+    Some(build::query(&format!("DEALLOCATE {}", stmt.name)))
 }
 
 /// Notes what `sql` does to session state and follows SQL that changes

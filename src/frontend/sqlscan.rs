@@ -272,6 +272,37 @@ fn statements(sql: &str) -> (Vec<Vec<String>>, Calls) {
     (out, calls)
 }
 
+/// The statement name of a query that is exactly `DEALLOCATE [PREPARE] name` (an optional
+/// trailing `;`, no comment, not `ALL`): unquoted names fold to lower case, as PostgreSQL's.
+pub fn sole_deallocate(sql: &str) -> Option<String> {
+    let s = sql.trim();
+    let s = s.strip_suffix(';').unwrap_or(s).trim_end();
+    let (first, rest) = s.split_once(|c: char| c.is_ascii_whitespace())?;
+    if !first.eq_ignore_ascii_case("deallocate") {
+        return None;
+    }
+    let mut rest = rest.trim_start();
+    if let Some((word, after)) = rest.split_once(|c: char| c.is_ascii_whitespace()) {
+        if !word.eq_ignore_ascii_case("prepare") {
+            return None;
+        }
+        rest = after.trim_start();
+    }
+    if let Some(quoted) = rest.strip_prefix('"') {
+        let inner = quoted.strip_suffix('"')?;
+        let name = inner.replace("\"\"", "\"");
+        // A lone quote inside would have ended the name: not one identifier.
+        return (!inner.replace("\"\"", "").contains('"') && !name.is_empty()).then_some(name);
+    }
+    let mut chars = rest.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || !c.is_ascii());
+    let ident = first_ok
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$' || !c.is_ascii());
+    (ident && !rest.eq_ignore_ascii_case("all")).then(|| rest.to_ascii_lowercase())
+}
+
 /// Functions whose call changes session state, wherever they appear in a statement.
 #[derive(Debug, Default, Clone, Copy)]
 struct Calls {
@@ -347,6 +378,36 @@ mod tests {
         // Found by the sql_routing fuzz target: used to slice inside the 'é'.
         assert_eq!(seen("SET \"é").params, vec!["é"]);
         assert_eq!(seen("SET \"a\"\"b\" = 1").params, vec!["a\"b"]);
+    }
+
+    #[test]
+    fn sole_deallocate_takes_one_named_statement_only() {
+        assert_eq!(
+            sole_deallocate("DEALLOCATE dbdpg_p1_2").as_deref(),
+            Some("dbdpg_p1_2")
+        );
+        assert_eq!(
+            sole_deallocate(" deallocate prepare Foo ; ").as_deref(),
+            Some("foo")
+        );
+        assert_eq!(
+            sole_deallocate("DEALLOCATE \"Mixed\"\"q\"").as_deref(),
+            Some("Mixed\"q")
+        );
+        for other in [
+            "DEALLOCATE ALL",
+            "DEALLOCATE PREPARE all",
+            "DEALLOCATE",
+            "DEALLOCATE a; SELECT 1",
+            "DEALLOCATE a b",
+            "DEALLOCATE a -- c",
+            "DEALLOCATE \"a\"b\"",
+            "DEALLOCATE \"\"",
+            "SELECT 1",
+            "deallocatex a",
+        ] {
+            assert_eq!(sole_deallocate(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use super::cancel::{self, BackendKey, CancelEntry, FrontendKey};
 use super::fanout;
 use super::relay::{self, Event, Relay, Statements};
 use super::routing::{self, HeldBegin, ShardSession};
-use super::sqlscan::Seen;
+use super::sqlscan::{self, Seen};
 use super::startup::{self, Start};
 use crate::auth::{self, AuthError};
 use crate::backend::conn::ExecError;
@@ -387,8 +387,39 @@ impl Session {
         }
     }
 
+    /// `DEALLOCATE name` of a protocol-level statement, sent between transactions (as
+    /// DBD::Pg does when a statement handle goes): the name is this client's alias of a
+    /// Weir-wide statement that servers share, so Weir forgets the alias and answers, as it
+    /// answers a Close, instead of sending it to a server that may not hold that name.
+    async fn deallocate_between_transactions(&mut self) -> Option<After> {
+        let h = wire::header(&self.cbuf).ok().flatten()?;
+        if h.tag != tag::QUERY || self.cbuf.len() < h.total || self.shard.held.is_some() {
+            return None;
+        }
+        let body = wire::body(&self.cbuf[..h.total]);
+        let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
+        if !body[start..].get(..10)?.eq_ignore_ascii_case(b"deallocate") {
+            return None;
+        }
+        let (sql, _) = wire::cstr(body, 0)?;
+        let name = sqlscan::sole_deallocate(sql)?;
+        if !self.stmts.remove(&name) {
+            return None;
+        }
+        let _ = self.cbuf.split_to(h.total);
+        let mut out = build::command_complete("DEALLOCATE");
+        out.extend_from_slice(&build::ready_for_query(TxStatus::Idle));
+        if self.client.write_all(&out).await.is_err() {
+            return Some(After::Stop);
+        }
+        Some(After::Continue)
+    }
+
     /// Routes (sharded), borrows a server, relays one transaction and gives the server back.
     async fn next_transaction(&mut self) -> After {
+        if let Some(after) = self.deallocate_between_transactions().await {
+            return after;
+        }
         {
             let mut budget = usize::MAX;
             if self.router.is_some() {
