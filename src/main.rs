@@ -155,11 +155,35 @@ fn main() -> ExitCode {
     if let Some(path) = &args.check {
         return match Config::load(path) {
             Ok(cfg) => {
-                for w in &cfg.warnings {
-                    println!("warning: {w}");
+                // What start would refuse beyond the file itself: addresses that do not
+                // resolve and a logfile that cannot be opened (nothing is bound or written).
+                let g = &cfg.general;
+                let mut problems = Vec::new();
+                if let Err(e) =
+                    weir::frontend::listener::listen_addresses(&g.listen_addr, g.listen_port)
+                {
+                    problems.push(e.to_string());
                 }
-                print!("{}", cfg.render());
-                println!("config OK");
+                if let Some(p) = g.logfile.as_deref().filter(|p| !p.is_empty()) {
+                    if let Err(e) = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)
+                    {
+                        problems.push(format!("cannot open logfile {p}: {e}"));
+                    }
+                }
+                if !problems.is_empty() {
+                    for p in problems {
+                        eprintln!("{}: {p}", path.display());
+                    }
+                    return ExitCode::from(1);
+                }
+                for w in &cfg.warnings {
+                    eprintln!("warning: {w}");
+                }
+                print!("{}", weir::admin::settings::render_effective(&cfg));
+                eprintln!("config OK");
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -233,7 +257,7 @@ fn main() -> ExitCode {
 
 async fn serve(path: PathBuf, config: Config, run_as: Option<String>) -> ExitCode {
     let app = App::new(config);
-    let listener = match weir::frontend::listener::bind(&app) {
+    let listeners = match weir::frontend::listener::bind(&app) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(error = %e, "cannot listen");
@@ -254,12 +278,12 @@ async fn serve(path: PathBuf, config: Config, run_as: Option<String>) -> ExitCod
             return ExitCode::from(1);
         }
     }
-    if let Ok(addr) = listener.local_addr() {
+    for addr in listeners.iter().filter_map(|l| l.local_addr().ok()) {
         tracing::info!(%addr, config = %path.display(), "weir {} listening", env!("CARGO_PKG_VERSION"));
     }
     // Ends with the process: after a shutdown began it still serves the admin console on
     // the Unix socket.
-    tokio::spawn(weir::frontend::listener::serve_on(app.clone(), listener));
+    tokio::spawn(weir::frontend::listener::serve_on(app.clone(), listeners));
     let (Ok(mut hup), Ok(mut int), Ok(mut term), Ok(mut quit), Ok(mut usr1), Ok(mut usr2)) = (
         signal(SignalKind::hangup()),
         signal(SignalKind::interrupt()),

@@ -255,6 +255,40 @@ fn check_flag_validates_a_config_file() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // The effective config comes out as TOML that checks again, with the value in force.
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.contains("default_pool_size = 3"), "{stdout}");
+    assert!(
+        stdout.contains("server_login_retry = "),
+        "defaults listed too: {stdout}"
+    );
+    let again = dir.path().join("again.toml");
+    std::fs::write(&again, &stdout).expect("write rendered config");
+    let out = check(&again);
+    assert!(
+        out.status.success(),
+        "weir --check on its own output: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // What start would fail on fails --check too: an address that does not resolve.
+    let unresolvable = dir.path().join("unresolvable.toml");
+    std::fs::write(
+        &unresolvable,
+        app_config(5432, "listen_addr = \"no-such-host.invalid\""),
+    )
+    .expect("write config");
+    let out = check(&unresolvable);
+    assert!(
+        !out.status.success(),
+        "weir --check accepted an unresolvable listen_addr"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no-such-host.invalid"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let bad = dir.path().join("bad.toml");
     let text = "[weir]\n\ndefault_pool_size = 0\n";
     std::fs::write(&bad, text).expect("write config");

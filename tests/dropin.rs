@@ -63,6 +63,23 @@ async fn pgbouncer_ini_and_userlist_in_pgbouncer_format_serve_clients() {
         "weir --check on pgbouncer.ini: {}",
         String::from_utf8_lossy(&check.stderr)
     );
+    // The effective config is printed in the file's own format, and checks again as such.
+    let rendered = String::from_utf8_lossy(&check.stdout).into_owned();
+    for section in ["[databases]", "[users]", "[pgbouncer]"] {
+        assert!(rendered.contains(section), "no {section} in\n{rendered}");
+    }
+    let again = weir.config_path.with_file_name("rendered.ini");
+    std::fs::write(&again, &rendered).expect("write rendered ini");
+    let recheck = Command::new(common::weir_bin())
+        .arg("--check")
+        .arg(&again)
+        .output()
+        .expect("run weir --check");
+    assert!(
+        recheck.status.success(),
+        "weir --check on its own ini output: {}\n{rendered}",
+        String::from_utf8_lossy(&recheck.stderr)
+    );
 }
 
 /// A cluster with a superuser `auth` (it may read pg_authid) and a login role `dyn` that
@@ -322,4 +339,32 @@ async fn application_name_add_host_appends_the_client_address() {
         name.starts_with("billing - 127.0.0.1:"),
         "application_name {name:?}"
     );
+}
+
+/// `listen_addr` as PgBouncer reads it: a list of addresses and host names, each name
+/// resolved to every address it has, so an unchanged pgbouncer.ini listens where it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_addr_list_with_localhost_listens_on_both_loopbacks() {
+    use std::net::ToSocketAddrs;
+    let cluster = app_cluster();
+    let weir = Weir::start(&support::app_config(
+        cluster.port,
+        "listen_addr = \"localhost, ::1\"",
+    ));
+    let mut hosts: Vec<String> = ("localhost", 0)
+        .to_socket_addrs()
+        .expect("resolve localhost")
+        .map(|a| a.ip().to_string())
+        .collect();
+    hosts.push("::1".into());
+    for host in hosts {
+        let url = format!(
+            "host={host} port={} user=app password={APP_PASSWORD} dbname=app",
+            weir.port
+        );
+        let client = common::try_connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {host}: {}", common::describe_error(&e)));
+        assert_eq!(scalar(&client, "SELECT 'served'").await, "served", "{host}");
+    }
 }

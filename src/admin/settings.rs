@@ -292,6 +292,159 @@ pub fn rows(g: &General) -> Vec<[String; 4]> {
         .collect()
 }
 
+/// The effective configuration in the format of the file it came from (`weir --check`):
+/// PgBouncer's ini (`[databases]`, `[users]`, `[pgbouncer]`) for a `.ini` file, else Weir's
+/// TOML. Every `[pgbouncer]`/`[weir]` setting is listed with the value in force (defaults
+/// included); passwords are never printed.
+pub fn render_effective(config: &crate::config::Config) -> String {
+    let ini = config.path.extension().is_some_and(|e| e == "ini");
+    let mut out = String::new();
+    let comment = if ini { ";" } else { "#" };
+    out.push_str(&format!(
+        "{comment} effective configuration of {}\n",
+        config.path.display()
+    ));
+    let general = rows(&config.general);
+    if ini {
+        out.push_str("\n[databases]\n");
+        for db in config.databases.values() {
+            out.push_str(&format!("{} = {}\n", db.name, ini_database(db)));
+        }
+        out.push_str("\n[users]\n");
+        for u in config.users.values() {
+            let mut parts = Vec::new();
+            if let Some(m) = u.pool_mode {
+                parts.push(format!("pool_mode={m}"));
+            }
+            if let Some(n) = u.pool_size {
+                parts.push(format!("pool_size={n}"));
+            }
+            if u.max_user_connections > 0 {
+                parts.push(format!("max_user_connections={}", u.max_user_connections));
+            }
+            if !parts.is_empty() {
+                out.push_str(&format!("{} = {}\n", u.name, parts.join(" ")));
+            }
+        }
+        out.push_str("\n[pgbouncer]\n");
+        for [key, value, default, _] in &general {
+            if value.is_empty() && value == default {
+                out.push_str(&format!("; {key} is not set\n"));
+            } else {
+                out.push_str(&format!("{key} = {value}\n"));
+            }
+        }
+        return out;
+    }
+    out.push_str("\n[weir]\n");
+    for [key, value, default, _] in &general {
+        // An empty value that is also the default stays unset: "" is not always a valid
+        // value (a file path), and unset means exactly the default.
+        match toml_value(key, value).filter(|_| !(value.is_empty() && value == default)) {
+            Some(v) => out.push_str(&format!("{key} = {v}\n")),
+            None => out.push_str(&format!("# {key} is not set\n")),
+        }
+    }
+    for db in config.databases.values() {
+        out.push_str(&format!("\n[databases.{}]\n", toml_string(&db.name)));
+        out.push_str(&format!("host = {}\n", toml_string(&db.address.host)));
+        out.push_str(&format!("port = {}\n", db.address.port));
+        if db.dbname != db.name {
+            out.push_str(&format!("dbname = {}\n", toml_string(&db.dbname)));
+        }
+        if let Some(u) = &db.user {
+            out.push_str(&format!("user = {}\n", toml_string(u)));
+        }
+        if let Some(n) = db.pool_size {
+            out.push_str(&format!("pool_size = {n}\n"));
+        }
+        if let Some(m) = db.pool_mode {
+            out.push_str(&format!("pool_mode = \"{m}\"\n"));
+        }
+        if !db.shards.is_empty() {
+            out.push_str(&format!("# {} shards\n", db.shards.len()));
+        }
+    }
+    for u in config.users.values() {
+        out.push_str(&format!("\n[users.{}]\n", toml_string(&u.name)));
+        if let Some(m) = u.pool_mode {
+            out.push_str(&format!("pool_mode = \"{m}\"\n"));
+        }
+        if let Some(n) = u.pool_size {
+            out.push_str(&format!("pool_size = {n}\n"));
+        }
+    }
+    out
+}
+
+/// A database as a PgBouncer `[databases]` connection string.
+fn ini_database(db: &crate::config::Database) -> String {
+    let quote = |v: &str| {
+        if v.is_empty() || v.contains(|c: char| c.is_whitespace() || c == '\'') {
+            format!("'{}'", v.replace('\'', "''"))
+        } else {
+            v.to_string()
+        }
+    };
+    let mut parts = vec![
+        format!("host={}", quote(&db.address.host)),
+        format!("port={}", db.address.port),
+    ];
+    // The default dbname is the entry's own name (for `*`, the name a client asks for).
+    if db.dbname != db.name {
+        parts.push(format!("dbname={}", quote(&db.dbname)));
+    }
+    if let Some(u) = &db.user {
+        parts.push(format!("user={}", quote(u)));
+    }
+    if let Some(n) = db.pool_size {
+        parts.push(format!("pool_size={n}"));
+    }
+    if db.min_pool_size > 0 {
+        parts.push(format!("min_pool_size={}", db.min_pool_size));
+    }
+    parts.push(format!("reserve_pool_size={}", db.reserve_pool_size));
+    if let Some(m) = db.pool_mode {
+        parts.push(format!("pool_mode={m}"));
+    }
+    if db.max_db_connections > 0 {
+        parts.push(format!("max_db_connections={}", db.max_db_connections));
+    }
+    if let Some(q) = &db.connect_query {
+        parts.push(format!("connect_query={}", quote(q)));
+    }
+    for (k, v) in &db.server_params {
+        parts.push(format!("{k}={}", quote(v)));
+    }
+    parts.join(" ")
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// `value` (as SHOW CONFIG shows it) in the TOML form the `[weir]` section accepts for
+/// `key`: bare when it reads back as a number, a flag as a boolean, else a string; `None`
+/// for an unset optional setting (no TOML value means "unset").
+fn toml_value(key: &str, value: &str) -> Option<String> {
+    let candidates = [
+        value.to_string(),
+        match value {
+            "1" => "true".to_string(),
+            "0" => "false".to_string(),
+            other => other.to_string(),
+        },
+        toml_string(value),
+    ];
+    for c in &candidates {
+        let doc = format!("[weir]\n{key} = {c}\n");
+        if toml::from_str::<crate::config::Document>(&doc).is_ok() {
+            return Some(c.clone());
+        }
+    }
+    (!value.is_empty()).then(|| toml_string(value))
+}
+
 /// Why a SET was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SetError {

@@ -619,38 +619,6 @@ impl Config {
         fallback.dbname = name.to_string();
         Some(Arc::new(fallback))
     }
-
-    /// Renders the effective config (for `weir --check`).
-    pub fn render(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::new();
-        let _ = writeln!(out, "# effective configuration of {}", self.path.display());
-        let _ = writeln!(out, "{:#?}", self.general);
-        for u in self.users.values() {
-            let _ = writeln!(
-                out,
-                "user {}: secret={} pool_mode={:?} pool_size={:?}",
-                u.name,
-                u.secret.as_ref().map(Secret::kind).unwrap_or("none"),
-                u.pool_mode,
-                u.pool_size
-            );
-        }
-        for db in self.databases.values() {
-            let _ = writeln!(
-                out,
-                "database {}: {} dbname={} user={:?} pool_size={} reserve={} mode={}",
-                db.name,
-                db.address,
-                db.dbname,
-                db.user,
-                db.pool_size.unwrap_or(self.general.default_pool_size),
-                db.reserve_pool_size,
-                db.pool_mode.unwrap_or(self.general.pool_mode)
-            );
-        }
-        out
-    }
 }
 
 impl User {

@@ -17,30 +17,80 @@ impl Drop for ClientCount {
     }
 }
 
-/// Binds the configured address (`*` = all interfaces).
-pub fn bind(app: &App) -> std::io::Result<TcpListener> {
+/// The addresses `listen_addr` names, as PgBouncer reads it: a comma-separated list of IP
+/// addresses and host names (each name resolved, `localhost` to both loopbacks), `*` for
+/// every IPv4 and IPv6 address. Empty: no TCP listener (Unix socket only).
+pub fn listen_addresses(listen_addr: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+    use std::net::{Ipv4Addr, Ipv6Addr, ToSocketAddrs};
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for item in listen_addr
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let found: Vec<SocketAddr> = if item == "*" {
+            vec![
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+            ]
+        } else if let Ok(ip) = item
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+        {
+            vec![SocketAddr::new(ip, port)]
+        } else {
+            (item, port)
+                .to_socket_addrs()
+                .map_err(|e| std::io::Error::new(e.kind(), format!("listen_addr {item}: {e}")))?
+                .collect()
+        };
+        for a in found {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Binds every address of `listen_addr` (see [`listen_addresses`]). As PgBouncer, an
+/// address that cannot be bound is skipped with a warning when another one works (`*` on a
+/// host without IPv6); none at all is an error.
+pub fn bind(app: &App) -> std::io::Result<Vec<TcpListener>> {
     let cluster = app.cluster();
     let g = &cluster.config.general;
-    let host = match g.listen_addr.as_str() {
-        "*" | "" => "0.0.0.0",
-        other => other,
-    };
-    let addr: SocketAddr = format!("{host}:{}", g.listen_port)
-        .parse()
-        .or_else(|_| format!("[{host}]:{}", g.listen_port).parse())
-        .map_err(|e| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("listen_addr {host}: {e}"),
-            )
-        })?;
+    let addrs = listen_addresses(&g.listen_addr, g.listen_port)?;
+    let mut listeners = Vec::new();
+    let mut first_error = None;
+    for addr in &addrs {
+        match bind_one(*addr, g.so_reuseport) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                let e = std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"));
+                if addrs.len() > 1 {
+                    tracing::warn!("{e}");
+                }
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) if listeners.is_empty() => Err(e),
+        _ => Ok(listeners),
+    }
+}
+
+fn bind_one(addr: SocketAddr, reuseport: bool) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
-        TcpSocket::new_v6()?
+        let s = TcpSocket::new_v6()?;
+        // `::` beside `0.0.0.0`: IPv6 only, so both bind.
+        socket2::SockRef::from(&s).set_only_v6(true)?;
+        s
     };
     socket.set_reuseaddr(true)?;
-    if g.so_reuseport {
+    if reuseport {
         socket.set_reuseport(true)?;
     }
     socket.bind(addr)?;
@@ -48,9 +98,26 @@ pub fn bind(app: &App) -> std::io::Result<TcpListener> {
 }
 
 pub async fn serve(app: Arc<App>) -> std::io::Result<()> {
-    let listener = bind(&app)?;
-    tracing::info!(addr = %listener.local_addr()?, "listening");
-    serve_on(app, listener).await
+    let listeners = bind(&app)?;
+    for l in &listeners {
+        tracing::info!(addr = %l.local_addr()?, "listening");
+    }
+    serve_on(app, listeners).await
+}
+
+/// The next connection on any of `listeners` (pending forever when there are none).
+async fn accept_any(
+    listeners: &[TcpListener],
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    std::future::poll_fn(|cx| {
+        for l in listeners {
+            if let std::task::Poll::Ready(r) = l.poll_accept(cx) {
+                return std::task::Poll::Ready(r);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// Binds PgBouncer's Unix socket `<unix_socket_dir>/.s.PGSQL.<port>`, if a
@@ -121,13 +188,13 @@ async fn admin_only_unix(
 }
 
 /// Accept loop; returns when a shutdown begins (in-flight sessions go on).
-pub async fn serve_on(app: Arc<App>, listener: TcpListener) -> std::io::Result<()> {
+pub async fn serve_on(app: Arc<App>, listeners: Vec<TcpListener>) -> std::io::Result<()> {
     let unix = bind_unix(&app);
     let _cleanup = unix.as_ref().map(|(_, p)| RemoveOnDrop(p.clone()));
     let mut shutdown = app.shutdown.subscribe();
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = accept_any(&listeners) => match accepted {
                 Ok((tcp, peer)) => {
                     crate::net::tune_tcp(&tcp, app.cluster().config.general.tcp_keepalive);
                     spawn_session(&app, Stream::Tcp(tcp), peer.to_string(), false);
@@ -150,18 +217,20 @@ pub async fn serve_on(app: Arc<App>, listener: TcpListener) -> std::io::Result<(
                     // Connections the kernel already completed are in-flight
                     // clients: take them before the listener closes (with
                     // so_reuseport, new ones then go to the other process).
-                    while let Some(Ok((tcp, peer))) = std::future::poll_fn(|cx| {
-                        std::task::Poll::Ready(match listener.poll_accept(cx) {
-                            std::task::Poll::Ready(r) => Some(r),
-                            std::task::Poll::Pending => None,
+                    for listener in &listeners {
+                        while let Some(Ok((tcp, peer))) = std::future::poll_fn(|cx| {
+                            std::task::Poll::Ready(match listener.poll_accept(cx) {
+                                std::task::Poll::Ready(r) => Some(r),
+                                std::task::Poll::Pending => None,
+                            })
                         })
-                    })
-                    .await
-                    {
-                        crate::net::tune_tcp(&tcp, app.cluster().config.general.tcp_keepalive);
-                        spawn_session(&app, Stream::Tcp(tcp), peer.to_string(), false);
+                        .await
+                        {
+                            crate::net::tune_tcp(&tcp, app.cluster().config.general.tcp_keepalive);
+                            spawn_session(&app, Stream::Tcp(tcp), peer.to_string(), false);
+                        }
                     }
-                    drop(listener);
+                    drop(listeners);
                     if *shutdown.borrow() != Shutdown::Immediate {
                         // As PgBouncer: the Unix socket stays open for the admin console
                         // (logins to other databases are refused) until the process ends.
@@ -186,5 +255,22 @@ struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listen_addresses;
+
+    #[test]
+    fn listen_addr_lists_star_and_literals() {
+        let star = listen_addresses("*", 6432).expect("*");
+        assert_eq!(star.len(), 2);
+        assert!(star.iter().any(|a| a.is_ipv4()) && star.iter().any(|a| a.is_ipv6()));
+        let list = listen_addresses(" 127.0.0.1 ,::1,127.0.0.1,", 7).expect("list");
+        let shown: Vec<String> = list.iter().map(|a| a.to_string()).collect();
+        assert_eq!(shown, vec!["127.0.0.1:7", "[::1]:7"]);
+        assert!(listen_addresses("", 6432).expect("empty").is_empty());
+        assert!(listen_addresses("no-such-host.invalid", 6432).is_err());
     }
 }

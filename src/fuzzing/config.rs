@@ -47,7 +47,7 @@ pub fn toml(text: &str) {
 }
 
 fn loaded(config: &Config) {
-    let _ = config.render();
+    let _ = crate::admin::settings::render_effective(config);
     let _ = config.database("some_db");
 }
 
