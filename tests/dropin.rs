@@ -368,3 +368,41 @@ async fn listen_addr_list_with_localhost_listens_on_both_loopbacks() {
         assert_eq!(scalar(&client, "SELECT 'served'").await, "served", "{host}");
     }
 }
+
+/// `host=/path/to/socket/dir` as libpq and PgBouncer read it: Weir reaches the server through
+/// `<dir>/.s.PGSQL.<port>` (peer-auth setups depend on it), and cancels go the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_directory_host_reaches_the_server_over_its_unix_socket() {
+    let cluster = app_cluster();
+    let config = format!(
+        "[weir]\ndefault_pool_size = 2\n\n[users.app]\npassword = \"{APP_PASSWORD}\"\n\n\
+         [databases.app]\nhost = \"{}\"\nport = {}\n",
+        cluster.socket_dir.display(),
+        cluster.port
+    );
+    let weir = Weir::start(&config);
+    let url = support::app_url(&weir);
+    let client = common::connect(&url).await;
+    assert_eq!(
+        scalar(&client, "SELECT (inet_server_addr() IS NULL)::text").await,
+        "true",
+        "the server connection is not a Unix socket"
+    );
+    let cancel = client.cancel_token();
+    let sleeper = tokio::spawn(async move {
+        let r = client.simple_query("SELECT pg_sleep(30)").await;
+        (client, r)
+    });
+    common::eventually(Duration::from_secs(5), "pg_sleep to run", || {
+        support::count_activity(&cluster, "app", "query LIKE '%pg_sleep(30)%'") == 1
+    });
+    cancel
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("send cancel");
+    let (_client, result) = tokio::time::timeout(Duration::from_secs(10), sleeper)
+        .await
+        .expect("the cancel did not reach the server")
+        .expect("sleeper task");
+    expect_sqlstate(result, "57014", "the cancelled pg_sleep");
+}

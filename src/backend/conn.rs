@@ -123,21 +123,45 @@ pub enum ExecError {
     Protocol(String),
 }
 
+/// The path of a server's Unix socket when its host is a directory (`host=/run/postgresql`,
+/// as libpq and PgBouncer read it): `<dir>/.s.PGSQL.<port>`.
+pub fn unix_socket_path(address: &Address) -> Option<std::path::PathBuf> {
+    address
+        .host
+        .starts_with('/')
+        .then(|| std::path::Path::new(&address.host).join(format!(".s.PGSQL.{}", address.port)))
+}
+
+/// Opens the transport to a server: a Unix socket when the host is a directory, else TCP.
+pub async fn dial(address: &Address) -> std::io::Result<Stream> {
+    match unix_socket_path(address) {
+        Some(path) => Ok(Stream::Unix(tokio::net::UnixStream::connect(path).await?)),
+        None => Ok(Stream::Tcp(
+            TcpStream::connect((address.host.as_str(), address.port)).await?,
+        )),
+    }
+}
+
 impl ServerConn {
     /// Opens and logs in a new server connection.
     pub async fn connect(target: &Target, creds: &Credentials) -> Result<ServerConn, ConnectError> {
         let work = async {
-            let addr = (target.address.host.as_str(), target.address.port);
-            let tcp = TcpStream::connect(addr)
+            let mut stream = match dial(&target.address)
                 .await
-                .map_err(|e| ConnectError::Connect(target.address.clone(), e))?;
-            crate::net::tune_tcp(&tcp, true);
-            let _ = socket2::SockRef::from(&tcp).set_keepalive(true);
-            let mut stream = target
-                .tls
-                .negotiate(tcp, &target.address.host)
-                .await
-                .map_err(|e| ConnectError::Tls(target.address.clone(), e))?;
+                .map_err(|e| ConnectError::Connect(target.address.clone(), e))?
+            {
+                Stream::Tcp(tcp) => {
+                    crate::net::tune_tcp(&tcp, true);
+                    let _ = socket2::SockRef::from(&tcp).set_keepalive(true);
+                    target
+                        .tls
+                        .negotiate(tcp, &target.address.host)
+                        .await
+                        .map_err(|e| ConnectError::Tls(target.address.clone(), e))?
+                }
+                // As PgBouncer and libpq: no TLS over a Unix socket.
+                other => other,
+            };
             let mut buf = BytesMut::with_capacity(16 * 1024);
             let mut startup: Vec<(&str, &str)> = vec![
                 ("user", creds.user.as_str()),

@@ -614,7 +614,7 @@ impl Pool {
                     }
                     None => return,
                 }
-                let connect = tokio::net::TcpStream::connect((address.host.as_str(), address.port));
+                let connect = super::conn::dial(&address);
                 if let Ok(Ok(_)) = tokio::time::timeout(limit, connect).await {
                     if let Some(p) = pool.upgrade() {
                         p.recovered();

@@ -456,9 +456,9 @@ impl<'a> Importer<'a> {
         Ok(())
     }
 
-    /// Weir connects to one server over TCP: of PgBouncer 1.20+'s load-balancing lists
-    /// (`host=a,b port=1,2`) it keeps the first entry, and a Unix socket directory
-    /// (`host=/run/postgresql`) is dropped, so Weir's no-host default (127.0.0.1) applies.
+    /// Weir connects to one server: of PgBouncer 1.20+'s load-balancing lists
+    /// (`host=a,b port=1,2`) it keeps the first entry. A Unix socket directory
+    /// (`host=/run/postgresql`) is kept: the server is reached through its socket there.
     fn single_tcp_server(
         &mut self,
         origin: &Origin,
@@ -480,16 +480,6 @@ impl<'a> Importer<'a> {
             }
             None => value,
         };
-        if key == "host" && value.starts_with('/') {
-            self.warn(
-                origin,
-                format!(
-                    "[databases] {name}: host {value} is a Unix socket directory; \
-                     Weir connects over TCP to 127.0.0.1"
-                ),
-            );
-            return None;
-        }
         Some((key, value))
     }
 
@@ -913,23 +903,21 @@ frobnicate = 3
     }
 
     #[test]
-    fn host_lists_and_socket_directories_are_reduced_with_a_warning() {
+    fn host_lists_are_reduced_with_a_warning_and_socket_directories_kept() {
         let c = load(
             "[databases]\nlb = host=a,b port=5433,5434\nsock = host=/var/run/postgresql port=5499\n",
         )
         .unwrap();
         assert_eq!(c.databases["lb"].address.to_string(), "a:5433");
-        assert_eq!(c.databases["sock"].address.to_string(), "127.0.0.1:5499");
+        assert_eq!(c.databases["sock"].address.host, "/var/run/postgresql");
+        assert_eq!(c.databases["sock"].address.port, 5499);
         let w = c.warnings.join("\n");
         assert!(
             w.contains("[databases] lb: host list \"a,b\" is not supported; using \"a\""),
             "{w}"
         );
         assert!(w.contains("[databases] lb: port list"), "{w}");
-        assert!(
-            w.contains("[databases] sock: host /var/run/postgresql is a Unix socket"),
-            "{w}"
-        );
+        assert!(!w.contains("sock"), "{w}");
     }
 
     #[test]

@@ -9,7 +9,6 @@ use rand::Rng;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 /// The key Weir hands a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -88,8 +87,7 @@ impl CancelRegistry {
 
 /// Sends a CancelRequest to the server (a new connection, as the protocol asks).
 pub async fn forward(key: BackendKey) {
-    let addr = (key.address.host.as_str(), key.address.port);
-    match TcpStream::connect(addr).await {
+    match crate::backend::conn::dial(&key.address).await {
         Ok(mut s) => {
             let _ = s
                 .write_all(&build::cancel_request(key.pid, key.secret))
