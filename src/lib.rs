@@ -28,6 +28,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
 
+/// Weir's version: `git describe --tags` of the build (e.g. `0.2.0` on a release tag,
+/// `0.2.0-3-g1a2b3c4` three commits after it), else the package version. SHOW VERSION,
+/// `--version`, the startup line and `weir_build_info` show it.
+pub const VERSION: &str = env!("WEIR_VERSION");
+
 /// How far a shutdown has gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shutdown {

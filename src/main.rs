@@ -17,7 +17,7 @@ use weir::{App, Shutdown};
     // PgBouncer's does); usage and help name the command.
     name = "Weir",
     bin_name = "weir",
-    version,
+    version = weir::VERSION,
     about = "PgBouncer-compatible PostgreSQL connection pooler"
 )]
 struct Args {
@@ -279,7 +279,7 @@ async fn serve(path: PathBuf, config: Config, run_as: Option<String>) -> ExitCod
         }
     }
     for addr in listeners.iter().filter_map(|l| l.local_addr().ok()) {
-        tracing::info!(%addr, config = %path.display(), "weir {} listening", env!("CARGO_PKG_VERSION"));
+        tracing::info!(%addr, config = %path.display(), "weir {} listening", weir::VERSION);
     }
     // Ends with the process: after a shutdown began it still serves the admin console on
     // the Unix socket.

@@ -263,3 +263,56 @@ async fn a_query_wait_timeout_counts_as_an_error() {
     });
     holder.simple_query("COMMIT").await.expect("COMMIT");
 }
+
+/// Before any client: `weir_up`, `weir_build_info` and each configured database's pool size,
+/// server cap, queue depth and PAUSE state exist (an idle pod exports what an autoscaler and
+/// a dashboard read), and PAUSE shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_weir_exports_up_build_info_and_configured_databases() {
+    let (_cluster, weir, stats_port) =
+        start("default_pool_size = 7\nmax_db_connections = 9\nadmin_users = [\"app\"]");
+    eventually(CATCH_UP, "the database series to appear", || {
+        scrape(stats_port).is_ok_and(|t| value(&t, "weir_database_pool_size", &[]).is_some())
+    });
+    let text = scrape_ok(stats_port);
+    assert_eq!(value(&text, "weir_up", &[]), Some(1.0), "{text}");
+    assert_eq!(value(&text, "weir_build_info", &[]), Some(1.0), "{text}");
+    assert!(text.contains("weir_build_info{version=\""), "{text}");
+    let db = [("database", "app")];
+    assert_eq!(
+        value(&text, "weir_database_pool_size", &db),
+        Some(7.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "weir_database_max_connections", &db),
+        Some(9.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "weir_database_clients_waiting", &db),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "weir_clients_waiting", &[]),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "weir_database_paused", &db),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(
+        !text.contains("weir_pool_clients_waiting{"),
+        "a pool series before any client: {text}"
+    );
+
+    let console =
+        support::common::connect(&weir.url("app", support::APP_PASSWORD, "pgbouncer")).await;
+    console.simple_query("PAUSE app").await.expect("PAUSE");
+    eventually(CATCH_UP, "weir_database_paused to show the PAUSE", || {
+        scrape(stats_port).is_ok_and(|t| value(&t, "weir_database_paused", &db) == Some(1.0))
+    });
+}

@@ -587,7 +587,7 @@ pub fn config(s: &Snapshot) -> ResultSet {
 
 pub fn version() -> ResultSet {
     let mut rs = ResultSet::new(&[("version", TEXT)]);
-    rs.push(vec![text(format!("Weir {}", env!("CARGO_PKG_VERSION")))]);
+    rs.push(vec![text(format!("Weir {}", crate::VERSION))]);
     rs
 }
 

@@ -10,6 +10,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub const CLIENTS_CONNECTED: &str = "weir_clients_connected";
+pub const UP: &str = "weir_up";
+pub const BUILD_INFO: &str = "weir_build_info";
+pub const CLIENTS_WAITING_ALL: &str = "weir_clients_waiting";
+pub const DATABASE_POOL_SIZE: &str = "weir_database_pool_size";
+pub const DATABASE_MAX_CONNECTIONS: &str = "weir_database_max_connections";
+pub const DATABASE_CLIENTS_WAITING: &str = "weir_database_clients_waiting";
+pub const DATABASE_PAUSED: &str = "weir_database_paused";
+pub const DATABASE_DISABLED: &str = "weir_database_disabled";
 pub const CLIENTS_ACTIVE: &str = "weir_pool_clients_active";
 pub const CLIENTS_WAITING: &str = "weir_pool_clients_waiting";
 pub const SERVERS_ACTIVE: &str = "weir_pool_servers_active";

@@ -72,6 +72,8 @@ pub fn start(app: &Arc<App>) -> Result<Option<SocketAddr>, MetricsError> {
         .build()?;
     metrics::set_global_recorder(recorder).map_err(|_| MetricsError::AlreadyInstalled)?;
     describe();
+    metrics::gauge!(BUILD_INFO, "version" => crate::VERSION).set(1.0);
+    metrics::gauge!(UP).set(1.0);
     tokio::spawn(async move {
         if let Err(e) = exporter.await {
             tracing::error!(error = ?e, "metrics exporter stopped");
@@ -120,6 +122,29 @@ fn describe() {
         "Clients queued for a server connection of the pool (queue depth; HPA signal)"
     );
     describe_gauge!(SERVERS_ACTIVE, "Server connections lent to clients");
+    describe_gauge!(UP, "1 while Weir runs");
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the label `version` is Weir's version"
+    );
+    describe_gauge!(
+        CLIENTS_WAITING_ALL,
+        "Clients waiting for a server, all pools"
+    );
+    describe_gauge!(DATABASE_POOL_SIZE, "Configured pool size of a database");
+    describe_gauge!(
+        DATABASE_MAX_CONNECTIONS,
+        "max_db_connections of a database (0: no limit)"
+    );
+    describe_gauge!(
+        DATABASE_CLIENTS_WAITING,
+        "Clients waiting for a server, per database"
+    );
+    describe_gauge!(DATABASE_PAUSED, "1 while the database is paused (PAUSE)");
+    describe_gauge!(
+        DATABASE_DISABLED,
+        "1 while the database is disabled (DISABLE)"
+    );
     describe_gauge!(
         SERVERS_IDLE,
         "Server connections idle and ready for a client"
@@ -253,6 +278,35 @@ fn sample(app: &App, shown: &mut HashSet<PoolLabels>) {
     }
     publish(&now, shown);
     metrics::gauge!(CLIENTS_CONNECTED).set(app.clients.load(Ordering::Relaxed) as f64);
+    publish_databases(app, &now);
+}
+
+/// Series that exist from the start, before any client (an idle pod still exports what an
+/// autoscaler reads): `weir_up`, the clients waiting in all pools, and per configured
+/// database its pool size, server cap, queue depth and PAUSE/DISABLE state.
+fn publish_databases(app: &App, now: &HashMap<PoolLabels, PoolGauges>) {
+    let cluster = app.cluster();
+    let g = &cluster.config.general;
+    metrics::gauge!(UP).set(1.0);
+    let waiting = |db: Option<&str>| {
+        now.iter()
+            .filter(|(l, _)| db.is_none_or(|d| l.database == d))
+            .map(|(_, p)| p.clients_waiting)
+            .sum::<usize>() as f64
+    };
+    metrics::gauge!(CLIENTS_WAITING_ALL).set(waiting(None));
+    let paused = cluster.paused();
+    let disabled = app.disabled.lock().clone();
+    for db in cluster.config.databases.values().filter(|d| d.name != "*") {
+        let l = [("database", db.name.clone())];
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        metrics::gauge!(DATABASE_POOL_SIZE, &l)
+            .set(db.pool_size.unwrap_or(g.default_pool_size) as f64);
+        metrics::gauge!(DATABASE_MAX_CONNECTIONS, &l).set(db.max_db_connections as f64);
+        metrics::gauge!(DATABASE_CLIENTS_WAITING, &l).set(waiting(Some(&db.name)));
+        metrics::gauge!(DATABASE_PAUSED, &l).set(flag(paused.covers(&db.name)));
+        metrics::gauge!(DATABASE_DISABLED, &l).set(flag(disabled.contains(&db.name)));
+    }
 }
 
 #[cfg(test)]
