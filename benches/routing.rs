@@ -30,6 +30,8 @@ fn database() -> Database {
         server_lifetime: None,
         server_params: vec![],
         connect_query: None,
+        hosts: vec![],
+        load_balance_hosts: None,
         shards: vec![
             ShardSection {
                 primary: "127.0.0.1:5433".into(),

@@ -307,6 +307,7 @@ impl Cluster {
             Some(r) => sh.replicas.get(r)?,
         };
         s.target.address = crate::config::parse_address(addr).ok()?;
+        s.target.hosts.clear();
         s.shard = Some(shard);
         s.replica = replica;
         Some(s)
@@ -333,6 +334,8 @@ impl Cluster {
                 connect_timeout: g.server_connect_timeout,
                 tls: self.config.tls.server.clone(),
                 connect_query: db.connect_query.clone(),
+                hosts: db.hosts.clone(),
+                round_robin: db.load_balance_hosts.as_deref() != Some("disable"),
             },
             creds: Credentials {
                 user: login_user,

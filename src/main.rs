@@ -48,13 +48,54 @@ struct Args {
 }
 
 /// Forks: the parent exits, the child leads a new session with stdio on /dev/null.
+/// The write end of the pipe a `-d` parent waits on (-1: not daemonized).
+static DAEMON_READY_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// `-d`: forks; the parent returns only once the child listens (exit 0) or has failed (the
+/// child's exit status), as PgBouncer's -d, so `weir -d cfg && next-step` is safe.
 fn daemonize() -> Result<(), String> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: fds has room for the two descriptors pipe() writes.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } == -1 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    let [read_end, write_end] = fds;
     // SAFETY: called before any thread (the tokio runtime) exists, so fork
     // duplicates the only thread; the child only continues normal execution.
     match unsafe { libc::fork() } {
         -1 => return Err(format!("fork: {}", std::io::Error::last_os_error())),
-        0 => {}
-        _ => std::process::exit(0),
+        0 => {
+            // SAFETY: closing this process's own copy of the pipe's read end.
+            unsafe { libc::close(read_end) };
+            DAEMON_READY_FD.store(write_end, std::sync::atomic::Ordering::Relaxed);
+        }
+        child => {
+            // SAFETY: the parent's own descriptors and its own child, on plain buffers.
+            unsafe {
+                libc::close(write_end);
+                let mut byte = 0u8;
+                let n = loop {
+                    let n = libc::read(read_end, (&mut byte as *mut u8).cast(), 1);
+                    if n != -1
+                        || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+                    {
+                        break n;
+                    }
+                };
+                if n == 1 {
+                    std::process::exit(0);
+                }
+                // The child ended before it listened: its status is ours.
+                let mut status = 0;
+                libc::waitpid(child, &mut status, 0);
+                let code = if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    1
+                };
+                std::process::exit(if code == 0 { 1 } else { code });
+            }
+        }
     }
     // SAFETY: plain system calls on this process's own session and descriptors.
     unsafe {
@@ -296,6 +337,9 @@ async fn serve(path: PathBuf, config: Config, run_as: Option<String>) -> ExitCod
         return ExitCode::from(1);
     };
     weir::admin::start(&app);
+    daemon_ready();
+    sd_notify("READY=1\nSTATUS=accepting connections");
+    let mut stopping_told = false;
     // PgBouncer's signal table (1.23+): SIGHUP reload, SIGTERM = SHUTDOWN WAIT_FOR_CLIENTS,
     // SIGINT = SHUTDOWN WAIT_FOR_SERVERS, SIGQUIT = SHUTDOWN; a second SIGTERM or SIGINT
     // during a shutdown exits at once; SIGUSR1 = PAUSE, SIGUSR2 = RESUME. The admin
@@ -308,8 +352,16 @@ async fn serve(path: PathBuf, config: Config, run_as: Option<String>) -> ExitCod
     };
     loop {
         let state = app.shutdown_state();
+        if state != Shutdown::Running && !stopping_told {
+            stopping_told = true;
+            sd_notify("STOPPING=1");
+        }
         tokio::select! {
-            _ = hup.recv() => reload(&app, &path),
+            _ = hup.recv() => {
+                sd_notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_us()));
+                reload(&app, &path);
+                sd_notify("READY=1");
+            }
             _ = usr1.recv() => {
                 tracing::info!("got SIGUSR1, pausing all activity");
                 let _ = weir::admin::command::pause(&app, None);
@@ -364,6 +416,50 @@ async fn finished(app: &Arc<App>, state: Shutdown) {
         }
         Shutdown::Running | Shutdown::Immediate => std::future::pending().await,
     }
+}
+
+/// Tells a `-d` parent that the process listens (it then exits 0).
+fn daemon_ready() {
+    let fd = DAEMON_READY_FD.swap(-1, std::sync::atomic::Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: the pipe's write end, owned by this process and closed once.
+        unsafe {
+            libc::write(fd, b"1".as_ptr().cast(), 1);
+            libc::close(fd);
+        }
+    }
+}
+
+/// systemd's sd_notify for `Type=notify` units: one datagram to `$NOTIFY_SOCKET` (a path, or
+/// `@name` in the abstract namespace); nothing when it is not set.
+fn sd_notify(state: &str) {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = std::os::unix::net::UnixDatagram::unbound().and_then(|sock| {
+        match target.as_encoded_bytes().strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                sock.send_to_addr(state.as_bytes(), &addr)
+            }
+            None => sock.send_to(state.as_bytes(), std::path::Path::new(&target)),
+        }
+    });
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "sd_notify to NOTIFY_SOCKET failed");
+    }
+}
+
+/// CLOCK_MONOTONIC in microseconds (sd_notify's MONOTONIC_USEC).
+fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
 fn reload(app: &Arc<App>, path: &std::path::Path) {

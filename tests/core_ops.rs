@@ -300,3 +300,120 @@ fn check_flag_validates_a_config_file() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_names_key_and_line(&stderr, "default_pool_size", 3);
 }
+
+/// Sends `sig` to `pid`.
+fn kill(pid: i32, sig: libc::c_int) {
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill {pid} {sig}");
+}
+
+/// The next sd_notify datagram, as text.
+fn next_notification(sock: &std::os::unix::net::UnixDatagram, what: &str) -> String {
+    let mut buf = [0u8; 512];
+    let n = sock
+        .recv(&mut buf)
+        .unwrap_or_else(|e| panic!("no sd_notify message ({what}): {e}"));
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// systemd `Type=notify`: READY=1 once Weir listens, RELOADING=1 (with MONOTONIC_USEC) then
+/// READY=1 around a SIGHUP reload, STOPPING=1 when a shutdown begins.
+#[test]
+fn sd_notify_reports_ready_reloading_and_stopping() {
+    let cluster = app_cluster();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    let port = common::free_port();
+    let config = dir.path().join("weir.toml");
+    std::fs::write(
+        &config,
+        config_with_listen(ConfigFormat::Toml, &app_config(cluster.port, ""), port),
+    )
+    .expect("write config");
+    let mut child = Command::new(weir_bin())
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn weir");
+    let pid = i32::try_from(child.id()).expect("pid");
+
+    let ready = next_notification(&sock, "start");
+    assert!(ready.contains("READY=1"), "{ready}");
+    std::net::TcpStream::connect(("127.0.0.1", port)).expect("READY=1 came before listening");
+
+    kill(pid, libc::SIGHUP);
+    let reloading = next_notification(&sock, "reload");
+    assert!(
+        reloading.contains("RELOADING=1") && reloading.contains("MONOTONIC_USEC="),
+        "{reloading}"
+    );
+    let ready = next_notification(&sock, "after the reload");
+    assert!(ready.contains("READY=1"), "{ready}");
+
+    kill(pid, libc::SIGTERM);
+    let stopping = next_notification(&sock, "shutdown");
+    assert!(stopping.contains("STOPPING=1"), "{stopping}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("try_wait").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "weir still running after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20)); // polling interval
+    }
+}
+
+/// `-d` as PgBouncer's: the parent exits 0 only once the daemon listens (so a client may
+/// connect at once), and with the daemon's failure as its status when it cannot start.
+#[test]
+fn daemon_parent_returns_once_the_child_listens_or_with_its_failure() {
+    let cluster = app_cluster();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = common::free_port();
+    let pidfile = dir.path().join("weir.pid");
+    let general = format!("pidfile = \"{}\"", pidfile.display());
+    let config = dir.path().join("weir.toml");
+    std::fs::write(
+        &config,
+        config_with_listen(
+            ConfigFormat::Toml,
+            &app_config(cluster.port, &general),
+            port,
+        ),
+    )
+    .expect("write config");
+    let run = |config: &std::path::Path| {
+        Command::new(weir_bin())
+            .arg("-d")
+            .arg(config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("run weir -d")
+    };
+    let status = run(&config);
+    assert!(status.success(), "weir -d exited with {status}");
+    std::net::TcpStream::connect(("127.0.0.1", port)).expect("weir -d returned before listening");
+    let daemon: i32 = std::fs::read_to_string(&pidfile)
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("pid in pidfile");
+
+    // A second daemon on the same port cannot listen: the parent says so.
+    let second = dir.path().join("second.toml");
+    std::fs::write(
+        &second,
+        config_with_listen(ConfigFormat::Toml, &app_config(cluster.port, ""), port),
+    )
+    .expect("write config");
+    let status = run(&second);
+    kill(daemon, libc::SIGQUIT);
+    assert!(!status.success(), "weir -d on a taken port exited 0");
+}

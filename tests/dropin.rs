@@ -406,3 +406,41 @@ async fn a_socket_directory_host_reaches_the_server_over_its_unix_socket() {
         .expect("sleeper task");
     expect_sqlstate(result, "57014", "the cancelled pg_sleep");
 }
+
+/// A host list as PgBouncer reads it (`host=a,b`): a host that cannot be resolved or refuses
+/// is skipped for the next one; with `load_balance_hosts = disable` Weir keeps to the host
+/// that worked (the bad one is tried once), with round-robin each connection takes the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_lists_fail_over_and_load_balance_as_pgbouncer() {
+    let cluster = app_cluster();
+    let config = format!(
+        "[weir]\ndefault_pool_size = 3\n\n[users.app]\npassword = \"{APP_PASSWORD}\"\n\n\
+         [databases.app]\nhost = \"no-such-host.invalid,127.0.0.1\"\nport = {port}\n\
+         load_balance_hosts = \"disable\"\n\n\
+         [databases.rr]\ndbname = \"app\"\nhost = \"127.0.0.1,::1\"\nport = {port}\n",
+        port = cluster.port
+    );
+    let weir = Weir::start(&config);
+    // Three transactions at once: three server connections.
+    for db in ["app", "rr"] {
+        let url = weir.url("app", APP_PASSWORD, db);
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            let c = common::connect(&url).await;
+            c.simple_query("BEGIN").await.expect("BEGIN");
+            assert_eq!(scalar(&c, "SELECT 'served'").await, "served", "{db}");
+            clients.push(c);
+        }
+    }
+    let log = weir.log();
+    assert_eq!(
+        log.matches("closing because: server DNS lookup failed")
+            .count(),
+        1,
+        "disable: the unresolvable host was tried more than once\n{log}"
+    );
+    assert!(
+        log.contains("[::1]") || log.contains("::1:"),
+        "round-robin never tried the second host\n{log}"
+    );
+}

@@ -293,7 +293,15 @@ pub fn databases(s: &Snapshot) -> ResultSet {
         let clients = s.clients.iter().filter(|c| c.database == name).count();
         rs.push(vec![
             text(name.clone()),
-            text(db.address.host.clone()),
+            text(if db.hosts.is_empty() {
+                db.address.host.clone()
+            } else {
+                db.hosts
+                    .iter()
+                    .map(|a| a.host.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }),
             num(db.address.port),
             text(db.dbname.clone()),
             db.user.clone(),
@@ -302,7 +310,7 @@ pub fn databases(s: &Snapshot) -> ResultSet {
             num(db.reserve_pool_size),
             num(lifetime),
             db.pool_mode.map(|m| m.to_string()),
-            NULL,
+            db.load_balance_hosts.clone(),
             num(db.max_db_connections),
             num(servers),
             num(db.max_db_client_connections),

@@ -77,6 +77,11 @@ pub struct Target {
     pub tls: crate::tls::ServerTls,
     /// Run once on every new connection before it is used (the database's `connect_query`).
     pub connect_query: Option<String>,
+    /// A host list (`host=a,b`): every host, `address` being the first; empty for one host.
+    pub hosts: Vec<Address>,
+    /// With a host list: each new connection takes the next host (`round-robin`), else it
+    /// keeps to the one that last worked (`load_balance_hosts = disable`).
+    pub round_robin: bool,
 }
 
 pub struct ServerConn {
@@ -136,9 +141,20 @@ pub fn unix_socket_path(address: &Address) -> Option<std::path::PathBuf> {
 pub async fn dial(address: &Address) -> std::io::Result<Stream> {
     match unix_socket_path(address) {
         Some(path) => Ok(Stream::Unix(tokio::net::UnixStream::connect(path).await?)),
-        None => Ok(Stream::Tcp(
-            TcpStream::connect((address.host.as_str(), address.port)).await?,
-        )),
+        None => {
+            // A name that does not resolve is told apart ("server DNS lookup failed").
+            let addrs: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((address.host.as_str(), address.port))
+                    .await
+                    .map_err(|e| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            format!("could not resolve {}: {e}", address.host),
+                        )
+                    })?
+                    .collect();
+            Ok(Stream::Tcp(TcpStream::connect(&addrs[..]).await?))
+        }
     }
 }
 

@@ -150,6 +150,10 @@ pub struct Pool {
     /// closed during login): when, and PgBouncer's reason. Cleared by a successful one.
     connect_failure: Mutex<Option<(Instant, String)>>,
     failing: AtomicBool,
+    /// With a host list: the next host (round-robin) or the one that last worked.
+    next_host: std::sync::atomic::AtomicUsize,
+    /// Held while a `load_balance_hosts = disable` pool opens a connection.
+    host_lock: tokio::sync::Mutex<()>,
     /// A probe task is watching for the server to accept connections again.
     probing: AtomicBool,
     /// Fired when a connection attempt succeeds or the server looks back up (clients waiting
@@ -221,6 +225,8 @@ impl Pool {
             changed: Notify::new(),
             connect_failure: Mutex::new(None),
             failing: AtomicBool::new(false),
+            next_host: std::sync::atomic::AtomicUsize::new(0),
+            host_lock: tokio::sync::Mutex::new(()),
             probing: AtomicBool::new(false),
             reconnected: Notify::new(),
             unused_since: AtomicU64::new(0),
@@ -521,16 +527,19 @@ impl Pool {
         let creds = self.credentials();
         let dedicated = !std::ptr::eq(target, &self.settings.target);
         loop {
-            PoolTotals::add(&self.totals.server_connects, 1);
-            let e = match ServerConn::connect(target, &creds).await {
+            let e = match self.connect_any(target, &creds, start, dedicated).await {
                 Ok(conn) => {
                     self.recovered();
                     return Ok(self.adopt(conn, slot, start, dedicated));
                 }
-                Err(e) => e,
+                Err((e, address)) => {
+                    self.log_connect_failure(&e, start, dedicated, &address);
+                    e
+                }
             };
-            self.log_connect_failure(&e, start, dedicated);
-            if !dedicated && e.is_transient() {
+            // A shard's pool fails at once instead: a replica read then moves to the
+            // primary (the replica is banned), and a write names the server that is down.
+            if !dedicated && self.settings.shard.is_none() && e.is_transient() {
                 // As PgBouncer: the client keeps waiting and the pool tries again after
                 // server_login_retry (sooner if another attempt gets through), until the
                 // client's query_wait_timeout.
@@ -575,6 +584,61 @@ impl Pool {
             drop(slot);
             return Err(e.into());
         }
+    }
+
+    /// Opens one connection: to `target`'s host, or with a host list to the next host
+    /// (round-robin) or the one that last worked (`disable`), going on to the following
+    /// hosts while one refuses, ignores or cannot be resolved (each failure logged). The
+    /// error is the last host's, with its address.
+    async fn connect_any(
+        &self,
+        target: &Target,
+        creds: &Credentials,
+        start: Instant,
+        dedicated: bool,
+    ) -> Result<ServerConn, (ConnectError, crate::config::Address)> {
+        let n = target.hosts.len();
+        if n < 2 {
+            PoolTotals::add(&self.totals.server_connects, 1);
+            return ServerConn::connect(target, creds)
+                .await
+                .map_err(|e| (e, target.address.clone()));
+        }
+        // `disable`: one attempt at a time (as PgBouncer opens them), so a host that fails
+        // is tried once and the next attempt starts from the host that worked.
+        let _one_at_a_time = if target.round_robin {
+            None
+        } else {
+            Some(self.host_lock.lock().await)
+        };
+        let first = if target.round_robin {
+            self.next_host.fetch_add(1, Ordering::Relaxed)
+        } else {
+            self.next_host.load(Ordering::Relaxed)
+        };
+        let mut last = (ConnectError::Timeout, target.address.clone());
+        for i in 0..n {
+            let at = (first + i) % n;
+            let mut one = target.clone();
+            one.address = target.hosts[at].clone();
+            PoolTotals::add(&self.totals.server_connects, 1);
+            match ServerConn::connect(&one, creds).await {
+                Ok(conn) => {
+                    if !target.round_robin {
+                        self.next_host.store(at, Ordering::Relaxed);
+                    }
+                    return Ok(conn);
+                }
+                Err(e) if e.is_transient() && i + 1 < n => {
+                    self.log_connect_failure(&e, start, dedicated, &one.address);
+                }
+                Err(e) => {
+                    last = (e, one.address);
+                    break;
+                }
+            }
+        }
+        Err(last)
     }
 
     /// The server took a connection: new clients are no longer turned away and clients
@@ -684,12 +748,18 @@ impl Pool {
     }
 
     /// Logs a failed connection attempt in PgBouncer's words.
-    fn log_connect_failure(&self, e: &ConnectError, start: Instant, dedicated: bool) {
+    fn log_connect_failure(
+        &self,
+        e: &ConnectError,
+        start: Instant,
+        dedicated: bool,
+        address: &crate::config::Address,
+    ) {
         let who = Who::server(
             0,
             &self.settings.database,
             &self.settings.user,
-            &self.settings.target.address.to_string(),
+            &address.to_string(),
         );
         // As PgBouncer: a replication login's failure is the server's error in the
         // log and plain "login failed" as the reason (it does not fail the pool).

@@ -456,8 +456,8 @@ impl<'a> Importer<'a> {
         Ok(())
     }
 
-    /// Weir connects to one server: of PgBouncer 1.20+'s load-balancing lists
-    /// (`host=a,b port=1,2`) it keeps the first entry. A Unix socket directory
+    /// PgBouncer 1.20+'s host lists (`host=a,b`) are kept (one port for all of them); of a
+    /// port list (`port=1,2`) the first entry is used. A Unix socket directory
     /// (`host=/run/postgresql`) is kept: the server is reached through its socket there.
     fn single_tcp_server(
         &mut self,
@@ -466,7 +466,7 @@ impl<'a> Importer<'a> {
         key: String,
         value: String,
     ) -> Option<(String, String)> {
-        if key != "host" && key != "port" {
+        if key != "port" {
             return Some((key, value));
         }
         let value = match value.split_once(',') {
@@ -780,7 +780,7 @@ frobnicate = 3
     #[test]
     fn warns_about_unknown_connection_string_keys_and_sections() {
         let c = load(
-            "[databases]\napp = host=db frobnicate='SELECT 1' load_balance_hosts=disable\n\
+            "[databases]\napp = host=db frobnicate='SELECT 1' load_balance_hostz=disable\n\
              [peers]\n1 = host=/tmp/a\n[users]\nbob = frobnicate=3\n",
         )
         .unwrap();
@@ -790,7 +790,7 @@ frobnicate = 3
             "{w}"
         );
         assert!(
-            w.contains(":2: [databases] app: unknown key load_balance_hosts"),
+            w.contains(":2: [databases] app: unknown key load_balance_hostz"),
             "{w}"
         );
         assert!(w.contains(":3: [peers]: peering is not supported"), "{w}");

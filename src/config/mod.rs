@@ -375,6 +375,9 @@ pub struct DatabaseSection {
     pub timezone: Option<String>,
     pub application_name: Option<String>,
     pub connect_query: Option<String>,
+    /// With a host list (`host = "a,b"`): `round-robin` (each new server connection takes
+    /// the next host, PgBouncer's default) or `disable` (keep to the host that last worked).
+    pub load_balance_hosts: Option<String>,
     pub shards: Vec<ShardSection>,
     pub sharded_tables: Vec<ShardedTable>,
     pub read_from_replicas: bool,
@@ -455,6 +458,11 @@ pub struct Database {
     /// Startup parameters forced on server connections (client_encoding, …).
     pub server_params: Vec<(String, String)>,
     pub connect_query: Option<String>,
+    /// Every host of a host list (`host=a,b`), in order; the first is `address`. Empty for
+    /// a single host.
+    pub hosts: Vec<Address>,
+    /// `load_balance_hosts` as configured (`round-robin` when not set).
+    pub load_balance_hosts: Option<String>,
     pub shards: Vec<ShardSection>,
     pub sharded_tables: Vec<ShardedTable>,
     pub read_from_replicas: bool,
@@ -752,13 +760,36 @@ impl Validator<'_> {
                 server_params.push((key.to_string(), v.clone()));
             }
         }
-        let address = match s.shards.first() {
-            Some(shard) => {
+        if let Some(mode) = s.load_balance_hosts.as_deref() {
+            if mode != "round-robin" && mode != "disable" {
+                return Err(self.err(
+                    &section,
+                    "load_balance_hosts",
+                    "must be round-robin or disable",
+                ));
+            }
+        }
+        let port = s.port.unwrap_or(5432);
+        let hosts: Vec<Address> = match &s.host {
+            Some(list) if s.shards.is_empty() && list.contains(',') => list
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(|h| Address {
+                    host: h.trim_matches(|c| c == '[' || c == ']').to_string(),
+                    port,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let address = match (s.shards.first(), hosts.first()) {
+            (Some(shard), _) => {
                 parse_address(&shard.primary).map_err(|m| self.err(&section, "shards", m))?
             }
-            None => Address {
+            (None, Some(first)) => first.clone(),
+            (None, None) => Address {
                 host: s.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
-                port: s.port.unwrap_or(5432),
+                port,
             },
         };
         Ok(Database {
@@ -783,6 +814,8 @@ impl Validator<'_> {
             server_lifetime: s.server_lifetime,
             server_params,
             connect_query: s.connect_query.clone(),
+            hosts,
+            load_balance_hosts: s.load_balance_hosts.clone(),
             shards: s.shards.clone(),
             sharded_tables: s.sharded_tables.clone(),
             read_from_replicas: s.read_from_replicas,

@@ -480,6 +480,8 @@ mod tests {
             server_lifetime: None,
             server_params: vec![],
             connect_query: None,
+            hosts: vec![],
+            load_balance_hosts: None,
             shards: vec![
                 ShardSection {
                     primary: "a:1".into(),
