@@ -903,19 +903,22 @@ frobnicate = 3
     }
 
     #[test]
-    fn host_lists_are_reduced_with_a_warning_and_socket_directories_kept() {
+    fn host_lists_and_socket_directories_are_kept_port_lists_reduced() {
         let c = load(
             "[databases]\nlb = host=a,b port=5433,5434\nsock = host=/var/run/postgresql port=5499\n",
         )
         .unwrap();
         assert_eq!(c.databases["lb"].address.to_string(), "a:5433");
+        let hosts: Vec<String> = c.databases["lb"]
+            .hosts
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(hosts, vec!["a:5433", "b:5433"]);
         assert_eq!(c.databases["sock"].address.host, "/var/run/postgresql");
         assert_eq!(c.databases["sock"].address.port, 5499);
         let w = c.warnings.join("\n");
-        assert!(
-            w.contains("[databases] lb: host list \"a,b\" is not supported; using \"a\""),
-            "{w}"
-        );
+        assert!(!w.contains("host list"), "{w}");
         assert!(w.contains("[databases] lb: port list"), "{w}");
         assert!(!w.contains("sock"), "{w}");
     }

@@ -35,6 +35,7 @@ impl Session {
                     "statement of {pending} bytes is larger than max_packet_size ({limit}) and cannot be routed to a shard"
                 );
                 self.fail("08P01", &msg).await;
+                self.linger().await;
                 return Err(());
             }
             if pending > self.cbuf.len() {
@@ -44,6 +45,26 @@ impl Session {
             match self.client.read_buf(&mut self.cbuf).await {
                 Ok(0) | Err(_) => return Err(()),
                 Ok(_) => {}
+            }
+        }
+    }
+
+    /// After refusing a client that is still sending (a statement over max_packet_size):
+    /// ends Weir's side and reads what keeps coming for up to 2 s, so the client reads the
+    /// error rather than a reset its unread bytes would cause.
+    async fn linger(&mut self) {
+        use tokio::io::AsyncWriteExt;
+        let _ = self.client.shutdown().await;
+        let deadline = tokio::time::sleep(Duration::from_secs(2));
+        tokio::pin!(deadline);
+        loop {
+            self.cbuf.clear();
+            tokio::select! {
+                _ = &mut deadline => return,
+                n = self.client.read_buf(&mut self.cbuf) => match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
             }
         }
     }
