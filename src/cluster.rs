@@ -133,6 +133,10 @@ impl Cluster {
             return;
         }
         for db in self.config.databases.values() {
+            if let Some(user) = &db.user {
+                // A sharded database with a login of its own is watched from the start.
+                self.router_started(db, user);
+            }
             if let (Some(user), true) = (&db.user, db.min_pool_size > 0) {
                 for pool in self.user_pools(db, user) {
                     drop(pool);
@@ -246,6 +250,33 @@ impl Cluster {
         let r = Arc::new(ShardRouter::new(db)?);
         routers.insert(db.name.clone(), r.clone());
         Some(r)
+    }
+
+    /// The router of a sharded database with its background work started: the WAL
+    /// sampler (read-your-writes, replica lag) once per router, with `user`'s credentials.
+    pub fn router_started(&self, db: &Database, user: &str) -> Option<Arc<ShardRouter>> {
+        let router = self.router(db)?;
+        if router.sampled()
+            && tokio::runtime::Handle::try_current().is_ok()
+            && !router.sampler_started.swap(true, Ordering::SeqCst)
+        {
+            let mut servers = Vec::new();
+            for (shard, sh) in db.shards.iter().enumerate() {
+                let roles = std::iter::once(None).chain((0..sh.replicas.len()).map(Some));
+                for replica in roles {
+                    if let Some(pool) = self.shard_pool(db, user, shard, replica) {
+                        servers.push((shard, replica, pool));
+                    }
+                }
+            }
+            crate::backend::walsample::start(&router, servers);
+        }
+        Some(router)
+    }
+
+    /// Every shard router built so far.
+    pub fn routers(&self) -> Vec<Arc<ShardRouter>> {
+        self.routers.lock().values().cloned().collect()
     }
 
     /// pool_idle_timeout: frees pools that had no client and no server for `timeout`

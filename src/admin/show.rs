@@ -645,6 +645,7 @@ pub fn shards(s: &Snapshot) -> ResultSet {
         ("host", TEXT),
         ("port", INT4),
         ("state", TEXT),
+        ("read_your_writes", TEXT),
     ]);
     for sh in &s.shards {
         rs.push(vec![
@@ -658,6 +659,54 @@ pub fn shards(s: &Snapshot) -> ResultSet {
             text(sh.address.host.clone()),
             num(sh.address.port),
             text(if sh.banned { "banned" } else { "healthy" }),
+            text(sh.read_your_writes),
+        ]);
+    }
+    rs
+}
+
+/// Weir addition: each shard server's WAL position as the sampler last saw it, replicas'
+/// lag behind their primary in bytes and time, and whether a replica takes reads.
+pub fn replication(s: &Snapshot) -> ResultSet {
+    let mut rs = ResultSet::new(&[
+        ("database", TEXT),
+        ("shard", INT4),
+        ("role", TEXT),
+        ("replica", INT4),
+        ("host", TEXT),
+        ("port", INT4),
+        ("lsn", TEXT),
+        ("lag_bytes", INT8),
+        ("lag_ms", INT8),
+        ("sampled_ms_ago", INT8),
+        ("state", TEXT),
+        ("read_your_writes", TEXT),
+    ]);
+    for sh in &s.shards {
+        let primary = sh.replica.is_none();
+        let state = match (&sh.wal, primary) {
+            (None, _) => "not sampled",
+            (Some(w), true) if w.wrong_role => "in recovery (writes refused)",
+            (Some(_), true) => "primary",
+            (Some(w), false) if w.wrong_role => "promoted (no reads)",
+            (Some(_), false) if sh.banned => "banned",
+            (Some(w), false) if !w.readable => "lagging (no reads)",
+            (Some(_), false) => "streaming",
+        };
+        let wal = sh.wal.as_ref();
+        rs.push(vec![
+            text(sh.database.clone()),
+            num(sh.shard),
+            text(if primary { "primary" } else { "replica" }),
+            sh.replica.map_or(NULL, num),
+            text(sh.address.host.clone()),
+            num(sh.address.port),
+            wal.map_or(NULL, |w| text(crate::router::wal::format_lsn(w.lsn))),
+            wal.map_or(NULL, |w| num(w.lag_bytes)),
+            wal.map_or(NULL, |w| num(w.lag_ms)),
+            wal.map_or(NULL, |w| num(w.sampled_ms_ago)),
+            text(state),
+            text(sh.read_your_writes),
         ]);
     }
     rs
@@ -707,6 +756,7 @@ pub fn render(what: &str, s: &Snapshot) -> Option<ResultSet> {
         "dns_hosts" => dns_hosts(),
         "dns_zones" => dns_zones(),
         "shards" => shards(s),
+        "replication" => replication(s),
         _ => return None,
     })
 }
@@ -791,6 +841,8 @@ mod tests {
                     port: 5434,
                 },
                 banned: true,
+                read_your_writes: "client",
+                wal: None,
             }],
             connections: 4,
             consoles: 1,
@@ -949,6 +1001,7 @@ mod tests {
             "version",
             "state",
             "shards",
+            "replication",
         ] {
             assert!(render(name, &s).is_some(), "{name}");
         }

@@ -59,6 +59,24 @@ pub struct ShardState {
     pub replica: Option<usize>,
     pub address: Address,
     pub banned: bool,
+    /// The database's read-your-writes mode (`off`, `client`, `global`).
+    pub read_your_writes: &'static str,
+    /// From the WAL sampler (`None`: not sampled, or no sample yet).
+    pub wal: Option<WalView>,
+}
+
+/// One server's WAL position as last sampled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalView {
+    /// Insert position (primary) or replay position (replica).
+    pub lsn: u64,
+    pub lag_bytes: u64,
+    pub lag_ms: u64,
+    pub sampled_ms_ago: u64,
+    /// Replica out of recovery, or primary in recovery.
+    pub wrong_role: bool,
+    /// A replica within max_replica_lag and in recovery.
+    pub readable: bool,
 }
 
 /// Everything SHOW reads, copied out of the live state at one instant.
@@ -173,26 +191,59 @@ fn shard_states(cluster: &Cluster) -> Vec<ShardState> {
         let Some(router) = cluster.router(db) else {
             continue;
         };
+        let mode = router.read_your_writes.as_str();
+        let wal = &router.wal;
+        let now = wal.now_us();
+        let ago = |at: u64| (at > 0).then(|| now.saturating_sub(at) / 1000);
         for (shard, sh) in db.shards.iter().enumerate() {
+            let Some(sw) = wal.shards.get(shard) else {
+                continue;
+            };
             if let Ok(address) = parse_address(&sh.primary) {
+                let view = ago(sw.primary_sampled_at.load(Ordering::Relaxed))
+                    .filter(|_| router.sampled())
+                    .map(|sampled_ms_ago| WalView {
+                        lsn: wal.primary_lsn(shard),
+                        lag_bytes: 0,
+                        lag_ms: 0,
+                        sampled_ms_ago,
+                        wrong_role: wal.primary_read_only(shard),
+                        readable: true,
+                    });
                 out.push(ShardState {
                     database: db.name.clone(),
                     shard,
                     replica: None,
                     address,
                     banned: false,
+                    read_your_writes: mode,
+                    wal: view,
                 });
             }
             for (r, addr) in sh.replicas.iter().enumerate() {
-                if let Ok(address) = parse_address(addr) {
-                    out.push(ShardState {
-                        database: db.name.clone(),
-                        shard,
-                        replica: Some(r),
-                        address,
-                        banned: router.is_banned(shard, r),
-                    });
-                }
+                let Ok(address) = parse_address(addr) else {
+                    continue;
+                };
+                let view = sw.replicas.get(r).and_then(|rw| {
+                    let sampled_ms_ago = ago(rw.sampled_at.load(Ordering::Relaxed))?;
+                    Some(WalView {
+                        lsn: rw.replay.load(Ordering::Relaxed),
+                        lag_bytes: rw.lag_bytes.load(Ordering::Relaxed),
+                        lag_ms: rw.lag_us.load(Ordering::Relaxed) / 1000,
+                        sampled_ms_ago,
+                        wrong_role: rw.promoted.load(Ordering::Relaxed),
+                        readable: wal.replica_ok(shard, r, 0),
+                    })
+                });
+                out.push(ShardState {
+                    database: db.name.clone(),
+                    shard,
+                    replica: Some(r),
+                    address,
+                    banned: router.is_banned(shard, r),
+                    read_your_writes: mode,
+                    wal: view.filter(|_| router.sampled()),
+                });
             }
         }
     }

@@ -799,6 +799,12 @@ impl Pool {
         )
     }
 
+    /// A connection outside the pool's slots, with the pool's target and credentials: for
+    /// Weir's own monitoring (WAL sampling, two-phase recovery), never lent to a client.
+    pub async fn connect_unpooled(&self) -> Result<ServerConn, ConnectError> {
+        ServerConn::connect(&self.settings.target, &self.credentials()).await
+    }
+
     fn credentials(&self) -> Credentials {
         let mut creds = self.settings.creds.clone();
         creds.scram_client_key = *self.scram_key.lock();

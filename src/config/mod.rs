@@ -381,6 +381,72 @@ pub struct DatabaseSection {
     pub shards: Vec<ShardSection>,
     pub sharded_tables: Vec<ShardedTable>,
     pub read_from_replicas: bool,
+    /// Read-your-writes on replicas (Weir addition): `off`, `client` (`true`), `global`;
+    /// `client` by default when `read_from_replicas` is on.
+    pub read_your_writes: Option<ReadYourWrites>,
+    /// How often each shard server's WAL position is sampled (default 10ms).
+    #[serde(deserialize_with = "duration::de_opt")]
+    pub replica_lsn_interval: Option<Duration>,
+    /// A replica further behind its primary than this (time, or bytes of WAL) gets no
+    /// reads until it catches up; 0 = no limit.
+    #[serde(deserialize_with = "duration::de_opt")]
+    pub max_replica_lag: Option<Duration>,
+    pub max_replica_lag_bytes: Option<u64>,
+    /// Writes spanning shards commit with two-phase commit (needs
+    /// max_prepared_transactions > 0 on the shards).
+    pub two_phase_commit: bool,
+}
+
+/// Whose writes a replica read must see (see `router::wal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadYourWrites {
+    /// Replicas serve reads whatever they lag.
+    #[default]
+    Off,
+    /// A client's reads on a shard see that client's own committed writes.
+    Client,
+    /// Every read sees every write this Weir acknowledged.
+    Global,
+}
+
+impl ReadYourWrites {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadYourWrites::Off => "off",
+            ReadYourWrites::Client => "client",
+            ReadYourWrites::Global => "global",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ReadYourWrites {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ReadYourWrites;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("true, false, \"off\", \"client\" or \"global\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(if v {
+                    ReadYourWrites::Client
+                } else {
+                    ReadYourWrites::Off
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                match v.to_ascii_lowercase().as_str() {
+                    "off" | "false" => Ok(ReadYourWrites::Off),
+                    "client" | "on" | "true" => Ok(ReadYourWrites::Client),
+                    "global" => Ok(ReadYourWrites::Global),
+                    _ => Err(E::custom(format!(
+                        "read_your_writes must be off, client or global, not {v:?}"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// The whole document as written.
@@ -466,6 +532,11 @@ pub struct Database {
     pub shards: Vec<ShardSection>,
     pub sharded_tables: Vec<ShardedTable>,
     pub read_from_replicas: bool,
+    pub read_your_writes: ReadYourWrites,
+    pub replica_lsn_interval: Duration,
+    pub max_replica_lag: Duration,
+    pub max_replica_lag_bytes: u64,
+    pub two_phase_commit: bool,
 }
 
 /// The effective, validated configuration. Immutable; reload builds a new one.
@@ -819,6 +890,19 @@ impl Validator<'_> {
             shards: s.shards.clone(),
             sharded_tables: s.sharded_tables.clone(),
             read_from_replicas: s.read_from_replicas,
+            read_your_writes: s.read_your_writes.unwrap_or(if s.read_from_replicas {
+                ReadYourWrites::Client
+            } else {
+                ReadYourWrites::Off
+            }),
+            replica_lsn_interval: s
+                .replica_lsn_interval
+                .filter(|d| !d.is_zero())
+                .unwrap_or(Duration::from_millis(10))
+                .max(Duration::from_millis(1)),
+            max_replica_lag: s.max_replica_lag.unwrap_or_default(),
+            max_replica_lag_bytes: s.max_replica_lag_bytes.unwrap_or(0),
+            two_phase_commit: s.two_phase_commit,
         })
     }
 }

@@ -30,6 +30,11 @@ pub(super) struct ShardSession {
     /// The pools this session has routed to, by (shard, replica): a statement finds its
     /// pool here without the cluster's lock. Emptied when a reload builds new pools.
     pub pools: std::collections::HashMap<(usize, Option<usize>), Arc<crate::backend::Pool>>,
+    /// Per shard, what a replica must have replayed for this client to read there: its
+    /// last write transaction on that shard (read-your-writes).
+    pub written: Vec<crate::router::wal::Need>,
+    /// The shard whose primary the current transaction may write on.
+    pub writing: Option<usize>,
 }
 
 /// One routable unit at the front of the client buffer.

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 pub const CLIENTS_CONNECTED: &str = "weir_clients_connected";
 pub const UP: &str = "weir_up";
+pub const REPLICA_LAG_BYTES: &str = "weir_replica_lag_bytes";
+pub const REPLICA_LAG_SECONDS: &str = "weir_replica_lag_seconds";
 pub const BUILD_INFO: &str = "weir_build_info";
 pub const CLIENTS_WAITING_ALL: &str = "weir_clients_waiting";
 pub const DATABASE_POOL_SIZE: &str = "weir_database_pool_size";

@@ -124,6 +124,14 @@ fn describe() {
     describe_gauge!(SERVERS_ACTIVE, "Server connections lent to clients");
     describe_gauge!(UP, "1 while Weir runs");
     describe_gauge!(
+        REPLICA_LAG_BYTES,
+        "Bytes of WAL a shard replica has not replayed yet (as last sampled)"
+    );
+    describe_gauge!(
+        REPLICA_LAG_SECONDS,
+        "How long the oldest WAL a shard replica has not replayed has existed on its primary"
+    );
+    describe_gauge!(
         BUILD_INFO,
         "Always 1; the label `version` is Weir's version"
     );
@@ -306,6 +314,27 @@ fn publish_databases(app: &App, now: &HashMap<PoolLabels, PoolGauges>) {
         metrics::gauge!(DATABASE_CLIENTS_WAITING, &l).set(waiting(Some(&db.name)));
         metrics::gauge!(DATABASE_PAUSED, &l).set(flag(paused.covers(&db.name)));
         metrics::gauge!(DATABASE_DISABLED, &l).set(flag(disabled.contains(&db.name)));
+    }
+    for router in cluster.routers() {
+        if !router.sampled() {
+            continue;
+        }
+        for (shard, sw) in router.wal.shards.iter().enumerate() {
+            for (r, rw) in sw.replicas.iter().enumerate() {
+                if rw.sampled_at.load(Ordering::Relaxed) == 0 {
+                    continue;
+                }
+                let l = [
+                    ("database", router.database.clone()),
+                    ("shard", shard.to_string()),
+                    ("replica", r.to_string()),
+                ];
+                metrics::gauge!(REPLICA_LAG_BYTES, &l)
+                    .set(rw.lag_bytes.load(Ordering::Relaxed) as f64);
+                metrics::gauge!(REPLICA_LAG_SECONDS, &l)
+                    .set(rw.lag_us.load(Ordering::Relaxed) as f64 / 1e6);
+            }
+        }
     }
 }
 

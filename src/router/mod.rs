@@ -9,11 +9,13 @@
 //! way PostgreSQL's input functions do. [`HashRouter`] joins the two for one
 //! configured key column, without allocating.
 
+pub mod copy;
 pub mod hash;
 pub mod key;
 pub mod route;
 pub mod shape;
 pub mod sql;
+pub mod wal;
 
 pub use hash::{hash_value, shard_for, RowHash, HASH_PARTITION_SEED};
 pub use key::{

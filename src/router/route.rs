@@ -48,6 +48,12 @@ pub struct ShardRouter {
     next: AtomicUsize,
     /// (shard, replica) kept out of rotation until the instant.
     banned: Mutex<HashMap<(usize, usize), Instant>>,
+    /// WAL positions of the shard servers (read-your-writes, replica lag).
+    pub wal: Arc<super::wal::WalState>,
+    pub read_your_writes: crate::config::ReadYourWrites,
+    pub two_phase_commit: bool,
+    /// The WAL sampler was started (once, by the first client or at start).
+    pub sampler_started: std::sync::atomic::AtomicBool,
 }
 
 impl ShardRouter {
@@ -64,12 +70,29 @@ impl ShardRouter {
                 Some(TableSpec::new(&t.table, &t.column, kt))
             })
             .collect();
+        let replicas: Vec<usize> = db.shards.iter().map(|s| s.replicas.len()).collect();
+        let wal = super::wal::WalState::new(
+            &replicas,
+            db.replica_lsn_interval,
+            db.max_replica_lag,
+            db.max_replica_lag_bytes,
+        );
+        let sampled = db.read_from_replicas && replicas.iter().any(|&n| n > 0);
+        wal.active.store(sampled, Ordering::Relaxed);
         Some(ShardRouter {
+            wal: Arc::new(wal),
+            read_your_writes: if sampled {
+                db.read_your_writes
+            } else {
+                crate::config::ReadYourWrites::Off
+            },
+            two_phase_commit: db.two_phase_commit,
+            sampler_started: std::sync::atomic::AtomicBool::new(false),
             database: db.name.clone(),
             shards: db.shards.len(),
             tables,
             read_from_replicas: db.read_from_replicas,
-            replicas: db.shards.iter().map(|s| s.replicas.len()).collect(),
+            replicas,
             cache: Mutex::new(HashMap::new()),
             unshaped: Mutex::new(std::collections::HashSet::new()),
             next: AtomicUsize::new(0),
@@ -77,8 +100,9 @@ impl ShardRouter {
         })
     }
 
-    /// A healthy replica of `shard`, round-robin; `None` means use the primary.
-    pub fn pick_replica(&self, shard: usize) -> Option<usize> {
+    /// A healthy replica of `shard` that has replayed at least `min_lsn` (0: any) and is
+    /// within `max_replica_lag`, round-robin; `None` means use the primary.
+    pub fn pick_replica(&self, shard: usize, min_lsn: u64) -> Option<usize> {
         let n = *self.replicas.get(shard)?;
         if n == 0 || !self.read_from_replicas {
             return None;
@@ -86,10 +110,17 @@ impl ShardRouter {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let mut banned = self.banned.lock();
-        banned.retain(|_, until| *until > now);
+        if !banned.is_empty() {
+            banned.retain(|_, until| *until > now);
+        }
         (0..n)
             .map(|i| (start + i) % n)
-            .find(|r| !banned.contains_key(&(shard, *r)))
+            .find(|r| !banned.contains_key(&(shard, *r)) && self.wal.replica_ok(shard, *r, min_lsn))
+    }
+
+    /// Whether replicas are sampled (read_from_replicas with replicas): the sampler runs.
+    pub fn sampled(&self) -> bool {
+        self.wal.active.load(Ordering::Relaxed)
     }
 
     /// Keeps a failing replica out of rotation for `time`.
@@ -498,6 +529,11 @@ mod tests {
                 key_type: "bigint".into(),
             }],
             read_from_replicas: true,
+            read_your_writes: crate::config::ReadYourWrites::Client,
+            replica_lsn_interval: Duration::from_millis(10),
+            max_replica_lag: Duration::ZERO,
+            max_replica_lag_bytes: 0,
+            two_phase_commit: false,
         };
         ShardRouter::new(&db).unwrap()
     }

@@ -134,7 +134,7 @@ impl Session {
             id: info.id,
             key: parts.key,
         };
-        let router = cluster.router(&parts.db);
+        let router = cluster.router_started(&parts.db, &parts.user);
         Session {
             _registered: registered,
             shutdown: app.shutdown.subscribe(),
@@ -484,6 +484,7 @@ impl Session {
             }
             let pool = self.pool.clone();
             let after = self.transaction(server, budget).await;
+            self.note_write();
             self.cancel.detach();
             self.info.set_state(ClientState::Idle);
             self.info.server_pid.store(0, Ordering::Relaxed);
@@ -561,8 +562,16 @@ impl Session {
             if let Some(db) = self.cluster.config.database(&self.db.name) {
                 self.db = db;
                 self.pool = self.cluster.pool(&self.db, &self.user);
-                self.router = self.cluster.router(&self.db);
+                self.router = self.cluster.router_started(&self.db, &self.user);
                 self.shard.pools.clear();
+                if let Some(r) = &self.router {
+                    // Sample numbers are the old router's: wait for the new one's next.
+                    for (shard, need) in self.shard.written.iter_mut().enumerate() {
+                        if need.seq != 0 && need.lsn == 0 {
+                            *need = r.wal.mark(shard);
+                        }
+                    }
+                }
             }
         }
     }

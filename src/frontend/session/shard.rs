@@ -3,6 +3,8 @@
 //! Weir handles itself (BEGIN held until the first statement, refusals).
 
 use super::*;
+use crate::config::ReadYourWrites;
+use crate::router::wal::Need;
 
 impl Session {
     /// Reads until a whole routable unit is at the front of the buffer: a statement is
@@ -161,6 +163,14 @@ impl Session {
         };
         match decision {
             Decision::Shard { shard, read } => {
+                if !(read || in_read_tx) && router.wal.primary_read_only(shard) {
+                    let err = build::error(
+                        "ERROR",
+                        "25006",
+                        &format!("shard {shard}'s primary is in recovery (read-only): it cannot take this write until it is promoted or the shard's primary is changed in the config"),
+                    );
+                    return self.refuse(unit.len, unit.synced, err, status).await;
+                }
                 match self.shard_pool(&router, shard, read || in_read_tx) {
                     Some(p) => Routed::Pool(p, unit.len),
                     None => Routed::Closed,
@@ -258,7 +268,44 @@ impl Session {
         }
     }
 
-    /// The pool of a shard: a healthy replica for reads when allowed.
+    /// After a transaction: if it could write on a shard's primary, remember how far a
+    /// replica must replay before this client reads that shard there.
+    pub(super) fn note_write(&mut self) {
+        let Some(shard) = self.shard.writing.take() else {
+            return;
+        };
+        let Some(router) = &self.router else {
+            return;
+        };
+        if router.read_your_writes == ReadYourWrites::Off {
+            return;
+        }
+        if self.shard.written.len() < router.shards {
+            self.shard.written.resize(router.shards, Need::default());
+        }
+        self.shard.written[shard] = router.wal.mark(shard);
+    }
+
+    /// What a replica of `shard` must have replayed for this client's read (`Some(0)`: any
+    /// replica; `None`: none can serve it yet, read from the primary).
+    fn read_bound(&mut self, router: &ShardRouter, shard: usize) -> Option<u64> {
+        let mut need = match router.read_your_writes {
+            ReadYourWrites::Off => return Some(0),
+            ReadYourWrites::Client => *self.shard.written.get(shard)?,
+            ReadYourWrites::Global => router.wal.global_need(shard),
+        };
+        if !router.wal.resolve(shard, &mut need) {
+            return None;
+        }
+        if router.read_your_writes == ReadYourWrites::Client {
+            self.shard.written[shard] = need;
+        }
+        Some(need.lsn)
+    }
+
+    /// The pool of a shard: for reads, a healthy replica that holds what this client must
+    /// see, when allowed; the primary otherwise. A pool chosen for a statement that may
+    /// write marks the transaction as writing on that shard.
     pub(super) fn shard_pool(
         &mut self,
         router: &ShardRouter,
@@ -266,8 +313,14 @@ impl Session {
         read: bool,
     ) -> Option<Arc<Pool>> {
         let replica = if read {
-            router.pick_replica(shard)
+            match router.replicas.get(shard) {
+                Some(&n) if n > 0 && router.read_from_replicas => self
+                    .read_bound(router, shard)
+                    .and_then(|min| router.pick_replica(shard, min)),
+                _ => None,
+            }
         } else {
+            self.shard.writing = Some(shard);
             None
         };
         if let Some(p) = self.shard.pools.get(&(shard, replica)) {
