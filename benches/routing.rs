@@ -48,6 +48,11 @@ fn database() -> Database {
             key_type: "bigint".into(),
         }],
         read_from_replicas: false,
+        read_your_writes: weir::config::ReadYourWrites::Off,
+        replica_lsn_interval: std::time::Duration::from_millis(10),
+        max_replica_lag: std::time::Duration::ZERO,
+        max_replica_lag_bytes: 0,
+        two_phase_commit: false,
     }
 }
 

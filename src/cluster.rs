@@ -256,10 +256,17 @@ impl Cluster {
     /// sampler (read-your-writes, replica lag) once per router, with `user`'s credentials.
     pub fn router_started(&self, db: &Database, user: &str) -> Option<Arc<ShardRouter>> {
         let router = self.router(db)?;
-        if router.sampled()
-            && tokio::runtime::Handle::try_current().is_ok()
-            && !router.sampler_started.swap(true, Ordering::SeqCst)
-        {
+        let start = tokio::runtime::Handle::try_current().is_ok()
+            && !router.sampler_started.swap(true, Ordering::SeqCst);
+        if start && router.two_phase_commit {
+            let primaries: Option<Vec<_>> = (0..db.shards.len())
+                .map(|s| self.shard_pool(db, user, s, None))
+                .collect();
+            if let Some(p) = primaries {
+                crate::backend::twophase::start(&router, p);
+            }
+        }
+        if start && router.sampled() {
             let mut servers = Vec::new();
             for (shard, sh) in db.shards.iter().enumerate() {
                 let roles = std::iter::once(None).chain((0..sh.replicas.len()).map(Some));

@@ -227,10 +227,21 @@ impl ServerConn {
 
     /// Runs a one-row query Weir issues itself and returns that row's values.
     pub async fn query_row(&mut self, sql: &str) -> Result<Vec<Option<String>>, ExecError> {
+        Ok(self
+            .query_rows(sql)
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or_default())
+    }
+
+    /// Runs a query Weir issues itself (several statements allowed) and returns the rows
+    /// of all of them, text values.
+    pub async fn query_rows(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ExecError> {
         self.stream.write_all(&build::query(sql)).await?;
-        let mut row = Vec::new();
-        self.drain(Some(&mut row)).await?;
-        Ok(row)
+        let mut rows = Vec::new();
+        self.drain(Some(&mut rows)).await?;
+        Ok(rows)
     }
 
     /// Reads and discards until ReadyForQuery; keeps the first error.
@@ -240,7 +251,7 @@ impl ServerConn {
 
     async fn drain(
         &mut self,
-        mut row: Option<&mut Vec<Option<String>>>,
+        mut rows: Option<&mut Vec<Vec<Option<String>>>>,
     ) -> Result<TxStatus, ExecError> {
         let mut error = None;
         loop {
@@ -265,11 +276,11 @@ impl ServerConn {
                     }
                 }
                 b'D' => {
-                    if let Some(out) = row.as_deref_mut() {
-                        if out.is_empty() {
-                            *out = data_row(&msg)
-                                .ok_or_else(|| ExecError::Protocol("bad DataRow".into()))?;
-                        }
+                    if let Some(out) = rows.as_deref_mut() {
+                        out.push(
+                            data_row(&msg)
+                                .ok_or_else(|| ExecError::Protocol("bad DataRow".into()))?,
+                        );
                     }
                 }
                 tag::COPY_IN_RESPONSE => {

@@ -9,6 +9,7 @@ pub mod params;
 pub mod pool;
 pub mod prepared;
 pub mod queue;
+pub mod twophase;
 pub mod walsample;
 
 pub use conn::{ServerConn, Target};

@@ -55,8 +55,7 @@ async fn sample_server(
                         failing = true;
                     }
                     // Not every tick: a server that is down is retried once a second.
-                    tokio::time::sleep(Duration::from_secs(1).saturating_sub(wal.interval))
-                        .await;
+                    tokio::time::sleep(Duration::from_secs(1).saturating_sub(wal.interval)).await;
                     continue;
                 }
             },

@@ -54,6 +54,8 @@ pub struct ShardRouter {
     pub two_phase_commit: bool,
     /// The WAL sampler was started (once, by the first client or at start).
     pub sampler_started: std::sync::atomic::AtomicBool,
+    /// Per shard: `weir.two_phase_decisions` is known to exist there.
+    pub decisions_ready: Vec<std::sync::atomic::AtomicBool>,
 }
 
 impl ShardRouter {
@@ -88,6 +90,11 @@ impl ShardRouter {
             },
             two_phase_commit: db.two_phase_commit,
             sampler_started: std::sync::atomic::AtomicBool::new(false),
+            decisions_ready: db
+                .shards
+                .iter()
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
             database: db.name.clone(),
             shards: db.shards.len(),
             tables,

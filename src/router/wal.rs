@@ -112,7 +112,10 @@ impl WalState {
         };
         let seq = s.started.load(Ordering::SeqCst);
         s.last_mark.fetch_max(seq + 1, Ordering::Relaxed);
-        Need { seq: seq + 1, lsn: 0 }
+        Need {
+            seq: seq + 1,
+            lsn: 0,
+        }
     }
 
     /// The bound every client's reads of `shard` must respect in `global` mode.
@@ -218,7 +221,11 @@ impl WalState {
         };
         let Some(replay) = replay else {
             if !rep.promoted.swap(true, Ordering::Relaxed) {
-                tracing::warn!(shard, replica = r, "replica is not in recovery (promoted?); it gets no reads");
+                tracing::warn!(
+                    shard,
+                    replica = r,
+                    "replica is not in recovery (promoted?); it gets no reads"
+                );
             }
             return;
         };

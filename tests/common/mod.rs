@@ -462,6 +462,25 @@ impl PgCluster {
         );
     }
 
+    /// Crashes the server as a power loss would for its clients: an immediate shutdown
+    /// (SIGQUIT to the postmaster, no checkpoint; crash recovery on `start_again`). Returns
+    /// once the postmaster has exited.
+    pub fn crash(&self) {
+        let pid_file = self.data_dir.join("postmaster.pid");
+        let pid: i32 = fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
+            .expect("postmaster.pid names the postmaster");
+        // SAFETY: kill(2) with a pid read from the cluster's own pid file.
+        unsafe {
+            libc::kill(pid, libc::SIGQUIT);
+        }
+        eventually(Duration::from_secs(30), "the postmaster to exit", || {
+            // SAFETY: signal 0 only checks that the process exists.
+            unsafe { libc::kill(pid, 0) != 0 }
+        });
+    }
+
     /// Re-reads postgresql.conf and pg_hba.conf (pg_ctl reload).
     pub fn reload(&self) {
         run_checked(self.pg_ctl().arg("reload"), "pg_ctl reload");

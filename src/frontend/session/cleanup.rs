@@ -7,6 +7,10 @@ use super::*;
 impl Session {
     /// The transaction ended: pass the last bytes on and return the server.
     pub(super) async fn finish(&mut self, mut server: ServerConn, x: &mut Xact) -> After {
+        if self.multi.pending.is_some() {
+            let answers = server.buf[..x.relay.down.ready].to_vec();
+            self.second_phase(&mut server, &answers).await;
+        }
         let down = &mut x.relay.down;
         let result = self.client.write_all(&server.buf[..down.ready]).await;
         down.sent += down.ready as u64;

@@ -3,6 +3,7 @@
 
 mod cleanup;
 mod login;
+mod multi;
 mod replication;
 mod shard;
 
@@ -155,6 +156,7 @@ impl Session {
             stmts: ClientStatements::default(),
             router,
             shard: ShardSession::default(),
+            multi: multi::Multi::default(),
         }
     }
 }
@@ -328,6 +330,8 @@ struct Session {
     /// Set for a sharded database.
     router: Option<Arc<ShardRouter>>,
     shard: ShardSession,
+    /// A transaction over several shards (two-phase commit).
+    multi: multi::Multi,
 }
 
 /// Where the next transaction goes (sharded databases): a pool and the
@@ -343,6 +347,11 @@ enum Routed {
 enum InTx {
     /// Forward this many bytes to the same server.
     Go(usize),
+    /// The unit (this many bytes) belongs to another shard: move the transaction there
+    /// (two-phase commit).
+    Switch(usize, usize),
+    /// COMMIT (true) or ROLLBACK of a transaction over several shards, this many bytes.
+    EndMulti(bool, usize),
     /// Answered by Weir; look at the next unit.
     Answered,
     /// Not for this shard: the server must fail it (so the transaction aborts).
@@ -474,8 +483,10 @@ impl Session {
                 si.client_pid.store(self.key.pid, Ordering::Relaxed);
                 si.request_time.store(now, Ordering::Relaxed);
             }
+            self.multi.begin_sql = None;
             if let Some(held) = self.shard.held.take() {
                 // The BEGIN Weir answered goes to the shard the statement chose.
+                self.multi.begin_sql = Some(held.sql.clone());
                 if !matches!(server.exec(&held.sql).await, Ok(TxStatus::InBlock)) {
                     self.fail("08P01", "could not start the transaction on the shard")
                         .await;
@@ -485,6 +496,12 @@ impl Session {
             let pool = self.pool.clone();
             let after = self.transaction(server, budget).await;
             self.note_write();
+            if self.multi.active() {
+                // Left by an error: closing the connections rolls their transactions back;
+                // prepared ones are settled by two-phase recovery.
+                self.multi.parked.clear();
+                self.multi.pending = None;
+            }
             self.cancel.detach();
             self.info.set_state(ClientState::Idle);
             self.info.server_pid.store(0, Ordering::Relaxed);
@@ -747,6 +764,38 @@ impl Session {
                     };
                     match next {
                         InTx::Go(n) => x.relay.progress.budget = n,
+                        InTx::Switch(shard, n) => match self.switch_shard(server, x, shard).await {
+                            Some((s, nx)) => {
+                                server = s;
+                                x = nx;
+                                x.relay.progress.budget = n;
+                            }
+                            None => return After::Stop,
+                        },
+                        InTx::EndMulti(false, n) => {
+                            self.release_parked(true).await;
+                            x.relay.progress.budget = n;
+                        }
+                        InTx::EndMulti(true, n) => {
+                            match self.prepare_multi(&mut server, status).await {
+                                Ok(()) => x.relay.progress.budget = n,
+                                Err(err) => {
+                                    // Nothing committed: the error ends the transaction.
+                                    self.cbuf.advance(n);
+                                    let mut out = err;
+                                    out.extend_from_slice(&build::ready_for_query(TxStatus::Idle));
+                                    let written = self.client.write_all(&out).await;
+                                    server.buf.clear();
+                                    if self.settle(&mut server, &x.relay.seen).await {
+                                        self.release(server, false).await;
+                                    }
+                                    return match written {
+                                        Ok(()) => After::Continue,
+                                        Err(_) => After::Stop,
+                                    };
+                                }
+                            }
+                        }
                         InTx::Answered => {}
                         InTx::Refuse(len, msg) => {
                             let q = routing::raise_query("0A000", &msg);

@@ -224,11 +224,30 @@ impl Session {
         let Ok(mut unit) = self.read_unit().await else {
             return InTx::Closed;
         };
-        if !unit.executes || status == TxStatus::Failed {
+        let multi = !self.multi.parked.is_empty();
+        if !unit.executes || (status == TxStatus::Failed && !multi) {
             // Nothing runs, or the server refuses it anyway.
             return InTx::Go(unit.len);
         }
         let sql = unit.sql.take().unwrap_or_default();
+        if multi {
+            let (analysis, _) = routing::analyze_unit(&router, &unit, &sql);
+            if analysis.kind == Kind::End {
+                let w = sql.trim_start().to_ascii_lowercase();
+                let commit =
+                    (w.starts_with("commit") || w.starts_with("end")) && !w.contains("prepared");
+                return InTx::EndMulti(commit, unit.len);
+            }
+            if status == TxStatus::Failed {
+                return InTx::Go(unit.len);
+            }
+            if analysis.multi || !unit.synced {
+                return InTx::Refuse(
+                    unit.len,
+                    "a transaction over several shards takes one statement at a time, each ending with Sync".into(),
+                );
+            }
+        }
         if unit.simple {
             match routing::weir_setting(&sql) {
                 Some(Ok(pin)) => {
@@ -252,6 +271,11 @@ impl Session {
         match router.decide(&analysis, &params, pin.as_ref(), true) {
             Decision::Any { .. } => InTx::Go(unit.len),
             Decision::Shard { shard, .. } if shard == current => InTx::Go(unit.len),
+            Decision::Shard { shard, .. }
+                if router.two_phase_commit && status == TxStatus::InBlock && unit.synced =>
+            {
+                InTx::Switch(shard, unit.len)
+            }
             Decision::Shard { shard, .. } => InTx::Refuse(
                 unit.len,
                 format!(
@@ -271,9 +295,13 @@ impl Session {
     /// After a transaction: if it could write on a shard's primary, remember how far a
     /// replica must replay before this client reads that shard there.
     pub(super) fn note_write(&mut self) {
-        let Some(shard) = self.shard.writing.take() else {
-            return;
-        };
+        if let Some(shard) = self.shard.writing.take() {
+            self.mark_written(shard);
+        }
+    }
+
+    /// Read-your-writes: this client's write transaction on `shard` ended.
+    pub(super) fn mark_written(&mut self, shard: usize) {
         let Some(router) = &self.router else {
             return;
         };

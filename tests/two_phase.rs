@@ -1,0 +1,458 @@
+//! Transactions that write on several shards, committed with two-phase commit
+//! (`two_phase_commit = true`): two shards (PostgreSQL clusters with
+//! `max_prepared_transactions`) behind one Weir, an `accounts` table sharded by `id`, and
+//! transfers between accounts on different shards. Checked on each shard directly: both
+//! sides of a transfer or neither, through errors, a Weir killed with SIGKILL between the
+//! phases, a shard crashed between them, and a pgbench transfer load through both.
+
+mod common;
+
+use common::{eventually, PgCluster, PgOptions, Weir};
+use std::time::Duration;
+use tokio_postgres::Client;
+use weir::router::{shard_for, KeyType, KeyValue};
+
+const PASSWORD: &str = "app-secret";
+const ACCOUNTS: i64 = 200;
+const START_BALANCE: i64 = 1000;
+/// Long enough for two-phase recovery (every 2 s, for transactions prepared over 2 s ago).
+const SETTLE: Duration = Duration::from_secs(30);
+
+struct Bank {
+    shards: Vec<PgCluster>,
+    config: String,
+    weir: Weir,
+}
+
+fn shard_of(id: i64) -> usize {
+    shard_for(KeyType::Bigint, &KeyValue::Int(id), 2).expect("hash") as usize
+}
+
+fn start_shard() -> PgCluster {
+    let pg = PgCluster::start_with(PgOptions {
+        extra_conf: vec!["max_prepared_transactions = 20".into()],
+        ..PgOptions::default()
+    });
+    pg.create_user("app", PASSWORD, "scram-sha-256");
+    pg.create_database("bank", "app");
+    pg.psql(
+        "bank",
+        "CREATE TABLE accounts (id bigint PRIMARY KEY, balance bigint NOT NULL, \
+         tag text, CONSTRAINT one_tag UNIQUE (tag) DEFERRABLE INITIALLY DEFERRED); \
+         ALTER TABLE accounts OWNER TO app; GRANT CREATE ON DATABASE bank TO app",
+    );
+    pg
+}
+
+fn config(shards: &[PgCluster]) -> String {
+    let list: Vec<String> = shards
+        .iter()
+        .map(|s| format!("{{ primary = \"127.0.0.1:{}\" }}", s.port))
+        .collect();
+    format!(
+        "[weir]\nauth_type = \"scram-sha-256\"\ndefault_pool_size = 6\n\n\
+         [users.app]\npassword = \"{PASSWORD}\"\n\n\
+         [databases.bank]\nshards = [ {} ]\n\
+         sharded_tables = [ {{ table = \"accounts\", column = \"id\", type = \"bigint\" }} ]\n\
+         two_phase_commit = true\n",
+        list.join(", ")
+    )
+}
+
+impl Bank {
+    fn start() -> Bank {
+        let starts: Vec<_> = (0..2).map(|_| std::thread::spawn(start_shard)).collect();
+        let shards: Vec<PgCluster> = starts
+            .into_iter()
+            .map(|t| t.join().expect("shard start"))
+            .collect();
+        let config = config(&shards);
+        let weir = Weir::start(&config);
+        Bank {
+            shards,
+            config,
+            weir,
+        }
+    }
+
+    fn url(&self) -> String {
+        self.weir.url("app", PASSWORD, "bank")
+    }
+
+    async fn client(&self) -> Client {
+        common::connect(&self.url()).await
+    }
+
+    /// Opens every account with START_BALANCE, through Weir.
+    async fn open_accounts(&self) {
+        let c = self.client().await;
+        for id in 1..=ACCOUNTS {
+            c.simple_query(&format!(
+                "INSERT INTO accounts (id, balance) VALUES ({id}, {START_BALANCE})"
+            ))
+            .await
+            .expect("open an account");
+        }
+    }
+
+    fn balance(&self, id: i64) -> i64 {
+        self.shards[shard_of(id)]
+            .psql(
+                "bank",
+                &format!("SELECT balance FROM accounts WHERE id = {id}"),
+            )
+            .parse()
+            .expect("balance")
+    }
+
+    /// (rows, sum of balances) over both shards, read on each shard directly.
+    fn totals(&self) -> (i64, i64) {
+        let mut rows = 0;
+        let mut sum = 0;
+        for s in &self.shards {
+            let line = s.psql(
+                "bank",
+                "SELECT count(*), coalesce(sum(balance), 0) FROM accounts",
+            );
+            let (n, total) = line.split_once('|').expect("count|sum");
+            rows += n.parse::<i64>().expect("count");
+            sum += total.parse::<i64>().expect("sum");
+        }
+        (rows, sum)
+    }
+
+    fn prepared(&self) -> Vec<String> {
+        self.shards
+            .iter()
+            .map(|s| s.psql("bank", "SELECT string_agg(gid, ',') FROM pg_prepared_xacts"))
+            .filter(|g| !g.is_empty())
+            .collect()
+    }
+
+    /// Commit decisions recorded on all shards so far (kept for a minute).
+    fn decisions(&self) -> i64 {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.try_psql("bank", "SELECT count(*) FROM weir.two_phase_decisions")
+                    .ok()
+                    .and_then(|n| n.parse::<i64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// Waits until the running load committed transfers over two shards.
+    fn wait_for_decisions(&self, before: i64) {
+        eventually(Duration::from_secs(20), "transfers over two shards", || {
+            self.decisions() > before + 5
+        });
+    }
+
+    /// Waits until no shard holds a prepared transaction (recovery settled them).
+    fn wait_settled(&self) {
+        eventually(SETTLE, "no prepared transactions left", || {
+            self.prepared().is_empty()
+        });
+    }
+}
+
+/// Two accounts on different shards: (on shard 0, on shard 1).
+fn pair(n: i64) -> (i64, i64) {
+    let a = (1..=ACCOUNTS)
+        .filter(|id| shard_of(*id) == 0)
+        .nth(n as usize)
+        .expect("an account on shard 0");
+    let b = (1..=ACCOUNTS)
+        .filter(|id| shard_of(*id) == 1)
+        .nth(n as usize)
+        .expect("an account on shard 1");
+    (a, b)
+}
+
+fn transfer_sql(from: i64, to: i64, amount: i64) -> [String; 2] {
+    [
+        format!("UPDATE accounts SET balance = balance - {amount} WHERE id = {from}"),
+        format!("UPDATE accounts SET balance = balance + {amount} WHERE id = {to}"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_on_two_shards_commit_or_roll_back_together() {
+    let bank = Bank::start();
+    bank.open_accounts().await;
+    let c = bank.client().await;
+    let (a, b) = pair(0);
+
+    // Simple protocol: both sides commit.
+    let [debit, credit] = transfer_sql(a, b, 10);
+    c.batch_execute("BEGIN").await.expect("begin");
+    c.batch_execute(&debit).await.expect("debit on shard 0");
+    c.batch_execute(&credit).await.expect("credit on shard 1");
+    c.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!((bank.balance(a), bank.balance(b)), (990, 1010));
+    // The client reads its own writes on both shards at once.
+    let row = c
+        .query_one("SELECT balance FROM accounts WHERE id = $1", &[&b])
+        .await
+        .expect("read back");
+    assert_eq!(row.get::<_, i64>(0), 1010);
+
+    // Extended protocol (a driver transaction), the other direction.
+    let mut c2 = bank.client().await;
+    let tx = c2.transaction().await.expect("begin");
+    tx.execute(
+        "UPDATE accounts SET balance = balance - $2 WHERE id = $1",
+        &[&b, &5i64],
+    )
+    .await
+    .expect("debit on shard 1");
+    tx.execute(
+        "UPDATE accounts SET balance = balance + $2 WHERE id = $1",
+        &[&a, &5i64],
+    )
+    .await
+    .expect("credit on shard 0");
+    tx.commit().await.expect("commit");
+    assert_eq!((bank.balance(a), bank.balance(b)), (995, 1005));
+
+    // ROLLBACK undoes both.
+    c.batch_execute("BEGIN").await.expect("begin");
+    c.batch_execute(&debit).await.expect("debit");
+    c.batch_execute(&credit).await.expect("credit");
+    c.batch_execute("ROLLBACK").await.expect("rollback");
+    assert_eq!((bank.balance(a), bank.balance(b)), (995, 1005));
+
+    // An error on one shard fails the transaction; COMMIT rolls back both.
+    c.batch_execute("BEGIN").await.expect("begin");
+    c.batch_execute(&debit).await.expect("debit");
+    let bad = c
+        .batch_execute(&format!(
+            "UPDATE accounts SET balance = balance / 0 WHERE id = {b}"
+        ))
+        .await;
+    assert!(bad.is_err(), "division by zero fails");
+    let _ = c.batch_execute("COMMIT").await;
+    assert_eq!((bank.balance(a), bank.balance(b)), (995, 1005));
+
+    // The coordinator (the last shard written) fails at COMMIT (a deferred unique
+    // constraint): the prepared shard is rolled back too, and the client gets the error.
+    let (a2, b2) = pair(1);
+    c.batch_execute(&format!(
+        "UPDATE accounts SET tag = 'taken' WHERE id = {}",
+        pair(2).1
+    ))
+    .await
+    .expect("tag an account on shard 1");
+    c.batch_execute("BEGIN").await.expect("begin");
+    c.batch_execute(&transfer_sql(a2, b2, 7)[0])
+        .await
+        .expect("debit");
+    c.batch_execute(&format!(
+        "UPDATE accounts SET balance = balance + 7, tag = 'taken' WHERE id = {b2}"
+    ))
+    .await
+    .expect("credit (the duplicate tag is only checked at commit)");
+    let commit = c.batch_execute("COMMIT").await;
+    let err = commit.expect_err("COMMIT fails on the deferred constraint");
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("23505"),
+        "{err:?}"
+    );
+    assert_eq!((bank.balance(a2), bank.balance(b2)), (1000, 1000));
+    // The session goes on.
+    c.batch_execute("SELECT 1").await.expect("usable after");
+    assert!(
+        bank.prepared().is_empty(),
+        "left prepared: {:?}",
+        bank.prepared()
+    );
+    assert_eq!(bank.totals(), (ACCOUNTS, ACCOUNTS * START_BALANCE));
+}
+
+/// Waits until a backend of `shard` waits for a lock while running `like`.
+fn wait_for_lock_wait(shard: &PgCluster, like: &str) {
+    eventually(Duration::from_secs(20), "Weir to wait on the lock", || {
+        shard.psql(
+            "bank",
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND query LIKE '{like}%'"
+            ),
+        ) != "0"
+    });
+}
+
+/// Weir is killed after the other shard prepared but before the decision was recorded: on
+/// restart, recovery rolls the prepared shard back. Then a shard crashes after the decision
+/// was recorded but before it committed its prepared part: once it is back, recovery
+/// commits it. Either way both sides of the transfer agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_between_the_phases_leave_no_half_transfer() {
+    let mut bank = Bank::start();
+    bank.open_accounts().await;
+    let (a, b) = pair(0);
+    let [debit, credit] = transfer_sql(a, b, 100);
+    // One transfer creates the decision table on the coordinator (shard 1).
+    let c = bank.client().await;
+    c.batch_execute("BEGIN").await.expect("begin");
+    c.batch_execute(&debit).await.expect("debit");
+    c.batch_execute(&credit).await.expect("credit");
+    c.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!((bank.balance(a), bank.balance(b)), (900, 1100));
+    drop(c);
+
+    // 1. Weir dies between PREPARE (shard 0) and the decision (shard 1).
+    let locker = tokio_postgres::connect(
+        &bank.shards[1].url("postgres", "", "bank"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("direct connection");
+    let (locker, conn) = locker;
+    tokio::spawn(conn);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE weir.two_phase_decisions IN EXCLUSIVE MODE")
+        .await
+        .expect("lock the decisions");
+    let url = bank.url();
+    let (d2, c2) = (debit.clone(), credit.clone());
+    let stuck = tokio::spawn(async move {
+        let c = common::connect(&url).await;
+        c.batch_execute("BEGIN").await?;
+        c.batch_execute(&d2).await?;
+        c.batch_execute(&c2).await?;
+        c.batch_execute("COMMIT").await
+    });
+    wait_for_lock_wait(&bank.shards[1], "INSERT INTO weir.two_phase_decisions");
+    assert_eq!(bank.prepared().len(), 1, "shard 0 prepared");
+    bank.weir.signal(libc::SIGKILL);
+    bank.weir.wait_exit(Duration::from_secs(10));
+    assert!(
+        stuck.await.expect("join").is_err(),
+        "the client lost its commit"
+    );
+    locker.batch_execute("COMMIT").await.expect("unlock");
+    let port = bank.weir.port;
+    bank.weir = Weir::start_on_port(&bank.config, port);
+    let _wake = bank.client().await; // the first client starts recovery
+    bank.wait_settled();
+    assert_eq!(
+        (bank.balance(a), bank.balance(b)),
+        (900, 1100),
+        "the undecided transfer was rolled back on both shards"
+    );
+
+    // 2. The prepared shard (0) crashes after the decision is recorded.
+    locker
+        .batch_execute("BEGIN; LOCK TABLE weir.two_phase_decisions IN EXCLUSIVE MODE")
+        .await
+        .expect("lock the decisions");
+    let url = bank.url();
+    let committed = tokio::spawn(async move {
+        let c = common::connect(&url).await;
+        c.batch_execute("BEGIN").await?;
+        c.batch_execute(&debit).await?;
+        c.batch_execute(&credit).await?;
+        c.batch_execute("COMMIT").await
+    });
+    wait_for_lock_wait(&bank.shards[1], "INSERT INTO weir.two_phase_decisions");
+    bank.shards[0].crash();
+    locker.batch_execute("COMMIT").await.expect("unlock");
+    committed
+        .await
+        .expect("join")
+        .expect("the decision was recorded: the client's COMMIT succeeds");
+    assert_eq!(bank.balance(b), 1200, "the coordinator committed");
+    bank.shards[0].start_again();
+    bank.wait_settled();
+    assert_eq!(
+        (bank.balance(a), bank.balance(b)),
+        (800, 1200),
+        "the prepared shard committed after its restart"
+    );
+    assert_eq!(bank.totals(), (ACCOUNTS, ACCOUNTS * START_BALANCE));
+}
+
+/// A pgbench transfer load through Weir while Weir is SIGKILLed and restarted and a shard
+/// crashes and restarts: the sum of balances never changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_load_keeps_the_total_through_crashes() {
+    let mut bank = Bank::start();
+    bank.open_accounts().await;
+    // Not in Weir's own directory, which goes with the process it belongs to.
+    let scripts = tempfile::TempDir::new().expect("a temp dir");
+    let script = scripts.path().join("transfer.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "\\set a random(1, {ACCOUNTS})\n\\set b random(1, {ACCOUNTS})\n\\set v random(1, 50)\n\
+             BEGIN;\n\
+             UPDATE accounts SET balance = balance - :v WHERE id = :a;\n\
+             UPDATE accounts SET balance = balance + :v WHERE id = :b;\n\
+             END;\n"
+        ),
+    )
+    .expect("write the pgbench script");
+    common::give_to_postgres(&script);
+    let run = |weir_port: u16, seconds: &str| {
+        let script = script.to_string_lossy().to_string();
+        let port = weir_port.to_string();
+        let seconds = seconds.to_string();
+        std::thread::spawn(move || {
+            common::pgbench_env(
+                &[
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-U",
+                    "app",
+                    "-n",
+                    "-c",
+                    "4",
+                    "-T",
+                    &seconds,
+                    "-f",
+                    &script,
+                    "bank",
+                ],
+                &[("PGPASSWORD", PASSWORD)],
+            )
+        })
+    };
+    // A clean run first: it must commit transfers, with no failure.
+    let clean = run(bank.weir.port, "3").join().expect("pgbench");
+    let out = String::from_utf8_lossy(&clean.stdout).to_string();
+    assert!(
+        clean.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    assert_eq!(bank.totals(), (ACCOUNTS, ACCOUNTS * START_BALANCE));
+
+    // Weir is killed mid-load and restarted.
+    let before = bank.decisions();
+    let load = run(bank.weir.port, "4");
+    bank.wait_for_decisions(before);
+    bank.weir.signal(libc::SIGKILL);
+    bank.weir.wait_exit(Duration::from_secs(10));
+    let _ = load.join();
+    let port = bank.weir.port;
+    bank.weir = Weir::start_on_port(&bank.config, port);
+    let _wake = bank.client().await;
+    bank.wait_settled();
+    assert_eq!(bank.totals(), (ACCOUNTS, ACCOUNTS * START_BALANCE));
+
+    // A shard crashes mid-load and restarts.
+    let before = bank.decisions();
+    let load = run(bank.weir.port, "4");
+    bank.wait_for_decisions(before);
+    bank.shards[1].crash();
+    let _ = load.join();
+    bank.shards[1].start_again();
+    bank.wait_settled();
+    assert_eq!(bank.totals(), (ACCOUNTS, ACCOUNTS * START_BALANCE));
+}
