@@ -258,6 +258,11 @@ impl Cluster {
         let router = self.router(db)?;
         let start = tokio::runtime::Handle::try_current().is_ok()
             && !router.sampler_started.swap(true, Ordering::SeqCst);
+        if start && !router.tables().is_empty() {
+            if let Some(pool) = self.shard_pool(db, user, 0, None) {
+                crate::backend::catalog::spawn_refresh(router.clone(), pool);
+            }
+        }
         if start && router.two_phase_commit {
             let primaries: Option<Vec<_>> = (0..db.shards.len())
                 .map(|s| self.shard_pool(db, user, s, None))

@@ -2,6 +2,7 @@
 //! lend them to clients.
 
 pub mod cap;
+pub mod catalog;
 pub mod conn;
 pub mod login;
 mod maintenance;

@@ -35,6 +35,24 @@ pub(super) struct ShardSession {
     pub written: Vec<crate::router::wal::Need>,
     /// The shard whose primary the current transaction may write on.
     pub writing: Option<usize>,
+    /// The transaction ran DDL: the sharded tables' columns are read again after it.
+    pub ddl: bool,
+    /// A sharded COPY FROM failed: the client's further copy messages are dropped.
+    pub drop_copy: bool,
+    /// The answers owed to an extended-protocol COPY unit before its copy starts.
+    pub copy_prefix: Option<bytes::BytesMut>,
+}
+
+/// `CREATE`, `ALTER` or `DROP` (a statement that may change a table's columns).
+pub(super) fn is_ddl(sql: &str) -> bool {
+    let word = sql
+        .trim_start()
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next()
+        .unwrap_or("");
+    ["create", "alter", "drop"]
+        .iter()
+        .any(|w| word.eq_ignore_ascii_case(w))
 }
 
 /// One routable unit at the front of the client buffer.

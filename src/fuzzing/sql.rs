@@ -94,7 +94,7 @@ fn routes_alike(sql: &str) {
         .unwrap_or_default();
     let by_shape = router.decide(&analysis, &lifted, None, false);
     let _ = router.decide(&analysis, &lifted, pin.as_ref(), true);
-    let Ok(whole) = sql::analyze(sql, &router.tables) else {
+    let Ok(whole) = sql::analyze(sql, &router.tables()) else {
         return;
     };
     for key in &whole.keys {

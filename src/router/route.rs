@@ -34,10 +34,16 @@ pub enum Pin {
     Key(String),
 }
 
+/// A table's columns in order: (name, generated).
+pub type Columns = Vec<(String, bool)>;
+
 pub struct ShardRouter {
     pub database: String,
     pub shards: usize,
-    pub tables: Vec<TableSpec>,
+    /// The sharded tables; replaced (with key positions) when the catalog is read.
+    tables: parking_lot::RwLock<Arc<Vec<TableSpec>>>,
+    /// Per sharded table, its columns in order as the catalog last said: (name, generated).
+    columns: parking_lot::RwLock<Vec<Option<Columns>>>,
     pub read_from_replicas: bool,
     /// Replicas per shard.
     pub replicas: Vec<usize>,
@@ -64,7 +70,7 @@ impl ShardRouter {
         if db.shards.is_empty() {
             return None;
         }
-        let tables = db
+        let tables: Vec<TableSpec> = db
             .sharded_tables
             .iter()
             .filter_map(|t| {
@@ -97,8 +103,9 @@ impl ShardRouter {
                 .collect(),
             database: db.name.clone(),
             shards: db.shards.len(),
-            tables,
             read_from_replicas: db.read_from_replicas,
+            columns: parking_lot::RwLock::new(vec![None; tables.len()]),
+            tables: parking_lot::RwLock::new(Arc::new(tables)),
             replicas,
             cache: Mutex::new(HashMap::new()),
             unshaped: Mutex::new(std::collections::HashSet::new()),
@@ -123,6 +130,48 @@ impl ShardRouter {
         (0..n)
             .map(|i| (start + i) % n)
             .find(|r| !banned.contains_key(&(shard, *r)) && self.wal.replica_ok(shard, *r, min_lsn))
+    }
+
+    /// The sharded tables as known now.
+    pub fn tables(&self) -> Arc<Vec<TableSpec>> {
+        self.tables.read().clone()
+    }
+
+    /// The index of sharded table `schema.table` (`schema` empty: any schema).
+    pub fn table_index(&self, schema: &str, table: &str) -> Option<usize> {
+        let schema = schema.to_ascii_lowercase();
+        let table = table.to_ascii_lowercase();
+        self.tables()
+            .iter()
+            .position(|t| t.matches(&schema, &table))
+    }
+
+    /// Table `t`'s columns in order, (name, generated), once the catalog was read.
+    pub fn columns(&self, t: usize) -> Option<Columns> {
+        self.columns.read().get(t).cloned().flatten()
+    }
+
+    /// Records table `t`'s columns as the catalog lists them; a changed key position
+    /// drops the cached analyses (an INSERT without column list routes anew).
+    pub fn set_columns(&self, t: usize, columns: Option<Columns>) {
+        let mut tables = self.tables.write();
+        let Some(spec) = tables.get(t) else {
+            return;
+        };
+        let position = columns
+            .as_ref()
+            .and_then(|c| c.iter().position(|(name, _)| *name == spec.column));
+        if spec.position != position {
+            let mut next = Vec::clone(&tables);
+            next[t].position = position;
+            *tables = Arc::new(next);
+            self.cache.lock().clear();
+            self.unshaped.lock().clear();
+        }
+        drop(tables);
+        if let Some(slot) = self.columns.write().get_mut(t) {
+            *slot = columns;
+        }
     }
 
     /// Whether replicas are sampled (read_from_replicas with replicas): the sampler runs.
@@ -156,7 +205,7 @@ impl ShardRouter {
             }
             let unparsable = self.unshaped.lock().contains(&shape.text);
             if !unparsable {
-                match sql::analyze(&shape.text, &self.tables) {
+                match sql::analyze(&shape.text, &self.tables()) {
                     Ok(a) => {
                         let a = Arc::new(a);
                         let mut cache = self.cache.lock();
@@ -185,7 +234,7 @@ impl ShardRouter {
         if let Some(a) = self.cache.lock().get(sql) {
             return a.clone();
         }
-        let a = Arc::new(sql::analyze(sql, &self.tables).unwrap_or_default());
+        let a = Arc::new(sql::analyze(sql, &self.tables()).unwrap_or_default());
         let mut cache = self.cache.lock();
         if cache.len() >= CACHE_LIMIT {
             cache.clear();
@@ -196,7 +245,7 @@ impl ShardRouter {
 
     /// The shard for one key literal of table `t`.
     fn shard_of_text(&self, t: usize, text: &str) -> Result<usize, String> {
-        let kt = self.tables[t].key_type;
+        let kt = self.tables()[t].key_type;
         let v = parse_key(kt, text).map_err(|e| format!("sharding key {text:?}: {e}"))?;
         shard_for(kt, &v, self.shards as u64)
             .map(|s| s as usize)
@@ -209,7 +258,7 @@ impl ShardRouter {
         k: &KeyExpr,
         params: &BindParams<'_>,
     ) -> Result<usize, String> {
-        let kt = self.tables[t].key_type;
+        let kt = self.tables()[t].key_type;
         match k {
             KeyExpr::Literal(text) => self.shard_of_text(t, text),
             KeyExpr::Null => shard_for(kt, &KeyValue::Null, self.shards as u64)
@@ -272,7 +321,7 @@ impl ShardRouter {
                 "shard {s} does not exist (database \"{}\" has {} shards)",
                 self.database, self.shards
             )),
-            Pin::Key(k) if !self.tables.is_empty() => self.shard_of_text(a.table.unwrap_or(0), k),
+            Pin::Key(k) if !self.tables().is_empty() => self.shard_of_text(a.table.unwrap_or(0), k),
             Pin::Key(_) => Ok(0),
         }
     }
@@ -296,14 +345,14 @@ impl ShardRouter {
                 return match &a.merge {
                     Merge::Refuse(why) => Decision::Refuse(format!(
                         "Weir cannot merge {why} for sharded table \"{}\"; add a condition on \"{}\" or a hint /* weir: shard=N */",
-                        a.table_name, self.tables[t].column
+                        a.table_name, self.tables()[t].column
                     )),
                     m => Decision::FanOut(m.clone()),
                 };
             }
             return Decision::Refuse(format!(
                 "statement on sharded table \"{}\" has no sharding key: add {} = <value>, a comment /* weir: sharding_key=<value> */ or /* weir: shard=N */, or SET weir.sharding_key / weir.shard",
-                a.table_name, self.tables[t].column
+                a.table_name, self.tables()[t].column
             ));
         }
         let mut shard = None;

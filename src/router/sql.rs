@@ -13,6 +13,9 @@ pub struct TableSpec {
     pub table: String,
     pub column: String,
     pub key_type: KeyType,
+    /// 0-based position of the key column among the table's columns, from the catalog
+    /// (for `INSERT … VALUES` without a column list); `None` until known.
+    pub position: Option<usize>,
 }
 
 impl TableSpec {
@@ -27,10 +30,11 @@ impl TableSpec {
             table,
             column: column.to_ascii_lowercase(),
             key_type,
+            position: None,
         }
     }
 
-    fn matches(&self, schema: &str, relname: &str) -> bool {
+    pub fn matches(&self, schema: &str, relname: &str) -> bool {
         relname == self.table
             && (schema.is_empty() || self.schema.as_deref().is_none_or(|s| s == schema))
     }
@@ -414,10 +418,15 @@ fn key_expr(n: &Node) -> Option<KeyExpr> {
 }
 
 fn insert_keys(cols: &[Node], select: Option<&Node>, spec: &TableSpec, a: &mut Analysis) {
-    let pos = cols.iter().position(|c| match &c.node {
-        Some(N::ResTarget(r)) => r.name.eq_ignore_ascii_case(&spec.column),
-        _ => false,
-    });
+    let pos = if cols.is_empty() {
+        // No column list: values in the table's column order, as the catalog gives it.
+        spec.position
+    } else {
+        cols.iter().position(|c| match &c.node {
+            Some(N::ResTarget(r)) => r.name.eq_ignore_ascii_case(&spec.column),
+            _ => false,
+        })
+    };
     let Some(Node {
         node: Some(N::SelectStmt(s)),
     }) = select

@@ -2,6 +2,7 @@
 //! transaction borrow a server from the pool, relay, and give it back clean.
 
 mod cleanup;
+mod copy;
 mod login;
 mod multi;
 mod replication;

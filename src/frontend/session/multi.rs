@@ -148,7 +148,8 @@ impl Session {
             return Ok(());
         }
         let coordinator = self.pool.settings.shard.unwrap_or(0);
-        if let Err(e) = self.ensure_decisions(coordinator).await {
+        let pool = self.pool.clone();
+        if let Err(e) = self.ensure_decisions(coordinator, &pool).await {
             self.abort_multi(server, Vec::new()).await;
             return Err(build::error("ERROR", "58000", &e));
         }
@@ -306,7 +307,11 @@ impl Session {
 
     /// Creates `weir.two_phase_decisions` on the coordinator shard the first time it is
     /// needed (the recovery task creates it too), on a connection of its own.
-    async fn ensure_decisions(&mut self, shard: usize) -> Result<(), String> {
+    pub(super) async fn ensure_decisions(
+        &mut self,
+        shard: usize,
+        pool: &Arc<Pool>,
+    ) -> Result<(), String> {
         let Some(router) = self.router.clone() else {
             return Err("not a sharded database".into());
         };
@@ -316,7 +321,6 @@ impl Session {
         if flag.load(Ordering::Acquire) {
             return Ok(());
         }
-        let pool = self.pool.clone();
         let mut last = String::new();
         for _ in 0..3 {
             let conn = tokio::time::timeout(CLEANUP_TIMEOUT, pool.connect_unpooled()).await;

@@ -19,6 +19,7 @@ impl Session {
             .max_packet_size
             .min(wire::MAX_MESSAGE_LEN);
         loop {
+            self.drop_copy_messages();
             let pending = match routing::unit(&self.cbuf, &self.stmts, &self.shard.last_unnamed) {
                 Ok(Some(u)) if u.len <= limit => {
                     routing::note_unnamed(&self.cbuf[..u.len], &mut self.shard.last_unnamed);
@@ -101,6 +102,16 @@ impl Session {
             }
         }
         let (analysis, shape) = routing::analyze_unit(&router, &unit, &sql);
+        self.shard.ddl |= analysis.kind == Kind::Other && routing::is_ddl(&sql);
+        if unit.executes && unit.synced {
+            let sharded = analysis.table.is_some() || analysis.sharded_elsewhere.is_some();
+            if let Some(r) = self
+                .sharded_copy(&router, &sql, unit.len, unit.simple, sharded, status)
+                .await
+            {
+                return r;
+            }
+        }
         if unit.simple && !analysis.multi {
             match analysis.kind {
                 Kind::Begin { read_only } if self.shard.held.is_none() => {
@@ -263,6 +274,7 @@ impl Session {
             }
         }
         let (analysis, shape) = routing::analyze_unit(&router, &unit, &sql);
+        self.shard.ddl |= analysis.kind == Kind::Other && routing::is_ddl(&sql);
         if matches!(analysis.kind, Kind::Begin { .. } | Kind::End) || analysis.multi {
             return InTx::Go(unit.len);
         }
@@ -295,6 +307,14 @@ impl Session {
     /// After a transaction: if it could write on a shard's primary, remember how far a
     /// replica must replay before this client reads that shard there.
     pub(super) fn note_write(&mut self) {
+        if std::mem::take(&mut self.shard.ddl) {
+            if let (Some(router), Some(pool)) = (
+                self.router.clone(),
+                self.cluster.shard_pool(&self.db, &self.user, 0, None),
+            ) {
+                crate::backend::catalog::spawn_refresh(router, pool);
+            }
+        }
         if let Some(shard) = self.shard.writing.take() {
             self.mark_written(shard);
         }
@@ -319,14 +339,16 @@ impl Session {
     fn read_bound(&mut self, router: &ShardRouter, shard: usize) -> Option<u64> {
         let mut need = match router.read_your_writes {
             ReadYourWrites::Off => return Some(0),
-            ReadYourWrites::Client => *self.shard.written.get(shard)?,
+            ReadYourWrites::Client => self.shard.written.get(shard).copied().unwrap_or_default(),
             ReadYourWrites::Global => router.wal.global_need(shard),
         };
         if !router.wal.resolve(shard, &mut need) {
             return None;
         }
         if router.read_your_writes == ReadYourWrites::Client {
-            self.shard.written[shard] = need;
+            if let Some(w) = self.shard.written.get_mut(shard) {
+                *w = need;
+            }
         }
         Some(need.lsn)
     }
