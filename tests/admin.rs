@@ -125,7 +125,15 @@ const EXPECTED_HEADERS: &[(&str, &str)] = &[
     ("SHOW LISTS", "list,items"),
     ("SHOW MEM", "name,size,used,free,memtotal"),
     ("SHOW VERSION", "version"),
-    ("SHOW SHARDS", "database,shard,role,host,port,state"),
+    (
+        "SHOW SHARDS",
+        "database,shard,role,host,port,state,read_your_writes",
+    ),
+    (
+        "SHOW REPLICATION",
+        "database,shard,role,replica,host,port,lsn,lag_bytes,lag_ms,sampled_ms_ago,state,\
+         read_your_writes",
+    ),
 ];
 
 fn normalize(header: &str) -> String {
@@ -191,7 +199,7 @@ fn every_show_header_matches_pgbouncer() {
         .collect();
     assert_eq!(roles, ["primary", "primary", "replica"], "{shards}");
     assert!(
-        shards.lines().skip(1).all(|l| l.ends_with(",healthy")),
+        shards.lines().skip(1).all(|l| l.ends_with(",healthy,off")),
         "{shards}"
     );
 

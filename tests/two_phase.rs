@@ -456,3 +456,90 @@ async fn a_transfer_load_keeps_the_total_through_crashes() {
     bank.wait_settled();
     assert_eq!(bank.totals(), (ACCOUNTS, ACCOUNTS * START_BALANCE));
 }
+
+/// pgbench's prepared and extended modes send BEGIN through the extended protocol, where
+/// Weir cannot hold it: it runs on shard 0, and the transaction moves to the shard its
+/// first statement names (single-shard scripts), or spans both (transfers). No failures,
+/// and the total stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_protocol_transactions_route_by_their_first_statement() {
+    let bank = Bank::start();
+    bank.open_accounts().await;
+    let scripts = tempfile::TempDir::new().expect("a temp dir");
+    let one = scripts.path().join("one.sql");
+    let transfer = scripts.path().join("transfer.sql");
+    std::fs::write(
+        &one,
+        format!(
+            "\\set a random(1, {ACCOUNTS})\nBEGIN;\n\
+             UPDATE accounts SET balance = balance + 0 WHERE id = :a;\n\
+             SELECT balance FROM accounts WHERE id = :a;\nEND;\n"
+        ),
+    )
+    .expect("write a script");
+    std::fs::write(
+        &transfer,
+        format!(
+            "\\set a random(1, {ACCOUNTS})\n\\set b random(1, {ACCOUNTS})\n\
+             BEGIN;\n\
+             UPDATE accounts SET balance = balance - 3 WHERE id = :a;\n\
+             UPDATE accounts SET balance = balance + 3 WHERE id = :b;\n\
+             END;\n"
+        ),
+    )
+    .expect("write a script");
+    common::give_to_postgres(&one);
+    common::give_to_postgres(&transfer);
+    let port = bank.weir.port.to_string();
+    for (mode, script) in [
+        ("prepared", &one),
+        ("extended", &one),
+        ("prepared", &transfer),
+        ("extended", &transfer),
+    ] {
+        let single = script == &one;
+        let before = bank.decisions();
+        let script = script.to_string_lossy().to_string();
+        let out = common::pgbench_env(
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "app",
+                "-n",
+                "-c",
+                "3",
+                "-t",
+                "100",
+                "-M",
+                mode,
+                "-f",
+                &script,
+                "bank",
+            ],
+            &[("PGPASSWORD", PASSWORD)],
+        );
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "-M {mode} {script}: {text}");
+        assert!(
+            text.contains("number of transactions actually processed: 300/300"),
+            "-M {mode} {script}: {text}"
+        );
+        if single {
+            // Moved, not spread: one shard, no two-phase commit.
+            assert_eq!(
+                bank.decisions(),
+                before,
+                "-M {mode}: single-shard transactions used 2PC"
+            );
+        }
+    }
+    assert!(bank.prepared().is_empty());
+    assert_eq!(bank.totals(), (ACCOUNTS, ACCOUNTS * START_BALANCE));
+}

@@ -39,6 +39,12 @@ pub(super) struct ShardSession {
     pub ddl: bool,
     /// A sharded COPY FROM failed: the client's further copy messages are dropped.
     pub drop_copy: bool,
+    /// The SQL of an extended-protocol BEGIN routed as its own unit; the transaction has
+    /// run nothing else while `begin_only` (it may move to another shard).
+    pub begin_unheld: Option<String>,
+    pub begin_only: bool,
+    /// The unit just routed in a transaction runs nothing (Parse, Describe, Close).
+    pub nothing_ran: bool,
     /// The answers owed to an extended-protocol COPY unit before its copy starts.
     pub copy_prefix: Option<bytes::BytesMut>,
 }

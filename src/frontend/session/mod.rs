@@ -353,6 +353,9 @@ enum InTx {
     Switch(usize, usize),
     /// COMMIT (true) or ROLLBACK of a transaction over several shards, this many bytes.
     EndMulti(bool, usize),
+    /// The transaction has run only its BEGIN: start it again on this shard, for the
+    /// unit of this many bytes.
+    Move(usize, usize),
     /// Answered by Weir; look at the next unit.
     Answered,
     /// Not for this shard: the server must fail it (so the transaction aborts).
@@ -484,7 +487,8 @@ impl Session {
                 si.client_pid.store(self.key.pid, Ordering::Relaxed);
                 si.request_time.store(now, Ordering::Relaxed);
             }
-            self.multi.begin_sql = None;
+            self.multi.begin_sql = self.shard.begin_unheld.take();
+            self.shard.begin_only = self.multi.begin_sql.is_some();
             if let Some(held) = self.shard.held.take() {
                 // The BEGIN Weir answered goes to the shard the statement chose.
                 self.multi.begin_sql = Some(held.sql.clone());
@@ -773,6 +777,30 @@ impl Session {
                             }
                             None => return After::Stop,
                         },
+                        InTx::Move(shard, n) => {
+                            let rolled_back = matches!(
+                                tokio::time::timeout(CLEANUP_TIMEOUT, server.exec("ROLLBACK"))
+                                    .await,
+                                Ok(Ok(TxStatus::Idle))
+                            );
+                            if !rolled_back {
+                                self.fail("08P01", "server conn crashed?").await;
+                                return After::Stop;
+                            }
+                            server.buf.clear();
+                            if self.settle(&mut server, &x.relay.seen).await {
+                                self.release(server, false).await;
+                            }
+                            drop(x);
+                            match self.open_shard(shard).await {
+                                Some((s, nx)) => {
+                                    server = s;
+                                    x = nx;
+                                    x.relay.progress.budget = n;
+                                }
+                                None => return After::Stop,
+                            }
+                        }
                         InTx::EndMulti(false, n) => {
                             self.release_parked(true).await;
                             x.relay.progress.budget = n;

@@ -84,6 +84,12 @@ impl Session {
             self.attach_server(&p.server);
             return Some((p.server, p.x));
         }
+        self.open_shard(shard).await
+    }
+
+    /// Borrows a server of `shard`'s primary and starts the transaction's BEGIN on it; it
+    /// becomes the current server. `None`: the client was told why.
+    pub(super) async fn open_shard(&mut self, shard: usize) -> Option<(ServerConn, Xact)> {
         let router = self.router.clone()?;
         let Some(pool) = self.shard_pool(&router, shard, false) else {
             self.fail("08P01", &format!("shard {shard} has no pool"))

@@ -112,6 +112,11 @@ impl Session {
                 return r;
             }
         }
+        if !unit.simple && unit.executes && matches!(analysis.kind, Kind::Begin { .. }) {
+            // An extended-protocol BEGIN runs where it is routed (shard 0, or the pinned
+            // one); the transaction may still move to the shard its first statement names.
+            self.shard.begin_unheld = Some(sql.clone());
+        }
         if unit.simple && !analysis.multi {
             match analysis.kind {
                 Kind::Begin { read_only } if self.shard.held.is_none() => {
@@ -227,8 +232,19 @@ impl Session {
         }
     }
 
-    /// Checks the next unit of a transaction that runs on shard `current`.
+    /// Checks the next unit of a transaction that runs on shard `current`. A transaction
+    /// that has run only its BEGIN moves to the shard its first statement names.
     pub(super) async fn route_in_tx(&mut self, current: usize, status: TxStatus) -> InTx {
+        let begin_only = self.shard.begin_only;
+        let next = self.route_in_tx_unit(current, status).await;
+        // Only a unit that runs something ends "nothing but BEGIN" (a Parse does not).
+        self.shard.begin_only =
+            begin_only && (matches!(next, InTx::Answered | InTx::Closed) || self.shard.nothing_ran);
+        self.shard.nothing_ran = false;
+        next
+    }
+
+    async fn route_in_tx_unit(&mut self, current: usize, status: TxStatus) -> InTx {
         let Some(router) = self.router.clone() else {
             return InTx::Go(usize::MAX);
         };
@@ -236,6 +252,7 @@ impl Session {
             return InTx::Closed;
         };
         let multi = !self.multi.parked.is_empty();
+        self.shard.nothing_ran = !unit.executes;
         if !unit.executes || (status == TxStatus::Failed && !multi) {
             // Nothing runs, or the server refuses it anyway.
             return InTx::Go(unit.len);
@@ -283,6 +300,11 @@ impl Session {
         match router.decide(&analysis, &params, pin.as_ref(), true) {
             Decision::Any { .. } => InTx::Go(unit.len),
             Decision::Shard { shard, .. } if shard == current => InTx::Go(unit.len),
+            Decision::Shard { shard, .. }
+                if self.shard.begin_only && status == TxStatus::InBlock && unit.synced =>
+            {
+                InTx::Move(shard, unit.len)
+            }
             Decision::Shard { shard, .. }
                 if router.two_phase_commit && status == TxStatus::InBlock && unit.synced =>
             {
