@@ -269,6 +269,39 @@ async fn writes_on_two_shards_commit_or_roll_back_together() {
         bank.prepared()
     );
     assert_eq!(bank.totals(), (ACCOUNTS, ACCOUNTS * START_BALANCE));
+
+    // A keyless UPDATE runs on every shard, atomically; RETURNING rows are joined.
+    let n = c
+        .execute("UPDATE accounts SET balance = balance + 1", &[])
+        .await;
+    assert!(n.is_err(), "extended protocol: still refused");
+    let msgs = c
+        .simple_query("UPDATE accounts SET balance = balance + 1 RETURNING id")
+        .await
+        .expect("keyless UPDATE");
+    let rows = msgs
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count();
+    assert_eq!(rows as i64, ACCOUNTS);
+    assert!(msgs.iter().any(|m| matches!(
+        m,
+        tokio_postgres::SimpleQueryMessage::CommandComplete(n) if *n == ACCOUNTS as u64
+    )));
+    assert_eq!(bank.totals(), (ACCOUNTS, ACCOUNTS * (START_BALANCE + 1)));
+    // One shard fails (division by zero on shard 1's row b): no shard keeps its part.
+    let err = c
+        .batch_execute(&format!(
+            "UPDATE accounts SET balance = balance - 1 + 1 / (id - {b})"
+        ))
+        .await
+        .expect_err("one shard fails");
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("22012"));
+    assert_eq!(bank.totals(), (ACCOUNTS, ACCOUNTS * (START_BALANCE + 1)));
+    c.batch_execute("DELETE FROM accounts WHERE balance < 0")
+        .await
+        .expect("keyless DELETE of nothing");
+    assert!(bank.prepared().is_empty());
 }
 
 /// Waits until a backend of `shard` waits for a lock while running `like`.

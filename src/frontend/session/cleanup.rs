@@ -8,8 +8,14 @@ impl Session {
     /// The transaction ended: pass the last bytes on and return the server.
     pub(super) async fn finish(&mut self, mut server: ServerConn, x: &mut Xact) -> After {
         if self.multi.pending.is_some() {
-            let answers = server.buf[..x.relay.down.ready].to_vec();
+            // The answers still to send stay aside while the second phase uses the server
+            // (the relay may have passed the COMMIT's tag or error on already).
+            let answers = server.buf.split_to(x.relay.down.ready.min(server.buf.len()));
+            let rest = server.buf.split();
             self.second_phase(&mut server, &answers).await;
+            server.buf.clear();
+            server.buf.extend_from_slice(&answers);
+            server.buf.extend_from_slice(&rest);
         }
         let down = &mut x.relay.down;
         let result = self.client.write_all(&server.buf[..down.ready]).await;

@@ -90,6 +90,8 @@ struct ShardCopy {
     /// Rows gathered for it, as CopyData payload.
     out: BytesMut,
     rows: u64,
+    /// Its COPY is still open (a CopyFail ends it); otherwise only its transaction is.
+    copying: bool,
 }
 
 impl Session {
@@ -431,6 +433,7 @@ impl Session {
                 end.extend_from_slice(&copy_data(&cp::BINARY_TRAILER));
             }
             end.extend_from_slice(&copy_done());
+            s.copying = false;
             if s.server.stream.write_all(&end).await.is_err() {
                 error.get_or_insert(build::error("ERROR", "08006", "shard connection lost"));
                 continue;
@@ -505,6 +508,7 @@ impl Session {
                     server,
                     out: BytesMut::new(),
                     rows: 0,
+                    copying: true,
                 },
                 msg,
             )),
@@ -634,14 +638,19 @@ impl Session {
             } else {
                 why
             };
-            let _ = s.server.stream.write_all(&copy_fail(why)).await;
+            let copying = s.copying;
             let ended = tokio::time::timeout(CLEANUP_TIMEOUT, async {
-                // A COPY still open answers the CopyFail; one already ended ignores it.
-                let _ = s.server.drain_until_ready().await;
-                s.server.exec("ROLLBACK").await
+                if copying {
+                    // The open COPY answers the CopyFail with an error and ReadyForQuery.
+                    if s.server.stream.write_all(&copy_fail(why)).await.is_err() {
+                        return None;
+                    }
+                    let _ = s.server.drain_until_ready().await;
+                }
+                s.server.exec("ROLLBACK").await.ok()
             })
             .await;
-            if matches!(ended, Ok(Ok(TxStatus::Idle))) {
+            if matches!(ended, Ok(Some(TxStatus::Idle))) {
                 s.server.buf.clear();
                 s.pool.checkin(s.server);
             }
@@ -800,6 +809,130 @@ impl Session {
             Ok(()) => Routed::Done,
             Err(_) => Routed::Closed,
         }
+    }
+
+    /// A keyless (or many-shard) UPDATE/DELETE of a sharded table with two-phase commit on:
+    /// runs on every shard, each in its own transaction, committed together. RETURNING rows
+    /// are joined (held until every shard answered, up to `max_packet_size` bytes).
+    pub(super) async fn fan_out_write(
+        &mut self,
+        router: &Arc<ShardRouter>,
+        sql: &str,
+        len: usize,
+    ) -> Routed {
+        self.cbuf.advance(len);
+        let limit = self.cluster.config.general.max_packet_size;
+        let mut shards: Vec<ShardCopy> = Vec::with_capacity(router.shards);
+        let mut desc: Option<BytesMut> = None;
+        let mut rows = BytesMut::new();
+        let mut total = 0u64;
+        let mut verb = String::new();
+        let mut failure = None;
+        for shard in 0..router.shards {
+            let Some(pool) = self.shard_pool(router, shard, false) else {
+                failure = Some(build::error("ERROR", "08006", "shard unavailable"));
+                break;
+            };
+            let mut server = match self.copy_server(&pool).await {
+                Ok(s) => s,
+                Err(err) => {
+                    failure = Some(err);
+                    break;
+                }
+            };
+            if !matches!(server.exec("BEGIN").await, Ok(TxStatus::InBlock)) {
+                failure = Some(build::error(
+                    "ERROR",
+                    "08006",
+                    "could not start a transaction on a shard",
+                ));
+                break;
+            }
+            let lost = || build::error("ERROR", "08006", "shard connection lost");
+            if server.stream.write_all(&build::query(sql)).await.is_err() {
+                failure = Some(lost());
+                break;
+            }
+            let mut count = 0;
+            let mut error = None;
+            let mut gone = false;
+            loop {
+                match crate::net::read_message(&mut server.stream, &mut server.buf).await {
+                    Ok(Some(m)) => match m[0] {
+                        b'T' => {
+                            desc.get_or_insert(m);
+                        }
+                        b'D' => {
+                            if rows.len() + m.len() > limit {
+                                error.get_or_insert(build::error(
+                                    "ERROR",
+                                    "54000",
+                                    "RETURNING rows of a write on every shard exceed max_packet_size",
+                                ));
+                            } else {
+                                rows.extend_from_slice(&m);
+                            }
+                        }
+                        b'C' => {
+                            let tag = String::from_utf8_lossy(wire::body(&m))
+                                .trim_end_matches('\0')
+                                .to_string();
+                            let mut words = tag.split_whitespace();
+                            verb = words.next().unwrap_or("UPDATE").to_string();
+                            count = words.last().and_then(|n| n.parse().ok()).unwrap_or(0);
+                        }
+                        tag::ERROR_RESPONSE => {
+                            error.get_or_insert(m);
+                        }
+                        tag::READY_FOR_QUERY => break,
+                        _ => {}
+                    },
+                    _ => {
+                        gone = true;
+                        break;
+                    }
+                }
+            }
+            server.buf.clear();
+            if gone {
+                failure = Some(lost());
+                break;
+            }
+            total += count;
+            shards.push(ShardCopy {
+                shard,
+                pool,
+                server,
+                out: BytesMut::new(),
+                rows: count.max(1),
+                copying: false,
+            });
+            if let Some(err) = error {
+                failure = Some(err);
+                break;
+            }
+        }
+        if let Some(err) = failure {
+            self.abort_copy(shards, "").await;
+            return self.copy_answer(err).await;
+        }
+        let touched: Vec<usize> = shards.iter().map(|s| s.shard).collect();
+        if let Err(err) = self.commit_copy(router, &mut shards).await {
+            return self.copy_answer(err).await;
+        }
+        for s in shards {
+            s.pool.checkin(s.server);
+        }
+        for shard in touched {
+            self.mark_written(shard);
+        }
+        let mut out = BytesMut::new();
+        if let Some(d) = desc {
+            out.extend_from_slice(&d);
+        }
+        out.extend_from_slice(&rows);
+        out.extend_from_slice(&build::command_complete(&format!("{verb} {total}")));
+        self.copy_end(out, false).await
     }
 
     /// After a COPY that failed early: the client's further CopyData/CopyDone/CopyFail of

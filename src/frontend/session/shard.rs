@@ -225,6 +225,20 @@ impl Session {
                 );
                 self.refuse(unit.len, unit.synced, err, status).await
             }
+            Decision::Refuse(msg)
+                if router.two_phase_commit
+                    && unit.simple
+                    && self.shard.held.is_none()
+                    && pin.is_none()
+                    && !analysis.multi
+                    && analysis.table.is_some()
+                    && matches!(analysis.kind, Kind::Update | Kind::Delete)
+                    && (analysis.keys.is_empty()
+                        || msg.contains("touches more than one shard")) =>
+            {
+                // Every shard runs it (each holds only its own rows); all commit or none.
+                self.fan_out_write(&router, &sql, unit.len).await
+            }
             Decision::Refuse(msg) => {
                 let err = build::error("ERROR", "0A000", &msg);
                 self.refuse(unit.len, unit.synced, err, status).await
