@@ -30,23 +30,6 @@ pub(super) struct ShardSession {
     /// The pools this session has routed to, by (shard, replica): a statement finds its
     /// pool here without the cluster's lock. Emptied when a reload builds new pools.
     pub pools: std::collections::HashMap<(usize, Option<usize>), Arc<crate::backend::Pool>>,
-    /// Per shard, what a replica must have replayed for this client to read there: its
-    /// last write transaction on that shard (read-your-writes).
-    pub written: Vec<crate::router::wal::Need>,
-    /// The shard whose primary the current transaction may write on.
-    pub writing: Option<usize>,
-    /// The transaction ran DDL: the sharded tables' columns are read again after it.
-    pub ddl: bool,
-    /// A sharded COPY FROM failed: the client's further copy messages are dropped.
-    pub drop_copy: bool,
-    /// The SQL of an extended-protocol BEGIN routed as its own unit; the transaction has
-    /// run nothing else while `begin_only` (it may move to another shard).
-    pub begin_unheld: Option<String>,
-    pub begin_only: bool,
-    /// The unit just routed in a transaction runs nothing (Parse, Describe, Close).
-    pub nothing_ran: bool,
-    /// The answers owed to an extended-protocol COPY unit before its copy starts.
-    pub copy_prefix: Option<bytes::BytesMut>,
 }
 
 /// `CREATE`, `ALTER` or `DROP` (a statement that may change a table's columns).

@@ -7,10 +7,12 @@ use super::*;
 impl Session {
     /// The transaction ended: pass the last bytes on and return the server.
     pub(super) async fn finish(&mut self, mut server: ServerConn, x: &mut Xact) -> After {
-        if self.multi.pending.is_some() {
+        if self.multi.as_ref().is_some_and(|m| m.pending.is_some()) {
             // The answers still to send stay aside while the second phase uses the server
             // (the relay may have passed the COMMIT's tag or error on already).
-            let answers = server.buf.split_to(x.relay.down.ready.min(server.buf.len()));
+            let answers = server
+                .buf
+                .split_to(x.relay.down.ready.min(server.buf.len()));
             let rest = server.buf.split();
             self.second_phase(&mut server, &answers).await;
             server.buf.clear();

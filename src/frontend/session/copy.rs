@@ -145,7 +145,7 @@ impl Session {
         // ends, the client's next Sync gets ReadyForQuery (one inside the unit is ignored
         // during the copy, as PostgreSQL ignores it).
         let prefix = (!simple).then(|| extended_prefix(&self.cbuf[..len]));
-        self.shard.copy_prefix = prefix;
+        self.sx().copy_prefix = prefix;
         Some(if stmt.from {
             self.copy_in(router, t, &stmt, sql, len).await
         } else {
@@ -155,7 +155,7 @@ impl Session {
 
     /// Before the COPY's first answer: what an extended-protocol unit is owed.
     async fn send_prefix(&mut self) -> bool {
-        match self.shard.copy_prefix.take() {
+        match self.sx().copy_prefix.take() {
             Some(p) if !p.is_empty() => self.client.write_all(&p).await.is_ok(),
             _ => true,
         }
@@ -278,7 +278,7 @@ impl Session {
             }
         };
         self.cbuf.advance(len);
-        let extended = self.shard.copy_prefix.is_some();
+        let extended = self.sx().copy_prefix.is_some();
         let key_type = router.tables()[t].key_type;
         let mut shards: Vec<ShardCopy> = Vec::with_capacity(router.shards);
         let mut response = None;
@@ -421,7 +421,7 @@ impl Session {
         if let Some(err) = failure {
             self.abort_copy(shards, "COPY failed").await;
             // Later CopyData/CopyDone/CopyFail of this COPY are dropped, as PostgreSQL does.
-            self.shard.drop_copy = true;
+            self.sx().drop_copy = true;
             return self.copy_end(err, extended).await;
         }
         // Every shard ends its COPY; all must succeed.
@@ -491,7 +491,7 @@ impl Session {
         let pool = self
             .shard_pool(router, shard, false)
             .ok_or_else(|| build::error("ERROR", "08006", "shard unavailable"))?;
-        self.shard.writing = None;
+        self.sx().writing = None;
         let mut server = self.copy_server(&pool).await?;
         if !matches!(server.exec("BEGIN").await, Ok(TxStatus::InBlock)) {
             return Err(build::error(
@@ -723,6 +723,7 @@ impl Session {
         let mut total = 0;
         let mut started = false;
         let mut out = Vec::new();
+        let mut pending = BytesMut::new();
         for shard in 0..router.shards {
             let Some(pool) = self.shard_pool(router, shard, true) else {
                 return self
@@ -748,6 +749,16 @@ impl Session {
                 }
             }
             loop {
+                // Rows go to the client in batches: when enough gathered, or before waiting
+                // for more from the shard.
+                let whole =
+                    matches!(wire::header(&server.buf), Ok(Some(h)) if server.buf.len() >= h.total);
+                if !pending.is_empty() && (pending.len() >= FLUSH_AT || !whole) {
+                    if self.client.write_all(&pending).await.is_err() {
+                        return Routed::Closed;
+                    }
+                    pending.clear();
+                }
                 let msg = match crate::net::read_message(&mut server.stream, &mut server.buf).await
                 {
                     Ok(Some(m)) => m,
@@ -778,7 +789,8 @@ impl Session {
                         let _ = server.drain_until_ready().await;
                         server.buf.clear();
                         pool.checkin(server);
-                        return self.copy_answer(msg).await;
+                        pending.extend_from_slice(&msg);
+                        return self.copy_answer(pending).await;
                     }
                     tag::READY_FOR_QUERY => {
                         server.buf.clear();
@@ -787,10 +799,13 @@ impl Session {
                     }
                     _ => {}
                 }
-                if !out.is_empty() && self.client.write_all(&copy_data(&out)).await.is_err() {
-                    return Routed::Closed;
+                if !out.is_empty() {
+                    pending.extend_from_slice(&copy_data(&out));
                 }
             }
+        }
+        if !pending.is_empty() && self.client.write_all(&pending).await.is_err() {
+            return Routed::Closed;
         }
         out.clear();
         if let Err(e) = merger.finish(&mut out) {
@@ -938,12 +953,12 @@ impl Session {
     /// After a COPY that failed early: the client's further CopyData/CopyDone/CopyFail of
     /// it are dropped (as PostgreSQL drops them), up to the first other message.
     pub(super) fn drop_copy_messages(&mut self) {
-        if !self.shard.drop_copy {
+        if !self.sx().drop_copy {
             return;
         }
         while let Ok(Some(h)) = wire::header(&self.cbuf) {
             if !matches!(h.tag, b'd' | b'c' | b'f') {
-                self.shard.drop_copy = false;
+                self.sx().drop_copy = false;
                 return;
             }
             if self.cbuf.len() < h.total {
@@ -952,7 +967,7 @@ impl Session {
             let end = h.tag != b'd';
             self.cbuf.advance(h.total);
             if end {
-                self.shard.drop_copy = false;
+                self.sx().drop_copy = false;
                 return;
             }
         }

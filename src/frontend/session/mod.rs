@@ -157,7 +157,7 @@ impl Session {
             stmts: ClientStatements::default(),
             router,
             shard: ShardSession::default(),
-            multi: multi::Multi::default(),
+            multi: None,
         }
     }
 }
@@ -331,8 +331,8 @@ struct Session {
     /// Set for a sharded database.
     router: Option<Arc<ShardRouter>>,
     shard: ShardSession,
-    /// A transaction over several shards (two-phase commit).
-    multi: multi::Multi,
+    /// Sharded sessions only, made on first use (see `multi::Multi`).
+    multi: Option<Box<multi::Multi>>,
 }
 
 /// Where the next transaction goes (sharded databases): a pool and the
@@ -487,11 +487,13 @@ impl Session {
                 si.client_pid.store(self.key.pid, Ordering::Relaxed);
                 si.request_time.store(now, Ordering::Relaxed);
             }
-            self.multi.begin_sql = self.shard.begin_unheld.take();
-            self.shard.begin_only = self.multi.begin_sql.is_some();
+            if let Some(m) = self.multi.as_deref_mut() {
+                m.begin_sql = m.begin_unheld.take();
+                m.begin_only = m.begin_sql.is_some();
+            }
             if let Some(held) = self.shard.held.take() {
                 // The BEGIN Weir answered goes to the shard the statement chose.
-                self.multi.begin_sql = Some(held.sql.clone());
+                self.sx().begin_sql = Some(held.sql.clone());
                 if !matches!(server.exec(&held.sql).await, Ok(TxStatus::InBlock)) {
                     self.fail("08P01", "could not start the transaction on the shard")
                         .await;
@@ -501,11 +503,11 @@ impl Session {
             let pool = self.pool.clone();
             let after = self.transaction(server, budget).await;
             self.note_write();
-            if self.multi.active() {
+            if let Some(m) = self.multi.as_deref_mut().filter(|m| m.active()) {
                 // Left by an error: closing the connections rolls their transactions back;
                 // prepared ones are settled by two-phase recovery.
-                self.multi.parked.clear();
-                self.multi.pending = None;
+                m.parked.clear();
+                m.pending = None;
             }
             self.cancel.detach();
             self.info.set_state(ClientState::Idle);
@@ -588,7 +590,8 @@ impl Session {
                 self.shard.pools.clear();
                 if let Some(r) = &self.router {
                     // Sample numbers are the old router's: wait for the new one's next.
-                    for (shard, need) in self.shard.written.iter_mut().enumerate() {
+                    let written = self.multi.as_deref_mut().map(|m| &mut m.written);
+                    for (shard, need) in written.into_iter().flatten().enumerate() {
                         if need.seq != 0 && need.lsn == 0 {
                             *need = r.wal.mark(shard);
                         }

@@ -21,13 +21,32 @@ pub(super) struct Pending {
     pub prepared: Vec<(String, Parked)>,
 }
 
-/// Per-session state of a transaction over several shards.
+/// A sharded session's state beyond routing (boxed, made on first use: clients of
+/// unsharded databases do not pay for it): a transaction over several shards, what
+/// read-your-writes must wait for, COPY and BEGIN bookkeeping.
 #[derive(Default)]
 pub(super) struct Multi {
     pub parked: Vec<Parked>,
     /// The BEGIN (with its SET LOCAL / SET TRANSACTION) each further shard starts with.
     pub begin_sql: Option<String>,
     pub pending: Option<Pending>,
+    /// Per shard, what a replica must have replayed for this client to read there: its
+    /// last write transaction on that shard (read-your-writes).
+    pub written: Vec<crate::router::wal::Need>,
+    /// The shard whose primary the current transaction may write on.
+    pub writing: Option<usize>,
+    /// The transaction ran DDL: the sharded tables' columns are read again after it.
+    pub ddl: bool,
+    /// A sharded COPY FROM failed: the client's further copy messages are dropped.
+    pub drop_copy: bool,
+    /// The SQL of an extended-protocol BEGIN routed as its own unit; the transaction has
+    /// run nothing else while `begin_only` (it may move to another shard).
+    pub begin_unheld: Option<String>,
+    pub begin_only: bool,
+    /// The unit just routed in a transaction runs nothing (Parse, Describe, Close).
+    pub nothing_ran: bool,
+    /// The answers owed to an extended-protocol COPY unit before its copy starts.
+    pub copy_prefix: Option<BytesMut>,
 }
 
 impl Multi {
@@ -63,6 +82,11 @@ fn commit_outcome(answers: &[u8]) -> Option<bool> {
 }
 
 impl Session {
+    /// This sharded session's extra state, made on first use.
+    pub(super) fn sx(&mut self) -> &mut Multi {
+        self.multi.get_or_insert_with(Box::default)
+    }
+
     /// Moves the open transaction to `shard`: the current server is parked, and the shard's
     /// server (parked before, or newly borrowed and started with the transaction's BEGIN)
     /// becomes current. `None`: the client was told why and the session ends.
@@ -73,13 +97,13 @@ impl Session {
         shard: usize,
     ) -> Option<(ServerConn, Xact)> {
         let current = self.pool.settings.shard.unwrap_or(0);
-        self.multi.parked.push(Parked {
+        self.sx().parked.push(Parked {
             shard: current,
             server,
             x,
         });
-        if let Some(i) = self.multi.parked.iter().position(|p| p.shard == shard) {
-            let p = self.multi.parked.swap_remove(i);
+        if let Some(i) = self.sx().parked.iter().position(|p| p.shard == shard) {
+            let p = self.sx().parked.swap_remove(i);
             self.pool = p.x.pool.clone();
             self.attach_server(&p.server);
             return Some((p.server, p.x));
@@ -110,7 +134,7 @@ impl Session {
             return None;
         }
         let begin = self
-            .multi
+            .sx()
             .begin_sql
             .as_deref()
             .unwrap_or("BEGIN")
@@ -161,11 +185,11 @@ impl Session {
         }
         let base = twophase::new_base(coordinator);
         let mut prepared: Vec<(String, Parked)> = Vec::new();
-        let parked = std::mem::take(&mut self.multi.parked);
+        let parked = std::mem::take(&mut self.sx().parked);
         let mut failure = None;
         for mut p in parked {
             if failure.is_some() {
-                self.multi.parked.push(p);
+                self.sx().parked.push(p);
                 continue;
             }
             let gid = format!("{base}_{}", p.shard);
@@ -182,7 +206,7 @@ impl Session {
                         ),
                     ));
                     // Its transaction is over (PREPARE failed and rolled it back).
-                    self.multi.parked.push(p);
+                    self.sx().parked.push(p);
                 }
                 _ => {
                     failure = Some(build::error(
@@ -202,7 +226,7 @@ impl Session {
             format!("INSERT INTO weir.two_phase_decisions (gid, commit) VALUES ('{base}', true)");
         match tokio::time::timeout(CLEANUP_TIMEOUT, server.exec(&record)).await {
             Ok(Ok(TxStatus::InBlock)) => {
-                self.multi.pending = Some(Pending { base, prepared });
+                self.sx().pending = Some(Pending { base, prepared });
                 Ok(())
             }
             Ok(Err(ExecError::Server(e))) => {
@@ -249,7 +273,7 @@ impl Session {
 
     /// Ends the parked servers' transactions (ROLLBACK) and returns them to their pools.
     pub(super) async fn release_parked(&mut self, rollback: bool) {
-        for mut p in std::mem::take(&mut self.multi.parked) {
+        for mut p in std::mem::take(&mut self.sx().parked) {
             if rollback {
                 match tokio::time::timeout(CLEANUP_TIMEOUT, p.server.exec("ROLLBACK")).await {
                     Ok(Ok(TxStatus::Idle)) => {}
@@ -276,7 +300,7 @@ impl Session {
     /// Runs before the client reads its COMMIT, so a committed transaction is visible on
     /// every shard once the client knows it committed.
     pub(super) async fn second_phase(&mut self, coordinator: &mut ServerConn, answers: &[u8]) {
-        let Some(pending) = self.multi.pending.take() else {
+        let Some(pending) = self.sx().pending.take() else {
             return;
         };
         let committed = match commit_outcome(answers) {

@@ -102,7 +102,7 @@ impl Session {
             }
         }
         let (analysis, shape) = routing::analyze_unit(&router, &unit, &sql);
-        self.shard.ddl |= analysis.kind == Kind::Other && routing::is_ddl(&sql);
+        self.sx().ddl |= analysis.kind == Kind::Other && routing::is_ddl(&sql);
         if unit.executes && unit.synced {
             let sharded = analysis.table.is_some() || analysis.sharded_elsewhere.is_some();
             if let Some(r) = self
@@ -115,7 +115,7 @@ impl Session {
         if !unit.simple && unit.executes && matches!(analysis.kind, Kind::Begin { .. }) {
             // An extended-protocol BEGIN runs where it is routed (shard 0, or the pinned
             // one); the transaction may still move to the shard its first statement names.
-            self.shard.begin_unheld = Some(sql.clone());
+            self.sx().begin_unheld = Some(sql.clone());
         }
         if unit.simple && !analysis.multi {
             match analysis.kind {
@@ -249,12 +249,12 @@ impl Session {
     /// Checks the next unit of a transaction that runs on shard `current`. A transaction
     /// that has run only its BEGIN moves to the shard its first statement names.
     pub(super) async fn route_in_tx(&mut self, current: usize, status: TxStatus) -> InTx {
-        let begin_only = self.shard.begin_only;
+        let begin_only = self.sx().begin_only;
         let next = self.route_in_tx_unit(current, status).await;
         // Only a unit that runs something ends "nothing but BEGIN" (a Parse does not).
-        self.shard.begin_only =
-            begin_only && (matches!(next, InTx::Answered | InTx::Closed) || self.shard.nothing_ran);
-        self.shard.nothing_ran = false;
+        self.sx().begin_only =
+            begin_only && (matches!(next, InTx::Answered | InTx::Closed) || self.sx().nothing_ran);
+        self.sx().nothing_ran = false;
         next
     }
 
@@ -265,8 +265,8 @@ impl Session {
         let Ok(mut unit) = self.read_unit().await else {
             return InTx::Closed;
         };
-        let multi = !self.multi.parked.is_empty();
-        self.shard.nothing_ran = !unit.executes;
+        let multi = !self.sx().parked.is_empty();
+        self.sx().nothing_ran = !unit.executes;
         if !unit.executes || (status == TxStatus::Failed && !multi) {
             // Nothing runs, or the server refuses it anyway.
             return InTx::Go(unit.len);
@@ -305,7 +305,7 @@ impl Session {
             }
         }
         let (analysis, shape) = routing::analyze_unit(&router, &unit, &sql);
-        self.shard.ddl |= analysis.kind == Kind::Other && routing::is_ddl(&sql);
+        self.sx().ddl |= analysis.kind == Kind::Other && routing::is_ddl(&sql);
         if matches!(analysis.kind, Kind::Begin { .. } | Kind::End) || analysis.multi {
             return InTx::Go(unit.len);
         }
@@ -315,7 +315,7 @@ impl Session {
             Decision::Any { .. } => InTx::Go(unit.len),
             Decision::Shard { shard, .. } if shard == current => InTx::Go(unit.len),
             Decision::Shard { shard, .. }
-                if self.shard.begin_only && status == TxStatus::InBlock && unit.synced =>
+                if self.sx().begin_only && status == TxStatus::InBlock && unit.synced =>
             {
                 InTx::Move(shard, unit.len)
             }
@@ -343,7 +343,7 @@ impl Session {
     /// After a transaction: if it could write on a shard's primary, remember how far a
     /// replica must replay before this client reads that shard there.
     pub(super) fn note_write(&mut self) {
-        if std::mem::take(&mut self.shard.ddl) {
+        if std::mem::take(&mut self.sx().ddl) {
             if let (Some(router), Some(pool)) = (
                 self.router.clone(),
                 self.cluster.shard_pool(&self.db, &self.user, 0, None),
@@ -351,23 +351,26 @@ impl Session {
                 crate::backend::catalog::spawn_refresh(router, pool);
             }
         }
-        if let Some(shard) = self.shard.writing.take() {
+        if let Some(shard) = self.sx().writing.take() {
             self.mark_written(shard);
         }
     }
 
     /// Read-your-writes: this client's write transaction on `shard` ended.
     pub(super) fn mark_written(&mut self, shard: usize) {
-        let Some(router) = &self.router else {
+        let Some(router) = self.router.clone() else {
             return;
         };
         if router.read_your_writes == ReadYourWrites::Off {
             return;
         }
-        if self.shard.written.len() < router.shards {
-            self.shard.written.resize(router.shards, Need::default());
+        let written = &mut self.sx().written;
+        if written.len() < router.shards {
+            written.resize(router.shards, Need::default());
         }
-        self.shard.written[shard] = router.wal.mark(shard);
+        if let Some(w) = written.get_mut(shard) {
+            *w = router.wal.mark(shard);
+        }
     }
 
     /// What a replica of `shard` must have replayed for this client's read (`Some(0)`: any
@@ -375,14 +378,14 @@ impl Session {
     fn read_bound(&mut self, router: &ShardRouter, shard: usize) -> Option<u64> {
         let mut need = match router.read_your_writes {
             ReadYourWrites::Off => return Some(0),
-            ReadYourWrites::Client => self.shard.written.get(shard).copied().unwrap_or_default(),
+            ReadYourWrites::Client => self.sx().written.get(shard).copied().unwrap_or_default(),
             ReadYourWrites::Global => router.wal.global_need(shard),
         };
         if !router.wal.resolve(shard, &mut need) {
             return None;
         }
         if router.read_your_writes == ReadYourWrites::Client {
-            if let Some(w) = self.shard.written.get_mut(shard) {
+            if let Some(w) = self.sx().written.get_mut(shard) {
                 *w = need;
             }
         }
@@ -406,7 +409,7 @@ impl Session {
                 _ => None,
             }
         } else {
-            self.shard.writing = Some(shard);
+            self.sx().writing = Some(shard);
             None
         };
         if let Some(p) = self.shard.pools.get(&(shard, replica)) {
