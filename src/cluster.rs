@@ -100,6 +100,10 @@ impl Cluster {
     /// Builds the cluster for a reloaded config, keeping unchanged pools.
     pub fn reload(old: &Cluster, config: Arc<Config>) -> Cluster {
         let mut new = Cluster::new(config);
+        for router in old.routers() {
+            // Its sampler and recovery tasks end; sessions move to the new router.
+            router.retired.store(true, Ordering::Relaxed);
+        }
         new.caps = old.caps.clone();
         *new.paused.lock() = old.paused();
         let old_pools = std::mem::take(&mut *old.pools.lock());

@@ -270,6 +270,65 @@ async fn writes_on_two_shards_commit_or_roll_back_together() {
     );
     assert_eq!(bank.totals(), (ACCOUNTS, ACCOUNTS * START_BALANCE));
 
+    // COMMIT is read from the grammar: a leading comment still commits every shard.
+    let (a3, b3) = pair(3);
+    c.batch_execute("BEGIN").await.expect("begin");
+    c.batch_execute(&transfer_sql(a3, b3, 1)[0])
+        .await
+        .expect("debit");
+    c.batch_execute(&transfer_sql(a3, b3, 1)[1])
+        .await
+        .expect("credit");
+    c.batch_execute("/* app */ COMMIT").await.expect("commit");
+    assert_eq!((bank.balance(a3), bank.balance(b3)), (999, 1001));
+    // A savepoint keeps the transaction on its shard.
+    c.batch_execute("BEGIN").await.expect("begin");
+    c.batch_execute(&transfer_sql(a3, b3, 1)[0])
+        .await
+        .expect("debit");
+    c.batch_execute("SAVEPOINT s").await.expect("savepoint");
+    let spread = c.batch_execute(&transfer_sql(a3, b3, 1)[1]).await;
+    assert_eq!(
+        spread
+            .expect_err("no spreading after a savepoint")
+            .as_db_error()
+            .map(|e| e.code().code()),
+        Some("0A000")
+    );
+    c.batch_execute("ROLLBACK").await.expect("rollback");
+    assert_eq!((bank.balance(a3), bank.balance(b3)), (999, 1001));
+    // Savepoints and AND CHAIN are refused once the transaction spans shards.
+    c.batch_execute("BEGIN").await.expect("begin");
+    c.batch_execute(&transfer_sql(a3, b3, 1)[0])
+        .await
+        .expect("debit");
+    c.batch_execute(&transfer_sql(a3, b3, 1)[1])
+        .await
+        .expect("credit");
+    assert!(c.batch_execute("SAVEPOINT s").await.is_err());
+    c.batch_execute("ROLLBACK").await.expect("rollback");
+    assert_eq!((bank.balance(a3), bank.balance(b3)), (999, 1001));
+    c.batch_execute("BEGIN").await.expect("begin");
+    c.batch_execute(&transfer_sql(a3, b3, 1)[0])
+        .await
+        .expect("debit");
+    c.batch_execute(&transfer_sql(a3, b3, 1)[1])
+        .await
+        .expect("credit");
+    assert!(c.batch_execute("COMMIT AND CHAIN").await.is_err());
+    c.batch_execute("ROLLBACK").await.expect("rollback");
+    assert_eq!((bank.balance(a3), bank.balance(b3)), (999, 1001));
+    c.batch_execute(&format!(
+        "UPDATE accounts SET balance = 1000 WHERE id = {a3}; "
+    ))
+    .await
+    .expect("reset a3");
+    c.batch_execute(&format!(
+        "UPDATE accounts SET balance = 1000 WHERE id = {b3}"
+    ))
+    .await
+    .expect("reset b3");
+
     // A keyless UPDATE runs on every shard, atomically; RETURNING rows are joined.
     let n = c
         .execute("UPDATE accounts SET balance = balance + 1", &[])

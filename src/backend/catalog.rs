@@ -39,6 +39,7 @@ pub async fn refresh(router: &ShardRouter, pool: &Pool) -> Result<(), String> {
             .collect();
         router.set_columns(t, (!columns.is_empty()).then_some(columns));
     }
+    router.catalog_read();
     Ok(())
 }
 

@@ -30,7 +30,7 @@ const SETTLE_AFTER_SECS: u32 = 2;
 
 pub const DECISIONS_DDL: &str = "CREATE SCHEMA IF NOT EXISTS weir; \
      CREATE TABLE IF NOT EXISTS weir.two_phase_decisions \
-     (gid text PRIMARY KEY, commit boolean NOT NULL, at timestamptz NOT NULL DEFAULT now())";
+     (gid text PRIMARY KEY, commit boolean NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())";
 
 /// A name unique to this process and transaction, naming its coordinator shard:
 /// `weir_<coordinator>_<process>_<n>`. Prepared transactions add `_<shard>`.
@@ -72,6 +72,9 @@ async fn recover_forever(router: Weak<ShardRouter>, primaries: Vec<Arc<Pool>>) {
     loop {
         tick.tick().await;
         let Some(r) = router.upgrade() else { return };
+        if r.retired.load(Ordering::Relaxed) {
+            return;
+        }
         let database = r.database.clone();
         drop(r);
         if let Err(e) = recover_once(&primaries, &mut conns).await {
@@ -159,7 +162,8 @@ pub async fn recover_once(
             }
             // The coordinator's row decides; Weir's abort row stands only if it has none.
             let decide = format!(
-                "INSERT INTO weir.two_phase_decisions (gid, commit) VALUES ('{base}', false) \
+                "INSERT INTO weir.two_phase_decisions (gid, commit, at) \
+                 VALUES ('{base}', false, clock_timestamp()) \
                  ON CONFLICT (gid) DO NOTHING; \
                  SELECT commit FROM weir.two_phase_decisions WHERE gid = '{base}'"
             );

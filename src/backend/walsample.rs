@@ -38,7 +38,10 @@ async fn sample_server(
     let limit = (wal.interval * 100).max(Duration::from_secs(2));
     loop {
         tick.tick().await;
-        if router.strong_count() == 0 {
+        if router
+            .upgrade()
+            .is_none_or(|r| r.retired.load(std::sync::atomic::Ordering::Relaxed))
+        {
             return;
         }
         let c = match conn.as_mut() {

@@ -57,6 +57,8 @@ pub(super) struct Unit {
     pub bind: Option<(usize, usize)>,
     /// Contains an Execute (or is a simple Query): something runs.
     pub executes: bool,
+    /// How many Executes it holds (1 for a simple Query).
+    pub execs: usize,
 }
 
 /// Finds the unit at the front of `buf`; `None` until it is complete.
@@ -73,6 +75,7 @@ pub(super) fn unit(
         sql: None,
         bind: None,
         executes: false,
+        execs: 0,
     };
     loop {
         let Some(h) = wire::header(&buf[pos..])? else {
@@ -88,6 +91,7 @@ pub(super) fn unit(
                 u.simple = true;
                 u.synced = true;
                 u.executes = true;
+                u.execs = 1;
                 u.sql = wire::cstr(wire::body(msg), 0).map(|(s, _)| s.to_string());
                 u.len = pos;
                 return Ok(Some(u));
@@ -117,7 +121,10 @@ pub(super) fn unit(
                     }
                 }
             }
-            tag::EXECUTE => u.executes = true,
+            tag::EXECUTE => {
+                u.executes = true;
+                u.execs += 1;
+            }
             tag::SYNC => {
                 u.synced = true;
                 u.len = pos;

@@ -44,6 +44,8 @@ pub struct ShardRouter {
     tables: parking_lot::RwLock<Arc<Vec<TableSpec>>>,
     /// Per sharded table, its columns in order as the catalog last said: (name, generated).
     columns: parking_lot::RwLock<Vec<Option<Columns>>>,
+    /// When the catalog was last read (all tables).
+    columns_read: parking_lot::Mutex<Option<Instant>>,
     pub read_from_replicas: bool,
     /// Replicas per shard.
     pub replicas: Vec<usize>,
@@ -60,6 +62,8 @@ pub struct ShardRouter {
     pub two_phase_commit: bool,
     /// The WAL sampler was started (once, by the first client or at start).
     pub sampler_started: std::sync::atomic::AtomicBool,
+    /// A reload replaced this router: its background tasks end.
+    pub retired: std::sync::atomic::AtomicBool,
     /// Per shard: `weir.two_phase_decisions` is known to exist there.
     pub decisions_ready: Vec<std::sync::atomic::AtomicBool>,
 }
@@ -87,6 +91,11 @@ impl ShardRouter {
         );
         let sampled = db.read_from_replicas && replicas.iter().any(|&n| n > 0);
         wal.active.store(sampled, Ordering::Relaxed);
+        if db.read_your_writes == crate::config::ReadYourWrites::Global {
+            // Writes acknowledged before this router existed (a reload) are bounded by
+            // its first sample.
+            wal.mark_all();
+        }
         Some(ShardRouter {
             wal: Arc::new(wal),
             read_your_writes: if sampled {
@@ -96,6 +105,7 @@ impl ShardRouter {
             },
             two_phase_commit: db.two_phase_commit,
             sampler_started: std::sync::atomic::AtomicBool::new(false),
+            retired: std::sync::atomic::AtomicBool::new(false),
             decisions_ready: db
                 .shards
                 .iter()
@@ -105,6 +115,7 @@ impl ShardRouter {
             shards: db.shards.len(),
             read_from_replicas: db.read_from_replicas,
             columns: parking_lot::RwLock::new(vec![None; tables.len()]),
+            columns_read: parking_lot::Mutex::new(None),
             tables: parking_lot::RwLock::new(Arc::new(tables)),
             replicas,
             cache: Mutex::new(HashMap::new()),
@@ -144,6 +155,16 @@ impl ShardRouter {
         self.tables()
             .iter()
             .position(|t| t.matches(&schema, &table))
+    }
+
+    /// How long ago the catalog was read (`None`: never).
+    pub fn catalog_age(&self) -> Option<Duration> {
+        self.columns_read.lock().map(|at| at.elapsed())
+    }
+
+    /// The catalog was read just now.
+    pub fn catalog_read(&self) {
+        *self.columns_read.lock() = Some(Instant::now());
     }
 
     /// Table `t`'s columns in order, (name, generated), once the catalog was read.

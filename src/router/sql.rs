@@ -145,6 +145,26 @@ pub struct Analysis {
     /// A sharded table named somewhere other than where Weir looks for keys
     /// (subquery, CTE, UNION branch): its name, when `table` is `None`.
     pub sharded_elsewhere: Option<String>,
+    /// Of a transaction statement: what it is (see [`TxControl`]).
+    pub tx: TxControl,
+    /// An INSERT into a sharded table without a column list (its key position comes
+    /// from the catalog).
+    pub no_column_list: bool,
+}
+
+/// What a transaction-control statement does, from the parse tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TxControl {
+    #[default]
+    None,
+    Commit,
+    Rollback,
+    /// COMMIT AND CHAIN / ROLLBACK AND CHAIN.
+    Chain,
+    /// SAVEPOINT, RELEASE, ROLLBACK TO.
+    Savepoint,
+    /// PREPARE TRANSACTION, COMMIT PREPARED, ROLLBACK PREPARED.
+    TwoPhase,
 }
 
 /// Analyses one query string. `Err` carries PostgreSQL's syntax error text;
@@ -178,6 +198,7 @@ pub fn analyze(sql: &str, tables: &[TableSpec]) -> Result<Analysis, String> {
                 if let Some(t) = find_table(tables, &rel.schemaname, &rel.relname) {
                     a.table = Some(t);
                     a.table_name = rel.relname.clone();
+                    a.no_column_list = i.cols.is_empty();
                     insert_keys(
                         i.cols.as_slice(),
                         i.select_stmt.as_deref(),
@@ -207,6 +228,16 @@ pub fn analyze(sql: &str, tables: &[TableSpec]) -> Result<Analysis, String> {
                 },
                 3 | 4 => Kind::End,
                 _ => Kind::Other,
+            };
+            // SAVEPOINT = 5, RELEASE = 6, ROLLBACK_TO = 7, PREPARE = 8, COMMIT_PREPARED = 9,
+            // ROLLBACK_PREPARED = 10.
+            a.tx = match t.kind {
+                3 | 4 if t.chain => TxControl::Chain,
+                3 => TxControl::Commit,
+                4 => TxControl::Rollback,
+                5..=7 => TxControl::Savepoint,
+                8..=10 => TxControl::TwoPhase,
+                _ => TxControl::None,
             };
         }
         _ => {}

@@ -118,6 +118,13 @@ impl WalState {
         }
     }
 
+    /// Marks every shard as written now (see `mark`).
+    pub fn mark_all(&self) {
+        for shard in 0..self.shards.len() {
+            self.mark(shard);
+        }
+    }
+
     /// The bound every client's reads of `shard` must respect in `global` mode.
     pub fn global_need(&self, shard: usize) -> Need {
         let seq = self

@@ -7,6 +7,9 @@ use super::*;
 impl Session {
     /// The transaction ended: pass the last bytes on and return the server.
     pub(super) async fn finish(&mut self, mut server: ServerConn, x: &mut Xact) -> After {
+        // Read-your-writes marks the write before the client learns it committed (in
+        // `global` mode another connection of the application may read at once).
+        self.note_write();
         if self.multi.as_ref().is_some_and(|m| m.pending.is_some()) {
             // The answers still to send stay aside while the second phase uses the server
             // (the relay may have passed the COMMIT's tag or error on already).

@@ -588,37 +588,48 @@ impl Session {
             }
         }
         let decide = format!(
-            "INSERT INTO weir.two_phase_decisions (gid, commit) VALUES ('{base}', true); COMMIT"
+            "INSERT INTO weir.two_phase_decisions (gid, commit, at) \
+             VALUES ('{base}', true, clock_timestamp()); COMMIT"
         );
-        let decided = shards[coord].server.exec(&decide).await;
-        let committed = matches!(decided, Ok(TxStatus::Idle));
-        let verb = if committed { "COMMIT" } else { "ROLLBACK" };
+        let decided =
+            tokio::time::timeout(CLEANUP_TIMEOUT, shards[coord].server.exec(&decide)).await;
+        let outcome = match decided {
+            Ok(Ok(TxStatus::Idle)) => Some(Ok(())),
+            Ok(Err(ExecError::Server(e))) => Some(Err(build::error("ERROR", &e.code, &e.message))),
+            // Lost or stuck: the outcome is the coordinator's to know; recovery settles
+            // the prepared shards from its decision row.
+            _ => None,
+        };
+        let Some(outcome) = outcome else {
+            shards.clear();
+            return Err(build::error(
+                "ERROR",
+                "08006",
+                &format!("shard {coordinator} was lost while committing; the outcome is settled by two-phase recovery from its decision row"),
+            ));
+        };
+        let verb = if outcome.is_ok() {
+            "COMMIT"
+        } else {
+            "ROLLBACK"
+        };
         let mut unsettled = false;
         for (i, gid) in &prepared {
+            let sql = format!("{verb} PREPARED '{gid}'");
             let ok = matches!(
-                shards[*i]
-                    .server
-                    .exec(&format!("{verb} PREPARED '{gid}'"))
-                    .await,
-                Ok(TxStatus::Idle)
+                tokio::time::timeout(CLEANUP_TIMEOUT, shards[*i].server.exec(&sql)).await,
+                Ok(Ok(TxStatus::Idle))
             );
             unsettled |= !ok;
         }
         if unsettled {
             tracing::warn!(%base, "{verb} PREPARED failed on a shard; two-phase recovery settles it");
         }
-        match decided {
-            Ok(TxStatus::Idle) => Ok(()),
-            Err(ExecError::Server(e)) => {
-                let all = std::mem::take(shards);
-                self.abort_copy(all, "").await;
-                Err(build::error("ERROR", &e.code, &e.message))
-            }
-            _ => {
-                shards.clear();
-                Err(lost(coordinator))
-            }
+        if outcome.is_err() {
+            let all = std::mem::take(shards);
+            self.abort_copy(all, "").await;
         }
+        outcome
     }
 
     async fn roll_back_prepared(&mut self, shards: &mut [ShardCopy], prepared: &[(usize, String)]) {
@@ -697,7 +708,25 @@ impl Session {
                     )));
                 }
             }
-            match self.client.read_buf(&mut self.cbuf).await {
+            // A client that stops sending holds a server of every shard: the idle
+            // transaction limits apply (as they would to a COPY on one server).
+            let limits = self.cluster.config.timeouts(&self.user);
+            let limit = [limits.idle_transaction, limits.client_idle]
+                .into_iter()
+                .filter(|d| !d.is_zero())
+                .min();
+            let read = self.client.read_buf(&mut self.cbuf);
+            let n = match limit {
+                None => read.await,
+                Some(d) => match tokio::time::timeout(d, read).await {
+                    Ok(n) => n,
+                    Err(_) => {
+                        self.fail("08P01", "idle transaction timeout").await;
+                        return Err(None);
+                    }
+                },
+            };
+            match n {
                 Ok(0) | Err(_) => return Err(None),
                 Ok(_) => {}
             }

@@ -490,10 +490,13 @@ impl Session {
             if let Some(m) = self.multi.as_deref_mut() {
                 m.begin_sql = m.begin_unheld.take();
                 m.begin_only = m.begin_sql.is_some();
+                m.savepoint = false;
+                m.read_only_tx = false;
             }
             if let Some(held) = self.shard.held.take() {
                 // The BEGIN Weir answered goes to the shard the statement chose.
                 self.sx().begin_sql = Some(held.sql.clone());
+                self.sx().read_only_tx = held.read_only;
                 if !matches!(server.exec(&held.sql).await, Ok(TxStatus::InBlock)) {
                     self.fail("08P01", "could not start the transaction on the shard")
                         .await;
@@ -811,14 +814,14 @@ impl Session {
                         InTx::EndMulti(true, n) => {
                             match self.prepare_multi(&mut server, status).await {
                                 Ok(()) => x.relay.progress.budget = n,
-                                Err(err) => {
+                                Err((err, idle)) => {
                                     // Nothing committed: the error ends the transaction.
                                     self.cbuf.advance(n);
                                     let mut out = err;
                                     out.extend_from_slice(&build::ready_for_query(TxStatus::Idle));
                                     let written = self.client.write_all(&out).await;
                                     server.buf.clear();
-                                    if self.settle(&mut server, &x.relay.seen).await {
+                                    if idle && self.settle(&mut server, &x.relay.seen).await {
                                         self.release(server, false).await;
                                     }
                                     return match written {

@@ -45,6 +45,10 @@ pub(super) struct Multi {
     pub begin_only: bool,
     /// The unit just routed in a transaction runs nothing (Parse, Describe, Close).
     pub nothing_ran: bool,
+    /// The transaction began READ ONLY (its shards need no two-phase commit).
+    pub read_only_tx: bool,
+    /// A savepoint was taken: the transaction may not spread to another shard.
+    pub savepoint: bool,
     /// The answers owed to an extended-protocol COPY unit before its copy starts.
     pub copy_prefix: Option<BytesMut>,
 }
@@ -115,7 +119,9 @@ impl Session {
     /// becomes the current server. `None`: the client was told why.
     pub(super) async fn open_shard(&mut self, shard: usize) -> Option<(ServerConn, Xact)> {
         let router = self.router.clone()?;
-        let Some(pool) = self.shard_pool(&router, shard, false) else {
+        // A READ ONLY transaction may read on a replica of the new shard too.
+        let read = self.sx().read_only_tx;
+        let Some(pool) = self.shard_pool(&router, shard, read) else {
             self.fail("08P01", &format!("shard {shard} has no pool"))
                 .await;
             return None;
@@ -171,7 +177,7 @@ impl Session {
         &mut self,
         server: &mut ServerConn,
         tx: TxStatus,
-    ) -> Result<(), BytesMut> {
+    ) -> Result<(), (BytesMut, bool)> {
         if tx == TxStatus::Failed {
             // The client's COMMIT rolls the coordinator back; so go the others.
             self.release_parked(true).await;
@@ -180,8 +186,8 @@ impl Session {
         let coordinator = self.pool.settings.shard.unwrap_or(0);
         let pool = self.pool.clone();
         if let Err(e) = self.ensure_decisions(coordinator, &pool).await {
-            self.abort_multi(server, Vec::new()).await;
-            return Err(build::error("ERROR", "58000", &e));
+            let idle = self.abort_multi(server, Vec::new()).await;
+            return Err((build::error("ERROR", "58000", &e), idle));
         }
         let base = twophase::new_base(coordinator);
         let mut prepared: Vec<(String, Parked)> = Vec::new();
@@ -219,45 +225,47 @@ impl Session {
             }
         }
         if let Some(err) = failure {
-            self.abort_multi(server, prepared).await;
-            return Err(err);
+            let idle = self.abort_multi(server, prepared).await;
+            return Err((err, idle));
         }
-        let record =
-            format!("INSERT INTO weir.two_phase_decisions (gid, commit) VALUES ('{base}', true)");
+        let record = format!(
+            "INSERT INTO weir.two_phase_decisions (gid, commit, at) \
+             VALUES ('{base}', true, clock_timestamp())"
+        );
         match tokio::time::timeout(CLEANUP_TIMEOUT, server.exec(&record)).await {
             Ok(Ok(TxStatus::InBlock)) => {
                 self.sx().pending = Some(Pending { base, prepared });
                 Ok(())
             }
             Ok(Err(ExecError::Server(e))) => {
-                self.abort_multi(server, prepared).await;
-                Err(build::error(
-                    "ERROR",
-                    &e.code,
-                    &format!(
-                        "could not record the commit decision on shard {coordinator}: {}",
-                        e.message
-                    ),
-                ))
+                let idle = self.abort_multi(server, prepared).await;
+                let msg = format!(
+                    "could not record the commit decision on shard {coordinator}: {}",
+                    e.message
+                );
+                Err((build::error("ERROR", &e.code, &msg), idle))
             }
             _ => {
-                // Unknown: the coordinator's fate (rolled back, as its session is lost)
-                // decides; recovery rolls the prepared shards back.
-                self.abort_multi(server, prepared).await;
-                Err(build::error(
-                    "ERROR",
-                    "08006",
-                    &format!(
-                        "shard {coordinator} was lost while committing; nothing was committed"
-                    ),
-                ))
+                // The coordinator's session is lost or stuck: it is closed, so its
+                // transaction (and the decision in it) rolls back, and recovery rolls the
+                // prepared shards back.
+                drop(prepared);
+                self.release_parked(true).await;
+                let msg =
+                    format!("shard {coordinator} was lost while committing; nothing was committed");
+                Err((build::error("ERROR", "08006", &msg), false))
             }
         }
     }
 
     /// Rolls every shard of the transaction back: the prepared ones, the parked ones and the
     /// coordinator (`server`).
-    async fn abort_multi(&mut self, server: &mut ServerConn, prepared: Vec<(String, Parked)>) {
+    /// Returns whether the coordinator is back to idle (else it must be closed).
+    async fn abort_multi(
+        &mut self,
+        server: &mut ServerConn,
+        prepared: Vec<(String, Parked)>,
+    ) -> bool {
         for (gid, mut p) in prepared {
             let sql = format!("ROLLBACK PREPARED '{gid}'");
             match tokio::time::timeout(CLEANUP_TIMEOUT, p.server.exec(&sql)).await {
@@ -268,7 +276,10 @@ impl Session {
             }
         }
         self.release_parked(true).await;
-        let _ = tokio::time::timeout(CLEANUP_TIMEOUT, server.exec("ROLLBACK")).await;
+        matches!(
+            tokio::time::timeout(CLEANUP_TIMEOUT, server.exec("ROLLBACK")).await,
+            Ok(Ok(TxStatus::Idle))
+        )
     }
 
     /// Ends the parked servers' transactions (ROLLBACK) and returns them to their pools.
@@ -321,6 +332,11 @@ impl Session {
             return;
         };
         let verb = if committed { "COMMIT" } else { "ROLLBACK" };
+        if committed {
+            if let Some(shard) = self.pool.settings.shard {
+                self.mark_written(shard);
+            }
+        }
         for (gid, mut p) in pending.prepared {
             let sql = format!("{verb} PREPARED '{gid}'");
             match tokio::time::timeout(CLEANUP_TIMEOUT, p.server.exec(&sql)).await {

@@ -4,7 +4,11 @@
 
 use super::*;
 use crate::config::ReadYourWrites;
+use crate::router::sql::TxControl;
 use crate::router::wal::Need;
+
+/// An INSERT without a column list routes by a catalog read at most this long ago.
+const CATALOG_FRESH: Duration = Duration::from_secs(1);
 
 impl Session {
     /// Reads until a whole routable unit is at the front of the buffer: a statement is
@@ -101,7 +105,7 @@ impl Session {
                 None => {}
             }
         }
-        let (analysis, shape) = routing::analyze_unit(&router, &unit, &sql);
+        let (analysis, shape) = self.analyze_fresh(&router, &unit, &sql).await;
         self.sx().ddl |= analysis.kind == Kind::Other && routing::is_ddl(&sql);
         if unit.executes && unit.synced {
             let sharded = analysis.table.is_some() || analysis.sharded_elsewhere.is_some();
@@ -112,7 +116,7 @@ impl Session {
                 return r;
             }
         }
-        if !unit.simple && unit.executes && matches!(analysis.kind, Kind::Begin { .. }) {
+        if !unit.simple && unit.execs == 1 && matches!(analysis.kind, Kind::Begin { .. }) {
             // An extended-protocol BEGIN runs where it is routed (shard 0, or the pinned
             // one); the transaction may still move to the shard its first statement names.
             self.sx().begin_unheld = Some(sql.clone());
@@ -274,20 +278,27 @@ impl Session {
         let sql = unit.sql.take().unwrap_or_default();
         if multi {
             let (analysis, _) = routing::analyze_unit(&router, &unit, &sql);
-            if analysis.kind == Kind::End {
-                let w = sql.trim_start().to_ascii_lowercase();
-                let commit =
-                    (w.starts_with("commit") || w.starts_with("end")) && !w.contains("prepared");
-                return InTx::EndMulti(commit, unit.len);
-            }
-            if status == TxStatus::Failed {
-                return InTx::Go(unit.len);
-            }
-            if analysis.multi || !unit.synced {
+            if analysis.multi || !unit.synced || unit.execs > 1 {
                 return InTx::Refuse(
                     unit.len,
                     "a transaction over several shards takes one statement at a time, each ending with Sync".into(),
                 );
+            }
+            let read_only = self.sx().read_only_tx;
+            match analysis.tx {
+                TxControl::Commit if !read_only => return InTx::EndMulti(true, unit.len),
+                // A read-only transaction has nothing to commit on the other shards.
+                TxControl::Commit | TxControl::Rollback => return InTx::EndMulti(false, unit.len),
+                TxControl::Chain | TxControl::Savepoint | TxControl::TwoPhase => {
+                    return InTx::Refuse(
+                        unit.len,
+                        "savepoints, AND CHAIN and two-phase commands are not supported in a transaction over several shards".into(),
+                    );
+                }
+                TxControl::None => {}
+            }
+            if status == TxStatus::Failed {
+                return InTx::Go(unit.len);
             }
         }
         if unit.simple {
@@ -304,8 +315,12 @@ impl Session {
                 None => {}
             }
         }
-        let (analysis, shape) = routing::analyze_unit(&router, &unit, &sql);
+        let (analysis, shape) = self.analyze_fresh(&router, &unit, &sql).await;
         self.sx().ddl |= analysis.kind == Kind::Other && routing::is_ddl(&sql);
+        if analysis.tx == TxControl::Savepoint {
+            // The transaction stays on this shard from now on (a savepoint is per server).
+            self.sx().savepoint = true;
+        }
         if matches!(analysis.kind, Kind::Begin { .. } | Kind::End) || analysis.multi {
             return InTx::Go(unit.len);
         }
@@ -320,7 +335,11 @@ impl Session {
                 InTx::Move(shard, unit.len)
             }
             Decision::Shard { shard, .. }
-                if router.two_phase_commit && status == TxStatus::InBlock && unit.synced =>
+                if router.two_phase_commit
+                    && status == TxStatus::InBlock
+                    && unit.synced
+                    && unit.execs == 1
+                    && !self.sx().savepoint =>
             {
                 InTx::Switch(shard, unit.len)
             }
@@ -340,9 +359,37 @@ impl Session {
         }
     }
 
+    /// The unit's analysis; an INSERT without a column list routes by the key's position
+    /// in the catalog, read again first unless it is fresh (columns may have been dropped
+    /// or added on the shards directly).
+    async fn analyze_fresh<'a>(
+        &mut self,
+        router: &Arc<ShardRouter>,
+        unit: &routing::Unit,
+        sql: &'a str,
+    ) -> (
+        Arc<crate::router::sql::Analysis>,
+        Option<crate::router::shape::Shape<'a>>,
+    ) {
+        let (analysis, shape) = routing::analyze_unit(router, unit, sql);
+        let stale = router.catalog_age().is_none_or(|age| age > CATALOG_FRESH);
+        if !(analysis.no_column_list && stale) {
+            return (analysis, shape);
+        }
+        if let Some(pool) = self.cluster.shard_pool(&self.db, &self.user, 0, None) {
+            if let Err(e) = crate::backend::catalog::refresh(router, &pool).await {
+                tracing::warn!(error = %e, "could not read the sharded tables' columns");
+            }
+        }
+        routing::analyze_unit(router, unit, sql)
+    }
+
     /// After a transaction: if it could write on a shard's primary, remember how far a
     /// replica must replay before this client reads that shard there.
     pub(super) fn note_write(&mut self) {
+        if self.multi.is_none() {
+            return;
+        }
         if std::mem::take(&mut self.sx().ddl) {
             if let (Some(router), Some(pool)) = (
                 self.router.clone(),
