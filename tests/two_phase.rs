@@ -6,6 +6,8 @@
 //! phases, a shard crashed between them, and a pgbench transfer load through both.
 
 mod common;
+#[path = "drivers/raw_client.rs"]
+mod raw_client;
 
 use common::{eventually, PgCluster, PgOptions, Weir};
 use std::time::Duration;
@@ -634,4 +636,63 @@ async fn extended_protocol_transactions_route_by_their_first_statement() {
     }
     assert!(bank.prepared().is_empty());
     assert_eq!(bank.totals(), (ACCOUNTS, ACCOUNTS * START_BALANCE));
+}
+
+/// JDBC with autocommit off sends `BEGIN` in one batch with the first statement (Parse,
+/// Bind, Execute of each, then one Sync): the batch runs on the shard of the statement's
+/// key, not where BEGIN alone would go; a batch whose statements name different shards is
+/// refused, never run on one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_begin_runs_on_its_statements_shard() {
+    let bank = Bank::start();
+    bank.open_accounts().await;
+    let (a, b) = pair(4);
+    let mut raw = raw_client::RawClient::connect(bank.weir.port, "app", PASSWORD, "bank").await;
+    let replies = raw
+        .parse("", "BEGIN")
+        .bind("", &[])
+        .execute()
+        .parse(
+            "",
+            "UPDATE accounts SET balance = balance + 5 WHERE id = $1",
+        )
+        .bind("", &[&b.to_string()])
+        .execute()
+        .sync()
+        .await;
+    assert!(
+        replies.iter().all(|r| r.error_code().is_none()),
+        "{replies:?}"
+    );
+    let replies = raw.simple_query("COMMIT").await;
+    assert!(
+        replies.iter().all(|r| r.error_code().is_none()),
+        "{replies:?}"
+    );
+    assert_eq!(
+        bank.balance(b),
+        1005,
+        "the update ran on account {b}'s shard"
+    );
+    // Statements of one batch on two shards: refused, nothing runs.
+    let replies = raw
+        .parse(
+            "",
+            "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
+        )
+        .bind("", &[&a.to_string()])
+        .execute()
+        .parse(
+            "",
+            "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
+        )
+        .bind("", &[&b.to_string()])
+        .execute()
+        .sync()
+        .await;
+    assert!(
+        replies.iter().any(|r| r.error_code() == Some("0A000")),
+        "{replies:?}"
+    );
+    assert_eq!((bank.balance(a), bank.balance(b)), (1000, 1005));
 }

@@ -59,6 +59,9 @@ pub(super) struct Unit {
     pub executes: bool,
     /// How many Executes it holds (1 for a simple Query).
     pub execs: usize,
+    /// The SQL and byte range of every Bind after the first (a batch of statements, as
+    /// JDBC sends `BEGIN` with the first statement): each must route alike.
+    pub more: Vec<(Option<String>, (usize, usize))>,
 }
 
 /// Finds the unit at the front of `buf`; `None` until it is complete.
@@ -76,7 +79,11 @@ pub(super) fn unit(
         bind: None,
         executes: false,
         execs: 0,
+        more: Vec::new(),
     };
+    // Statements parsed in this unit so far: the unnamed one, and named ones.
+    let mut unnamed: Option<String> = None;
+    let mut named: Vec<(String, Option<String>)> = Vec::new();
     loop {
         let Some(h) = wire::header(&buf[pos..])? else {
             return Ok(None);
@@ -100,12 +107,32 @@ pub(super) fn unit(
                 if let Some((name, rest)) = prepared::parse_parts(msg) {
                     let q = prepared::parse_query(rest).map(str::to_string);
                     if u.sql.is_none() {
-                        u.sql = q;
+                        u.sql = q.clone();
                     }
-                    let _ = name;
+                    if name.is_empty() {
+                        unnamed = q;
+                    } else {
+                        named.push((name.to_string(), q));
+                    }
                 }
             }
-            tag::BIND if u.bind.is_none() => {
+            tag::BIND if u.bind.is_some() => {
+                if let Some((_, stmt, _)) = prepared::bind_parts(msg) {
+                    let sql = if stmt.is_empty() {
+                        unnamed.clone().or_else(|| last_unnamed.clone())
+                    } else if let Some((_, q)) = named.iter().rev().find(|(n, _)| n == stmt) {
+                        q.clone()
+                    } else {
+                        stmts
+                            .get(stmt)
+                            .and_then(|s| prepared::parse_parts(&s.parse))
+                            .and_then(|(_, rest)| prepared::parse_query(rest))
+                            .map(str::to_string)
+                    };
+                    u.more.push((sql, (pos - h.total, pos)));
+                }
+            }
+            tag::BIND => {
                 u.bind = Some((pos - h.total, pos));
                 if u.sql.is_none() {
                     if let Some((_, stmt, _)) = prepared::bind_parts(msg) {

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::config::ReadYourWrites;
+use crate::router::route::BindParams;
 use crate::router::sql::TxControl;
 use crate::router::wal::Need;
 
@@ -176,7 +177,8 @@ impl Session {
             None => (false, false),
         };
         let decision = if unit.executes {
-            router.decide(&analysis, &params, pin.as_ref(), in_write_tx)
+            let first = router.decide(&analysis, &params, pin.as_ref(), in_write_tx);
+            self.decide_batch(&router, &unit, first, pin.as_ref(), in_write_tx)
         } else {
             // Parse/Describe/Close only: the statement is known on every server.
             Decision::Any { read: false }
@@ -326,7 +328,8 @@ impl Session {
         }
         let params = routing::unit_params(&self.cbuf, &unit, &shape);
         let pin = comment_hint(&sql).or_else(|| self.shard.pin.clone());
-        match router.decide(&analysis, &params, pin.as_ref(), true) {
+        let first = router.decide(&analysis, &params, pin.as_ref(), true);
+        match self.decide_batch(&router, &unit, first, pin.as_ref(), true) {
             Decision::Any { .. } => InTx::Go(unit.len),
             Decision::Shard { shard, .. } if shard == current => InTx::Go(unit.len),
             Decision::Shard { shard, .. }
@@ -356,6 +359,59 @@ impl Session {
                 ),
             ),
             Decision::Refuse(msg) => InTx::Refuse(unit.len, msg),
+        }
+    }
+
+    /// The decision for a unit of several statements (a batch up to Sync, as JDBC sends
+    /// `BEGIN` with the first statement): every statement must route to the same shard,
+    /// given `first`, the first statement's decision.
+    fn decide_batch(
+        &self,
+        router: &ShardRouter,
+        unit: &routing::Unit,
+        first: Decision,
+        pin: Option<&Pin>,
+        in_write_tx: bool,
+    ) -> Decision {
+        if unit.more.is_empty() {
+            return first;
+        }
+        let mut shard: Option<usize> = None;
+        let mut all_read = true;
+        let rest = unit.more.iter().map(|(sql, (a, b))| match sql {
+            Some(sql) => {
+                let analysis = router.analyze(sql);
+                let params = BindParams::parse(&self.cbuf[*a..*b]).unwrap_or_default();
+                router.decide(&analysis, &params, pin, in_write_tx)
+            }
+            None => Decision::Any { read: false },
+        });
+        for d in std::iter::once(first).chain(rest) {
+            match d {
+                Decision::Shard { shard: s, read } => {
+                    if let Some(prev) = shard.filter(|p| *p != s) {
+                        return Decision::Refuse(format!(
+                            "the statements of one batch (up to Sync) belong to shards {prev} and {s}; send them in separate transactions"
+                        ));
+                    }
+                    shard = Some(s);
+                    all_read &= read;
+                }
+                Decision::Any { read } => all_read &= read,
+                Decision::FanOut(_) => {
+                    return Decision::Refuse(
+                        "a read without a sharding key cannot run in a batch with other statements; send it on its own".into(),
+                    )
+                }
+                Decision::Refuse(m) => return Decision::Refuse(m),
+            }
+        }
+        match shard {
+            Some(s) => Decision::Shard {
+                shard: s,
+                read: all_read,
+            },
+            None => Decision::Any { read: all_read },
         }
     }
 
