@@ -123,11 +123,7 @@ pub(super) fn unit(
                     } else if let Some((_, q)) = named.iter().rev().find(|(n, _)| n == stmt) {
                         q.clone()
                     } else {
-                        stmts
-                            .get(stmt)
-                            .and_then(|s| prepared::parse_parts(&s.parse))
-                            .and_then(|(_, rest)| prepared::parse_query(rest))
-                            .map(str::to_string)
+                        stored_sql(stmts, stmt)
                     };
                     u.more.push((sql, (pos - h.total, pos)));
                 }
@@ -139,11 +135,7 @@ pub(super) fn unit(
                         u.sql = if stmt.is_empty() {
                             last_unnamed.clone()
                         } else {
-                            stmts
-                                .get(stmt)
-                                .and_then(|s| prepared::parse_parts(&s.parse))
-                                .and_then(|(_, rest)| prepared::parse_query(rest))
-                                .map(str::to_string)
+                            stored_sql(stmts, stmt)
                         };
                     }
                 }
@@ -164,6 +156,15 @@ pub(super) fn unit(
             _ => {}
         }
     }
+}
+
+/// The SQL of the client's named statement `name`, as its Parse gave it.
+fn stored_sql(stmts: &ClientStatements, name: &str) -> Option<String> {
+    stmts
+        .get(name)
+        .and_then(|s| prepared::parse_parts(&s.parse))
+        .and_then(|(_, rest)| prepared::parse_query(rest))
+        .map(str::to_string)
 }
 
 /// Bytes the unit at the front of `buf` spans at least, as far as its headers tell: the

@@ -304,12 +304,7 @@ impl Session {
             self.abort_copy(shards, "client connection lost").await;
             return Routed::Closed;
         }
-        let limit = self
-            .cluster
-            .config
-            .general
-            .max_packet_size
-            .min(wire::MAX_MESSAGE_LEN);
+        let limit = self.packet_limit();
         let mut splitter = RowSplitter::new(&stmt.options, key_field, limit);
         let mut rows = Vec::new();
         let mut headed = false;
@@ -742,12 +737,7 @@ impl Session {
         len: usize,
     ) -> Routed {
         self.cbuf.advance(len);
-        let limit = self
-            .cluster
-            .config
-            .general
-            .max_packet_size
-            .min(wire::MAX_MESSAGE_LEN);
+        let limit = self.packet_limit();
         let mut merger = OutMerger::new(&stmt.options, router.shards, limit);
         let mut total = 0;
         let mut started = false;

@@ -12,17 +12,21 @@ use crate::router::wal::Need;
 const CATALOG_FRESH: Duration = Duration::from_secs(1);
 
 impl Session {
+    /// The largest message or statement Weir holds whole: `max_packet_size`.
+    pub(super) fn packet_limit(&self) -> usize {
+        self.cluster
+            .config
+            .general
+            .max_packet_size
+            .min(wire::MAX_MESSAGE_LEN)
+    }
+
     /// Reads until a whole routable unit is at the front of the buffer: a statement is
     /// routed by its key whatever its size, so it is held whole up to `max_packet_size`; a
     /// larger one is refused (the connection is closed, as PgBouncer does for a packet over
     /// that limit), never sent somewhere unrouted. `Err`: the client is gone or was refused.
     pub(super) async fn read_unit(&mut self) -> Result<routing::Unit, ()> {
-        let limit = self
-            .cluster
-            .config
-            .general
-            .max_packet_size
-            .min(wire::MAX_MESSAGE_LEN);
+        let limit = self.packet_limit();
         loop {
             self.drop_copy_messages();
             let pending = match routing::unit(&self.cbuf, &self.stmts, &self.shard.last_unnamed) {
