@@ -363,6 +363,24 @@ async fn writes_on_two_shards_commit_or_roll_back_together() {
         .await
         .expect("keyless DELETE of nothing");
     assert!(bank.prepared().is_empty());
+
+    // DDL and TRUNCATE of a sharded table run on every shard at once.
+    c.batch_execute("ALTER TABLE accounts ADD COLUMN note text")
+        .await
+        .expect("ALTER TABLE on every shard");
+    for shard in &bank.shards {
+        let n = shard.psql(
+            "bank",
+            "SELECT count(*) FROM information_schema.columns \
+             WHERE table_name = 'accounts' AND column_name = 'note'",
+        );
+        assert_eq!(n, "1", "the column exists on every shard");
+    }
+    c.batch_execute("TRUNCATE accounts")
+        .await
+        .expect("TRUNCATE on every shard");
+    assert_eq!(bank.totals(), (0, 0));
+    assert!(bank.prepared().is_empty());
 }
 
 /// Waits until a backend of `shard` waits for a lock while running `like`.

@@ -351,6 +351,11 @@ impl ShardRouter {
     fn decide_by_keys(&self, a: &Analysis, params: &BindParams<'_>, read: bool) -> Decision {
         let Some(t) = a.table else {
             if let Some(name) = &a.sharded_elsewhere {
+                if a.kind == Kind::Other {
+                    return Decision::Refuse(format!(
+                        "this statement names sharded table \"{name}\", and Weir routes only SELECT, INSERT, UPDATE, DELETE and COPY by their key: run it on each shard with a comment /* weir: shard=N */, or (outside a transaction) let Weir run it on every shard at once with two_phase_commit = true"
+                    ));
+                }
                 return Decision::Refuse(format!(
                     "sharded table \"{name}\" is used in a subquery, WITH query or set operation, where Weir cannot find its sharding key; add a comment /* weir: shard=N */ or /* weir: sharding_key=<value> */"
                 ));

@@ -911,9 +911,15 @@ impl Session {
                             let tag = String::from_utf8_lossy(wire::body(&m))
                                 .trim_end_matches('\0')
                                 .to_string();
-                            let mut words = tag.split_whitespace();
-                            verb = words.next().unwrap_or("UPDATE").to_string();
-                            count = words.last().and_then(|n| n.parse().ok()).unwrap_or(0);
+                            // `UPDATE n` / `DELETE n` add up; other tags (`TRUNCATE TABLE`,
+                            // `ALTER TABLE`) are passed on as they are.
+                            match tag.rsplit_once(' ').map(|(v, n)| (v, n.parse::<u64>())) {
+                                Some((v, Ok(n))) => {
+                                    verb = v.to_string();
+                                    count = n;
+                                }
+                                _ => verb = tag,
+                            }
                         }
                         tag::ERROR_RESPONSE => {
                             error.get_or_insert(m);
@@ -960,12 +966,19 @@ impl Session {
         for shard in touched {
             self.mark_written(shard);
         }
+        // DDL through here changes columns: the catalog is read again.
+        self.note_write();
         let mut out = BytesMut::new();
         if let Some(d) = desc {
             out.extend_from_slice(&d);
         }
         out.extend_from_slice(&rows);
-        out.extend_from_slice(&build::command_complete(&format!("{verb} {total}")));
+        let tag = if matches!(verb.as_str(), "UPDATE" | "DELETE") {
+            format!("{verb} {total}")
+        } else {
+            verb
+        };
+        out.extend_from_slice(&build::command_complete(&tag));
         self.copy_end(out, false).await
     }
 

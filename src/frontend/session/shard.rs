@@ -241,10 +241,14 @@ impl Session {
                     && self.shard.held.is_none()
                     && pin.is_none()
                     && !analysis.multi
-                    && analysis.table.is_some()
-                    && matches!(analysis.kind, Kind::Update | Kind::Delete)
-                    && (analysis.keys.is_empty()
-                        || msg.contains("touches more than one shard")) =>
+                    && ((analysis.table.is_some()
+                        && matches!(analysis.kind, Kind::Update | Kind::Delete)
+                        && (analysis.keys.is_empty()
+                            || msg.contains("touches more than one shard")))
+                        // TRUNCATE, ALTER TABLE, CREATE INDEX … on a sharded table.
+                        || (analysis.kind == Kind::Other
+                            && analysis.tx == TxControl::None
+                            && analysis.sharded_elsewhere.is_some())) =>
             {
                 // Every shard runs it (each holds only its own rows); all commit or none.
                 self.fan_out_write(&router, &sql, unit.len).await
