@@ -4,12 +4,15 @@
 //! the total, a bad row loads nothing anywhere, COPY … TO STDOUT joins the shards into one
 //! valid stream, and INSERT without a column list routes by the catalog's column order.
 
+#[path = "drivers/raw_client.rs"]
+mod raw_client;
 #[path = "sharding_support.rs"]
 mod support;
 
 use bytes::Bytes;
 use futures_util::{pin_mut, SinkExt, StreamExt};
-use support::{Shop, SHARDS};
+use raw_client::{RawClient, Reply};
+use support::{Shop, PASSWORD, SHARDS};
 use tokio_postgres::Client;
 
 /// Rows per format (the held-out check loads 100,000; the suite keeps to fewer).
@@ -263,4 +266,116 @@ async fn a_bad_row_loads_nothing_and_unroutable_copies_are_explained() {
             .expect("INSERT without a column list");
     }
     assert_eq!(placement(&shop, "accounts", "id"), (50, 0));
+}
+
+/// Backends of role `app` on any shard that are not idle (an open transaction or COPY).
+fn busy_app_backends(shop: &Shop) -> Vec<String> {
+    (0..SHARDS)
+        .map(|shard| {
+            shop.psql(
+                shard,
+                "SELECT string_agg(state || ': ' || left(query, 40), '; ') FROM pg_stat_activity \
+                 WHERE usename = 'app' AND state <> 'idle' AND pid <> pg_backend_pid()",
+            )
+        })
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// A COPY starts: CopyInResponse.
+async fn start_copy(raw: &mut RawClient, sql: &str) {
+    raw.send_query(sql).await;
+    let reply = raw.next_reply().await;
+    assert_eq!(reply, Reply::Other(b'G'), "CopyInResponse for {sql}");
+}
+
+/// Clumsy and hostile COPY clients: CopyFail, a disconnect in the middle, data after an
+/// error, an empty COPY, rows of 0 bytes to 1 MiB. Nothing is loaded by a COPY that did not
+/// end well, no shard is left in a transaction, and the servers serve the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_from_clumsy_and_hostile_clients() {
+    let shop = Shop::start(false);
+    let port = shop.weir.port;
+    let sql = "COPY notes (author, body) FROM STDIN";
+    let rows: String = (0..500).map(|i| format!("a{i}\tb{i}\n")).collect();
+
+    // CopyFail: the client gives up; PostgreSQL's error, nothing loaded.
+    let mut raw = RawClient::connect(port, "app", PASSWORD, "shop").await;
+    start_copy(&mut raw, sql).await;
+    raw.send_message(b'd', rows.as_bytes()).await;
+    raw.send_message(b'f', b"changed my mind\0").await;
+    let replies = raw.replies().await;
+    assert!(
+        replies.iter().any(|r| r.error_code() == Some("57014")),
+        "{replies:?}"
+    );
+    assert_eq!(placement(&shop, "notes", "author"), (0, 0));
+
+    // A bad key: the error comes at once; the data and CopyDone the client still sends are
+    // dropped, and the session goes on.
+    start_copy(&mut raw, "COPY accounts (id, balance) FROM STDIN").await;
+    raw.send_message(b'd', b"1\t1\nxyz\t2\n").await;
+    let replies = raw.replies().await;
+    assert!(
+        replies.iter().any(|r| r.error_code() == Some("22P02")),
+        "{replies:?}"
+    );
+    raw.send_message(b'd', b"3\t3\n").await;
+    raw.send_message(b'c', b"").await;
+    let replies = raw.simple_query("SELECT 42").await;
+    assert!(
+        replies.contains(&Reply::DataRow(vec![Some("42".into())])),
+        "{replies:?}"
+    );
+
+    // Empty COPY; rows of 0 bytes of payload and of 1 MiB.
+    start_copy(&mut raw, sql).await;
+    raw.send_message(b'c', b"").await;
+    let replies = raw.replies().await;
+    assert!(
+        replies.contains(&Reply::CommandComplete("COPY 0".into())),
+        "{replies:?}"
+    );
+    let big = "x".repeat(1 << 20);
+    start_copy(&mut raw, sql).await;
+    raw.send_message(b'd', format!("empty\t\nbig\t{big}\n").as_bytes())
+        .await;
+    raw.send_message(b'c', b"").await;
+    let replies = raw.replies().await;
+    assert!(
+        replies.contains(&Reply::CommandComplete("COPY 2".into())),
+        "{replies:?}"
+    );
+    let client = shop.client().await;
+    let len: i32 = client
+        .query_one("SELECT length(body) FROM notes WHERE author = 'big'", &[])
+        .await
+        .expect("the big row")
+        .get(0);
+    assert_eq!(len, 1 << 20);
+    client
+        .batch_execute("DELETE FROM notes WHERE author = 'big'; ")
+        .await
+        .expect("delete by key");
+    client
+        .batch_execute("DELETE FROM notes WHERE author = 'empty'")
+        .await
+        .expect("delete by key");
+
+    // A client that disconnects in the middle of a COPY: every shard's COPY and
+    // transaction end, nothing is loaded, and the next COPY gets servers.
+    start_copy(&mut raw, sql).await;
+    raw.send_message(b'd', rows.as_bytes()).await;
+    drop(raw);
+    support::common::eventually(
+        std::time::Duration::from_secs(20),
+        "no shard busy for the client that left",
+        || busy_app_backends(&shop).is_empty(),
+    );
+    assert_eq!(placement(&shop, "notes", "author"), (0, 0));
+    let n = copy_in(&client, sql, rows.as_bytes(), 100)
+        .await
+        .expect("the next COPY");
+    assert_eq!(n, 500);
+    assert_eq!(placement(&shop, "notes", "author"), (500, 0));
 }

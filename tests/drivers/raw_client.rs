@@ -204,6 +204,36 @@ impl RawClient {
         self.read_until_ready().await
     }
 
+    /// Sends one simple Query without reading its replies.
+    pub async fn send_query(&mut self, sql: &str) {
+        let mut msg = start(b'Q');
+        put_cstr(&mut msg, sql);
+        self.write_all(&finish(msg)).await;
+    }
+
+    /// Sends one message with `tag` and `body` as it is (CopyData, CopyDone, CopyFail…).
+    pub async fn send_message(&mut self, tag: u8, body: &[u8]) {
+        let mut msg = start(tag);
+        msg.put_slice(body);
+        self.write_all(&finish(msg)).await;
+    }
+
+    /// The next reply (ParameterStatus, BackendKeyData and notices skipped).
+    pub async fn next_reply(&mut self) -> Reply {
+        loop {
+            let (tag, body) = self.read_message().await;
+            let reply = decode(tag, body);
+            if !matches!(reply, Reply::Other(b'S' | b'K' | b'N')) {
+                return reply;
+            }
+        }
+    }
+
+    /// Every reply up to ReadyForQuery.
+    pub async fn replies(&mut self) -> Vec<Reply> {
+        self.read_until_ready().await
+    }
+
     async fn read_until_ready(&mut self) -> Vec<Reply> {
         let mut replies = Vec::new();
         loop {
