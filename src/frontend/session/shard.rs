@@ -8,6 +8,9 @@ use crate::router::route::BindParams;
 use crate::router::sql::TxControl;
 use crate::router::wal::Need;
 
+/// The most bytes of SET LOCAL / SET TRANSACTION a held BEGIN gathers.
+const HELD_BEGIN_MAX: usize = 64 * 1024;
+
 /// An INSERT without a column list routes by a catalog read at most this long ago.
 const CATALOG_FRESH: Duration = Duration::from_secs(1);
 
@@ -138,8 +141,17 @@ impl Session {
                         .answer(unit.len, Some("BEGIN"), None, TxStatus::InBlock)
                         .await;
                 }
-                Kind::Other if self.shard.held.is_some() && routing::is_transaction_set(&sql) => {
-                    // SET LOCAL / SET TRANSACTION … right after BEGIN travel with it.
+                Kind::Other
+                    if self.shard.held.is_some()
+                        && routing::is_transaction_set(&sql)
+                        && self
+                            .shard
+                            .held
+                            .as_ref()
+                            .is_some_and(|h| h.sql.len() + sql.len() <= HELD_BEGIN_MAX) =>
+                {
+                    // SET LOCAL / SET TRANSACTION … right after BEGIN travel with it (up to
+                    // HELD_BEGIN_MAX bytes; beyond, they go to shard 0 with the BEGIN).
                     if let Some(h) = &mut self.shard.held {
                         h.sql.push_str("; ");
                         h.sql.push_str(sql.trim().trim_end_matches(';'));
