@@ -53,6 +53,7 @@ fn database() -> Database {
         max_replica_lag: std::time::Duration::ZERO,
         max_replica_lag_bytes: 0,
         two_phase_commit: false,
+        cross_shard_lock_timeout: std::time::Duration::from_secs(1),
     }
 }
 

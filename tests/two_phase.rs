@@ -390,7 +390,7 @@ fn wait_for_lock_wait(shard: &PgCluster, like: &str) {
             "bank",
             &format!(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-                 AND query LIKE '{like}%'"
+                 AND query LIKE '%{like}%'"
             ),
         ) != "0"
     });
@@ -526,6 +526,8 @@ async fn a_transfer_load_keeps_the_total_through_crashes() {
                     "4",
                     "-T",
                     &seconds,
+                    // A deadlock across shards is reported as 40P01: pgbench retries it.
+                    "--max-tries=20",
                     "-f",
                     &script,
                     "bank",
@@ -627,6 +629,7 @@ async fn extended_protocol_transactions_route_by_their_first_statement() {
                 "100",
                 "-M",
                 mode,
+                "--max-tries=20",
                 "-f",
                 &script,
                 "bank",
@@ -713,4 +716,78 @@ async fn a_batch_with_begin_runs_on_its_statements_shard() {
         "{replies:?}"
     );
     assert_eq!((bank.balance(a), bank.balance(b)), (1000, 1005));
+}
+
+/// Two transactions lock rows on two shards in opposite orders: each PostgreSQL sees only a
+/// wait, not the cycle. The wait on the second shard is bounded by
+/// `cross_shard_lock_timeout` and reported as a deadlock (40P01); the other transaction
+/// commits, and both shards agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadlock_across_shards_ends_in_40p01_not_a_hang() {
+    let bank = Bank::start();
+    bank.open_accounts().await;
+    let (a, b) = pair(5);
+    let c1 = bank.client().await;
+    let c2 = bank.client().await;
+    c1.batch_execute("BEGIN").await.expect("begin");
+    c2.batch_execute("BEGIN").await.expect("begin");
+    c1.batch_execute(&format!(
+        "UPDATE accounts SET balance = balance - 1 WHERE id = {a}"
+    ))
+    .await
+    .expect("c1 locks a");
+    c2.batch_execute(&format!(
+        "UPDATE accounts SET balance = balance - 1 WHERE id = {b}"
+    ))
+    .await
+    .expect("c2 locks b");
+    let t1 = tokio::spawn(async move {
+        let r = c1
+            .batch_execute(&format!(
+                "UPDATE accounts SET balance = balance + 1 WHERE id = {b}"
+            ))
+            .await;
+        (c1, r)
+    });
+    let t2 = tokio::spawn(async move {
+        let r = c2
+            .batch_execute(&format!(
+                "UPDATE accounts SET balance = balance + 1 WHERE id = {a}"
+            ))
+            .await;
+        (c2, r)
+    });
+    let within = std::time::Duration::from_secs(20);
+    let (c1, r1) = tokio::time::timeout(within, t1)
+        .await
+        .expect("no hang")
+        .expect("join");
+    let (c2, r2) = tokio::time::timeout(within, t2)
+        .await
+        .expect("no hang")
+        .expect("join");
+    let codes: Vec<Option<String>> = [&r1, &r2]
+        .iter()
+        .map(|r| match r {
+            Ok(()) => None,
+            Err(e) => e.as_db_error().map(|d| d.code().code().to_string()),
+        })
+        .collect();
+    assert!(
+        codes.contains(&Some("40P01".to_string())),
+        "one side is told it deadlocked: {codes:?}"
+    );
+    for (c, r) in [(&c1, &r1), (&c2, &r2)] {
+        if r.is_ok() {
+            c.batch_execute("COMMIT")
+                .await
+                .expect("the survivor commits");
+        } else {
+            c.batch_execute("ROLLBACK")
+                .await
+                .expect("the victim rolls back");
+        }
+    }
+    assert!(bank.prepared().is_empty());
+    assert_eq!(bank.totals(), (ACCOUNTS, ACCOUNTS * START_BALANCE));
 }

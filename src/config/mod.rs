@@ -395,6 +395,10 @@ pub struct DatabaseSection {
     /// Writes spanning shards commit with two-phase commit (needs
     /// max_prepared_transactions > 0 on the shards).
     pub two_phase_commit: bool,
+    /// In a transaction spread over shards, a lock wait longer than this fails with
+    /// 40P01 (a deadlock across servers no PostgreSQL can see); 0 = wait forever.
+    #[serde(deserialize_with = "duration::de_opt")]
+    pub cross_shard_lock_timeout: Option<Duration>,
 }
 
 /// Whose writes a replica read must see (see `router::wal`).
@@ -537,6 +541,7 @@ pub struct Database {
     pub max_replica_lag: Duration,
     pub max_replica_lag_bytes: u64,
     pub two_phase_commit: bool,
+    pub cross_shard_lock_timeout: Duration,
 }
 
 /// The effective, validated configuration. Immutable; reload builds a new one.
@@ -903,6 +908,7 @@ impl Validator<'_> {
             max_replica_lag: s.max_replica_lag.unwrap_or_default(),
             max_replica_lag_bytes: s.max_replica_lag_bytes.unwrap_or(0),
             two_phase_commit: s.two_phase_commit,
+            cross_shard_lock_timeout: s.cross_shard_lock_timeout.unwrap_or(Duration::from_secs(1)),
         })
     }
 }

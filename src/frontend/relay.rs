@@ -65,6 +65,10 @@ pub struct Progress {
     pub budget: usize,
     /// An Execute was sent since the last Sync.
     pub executed: bool,
+    /// A transaction over several shards: a lock timeout (Weir's guard against deadlocks
+    /// no one server can see) reaches the client as `40P01`, so it retries as it would
+    /// after a deadlock.
+    pub lock_timeout_is_deadlock: bool,
 }
 
 impl Default for Progress {
@@ -80,6 +84,7 @@ impl Default for Progress {
             copy_in: false,
             budget: usize::MAX,
             executed: false,
+            lock_timeout_is_deadlock: false,
         }
     }
 }
@@ -555,6 +560,9 @@ fn scan_server(
             }
             return Ok(idle);
         }
+        if h.tag == tag::ERROR_RESPONSE && progress.lock_timeout_is_deadlock {
+            retag_error(&mut buf[dir.ready..dir.ready + h.total], b"55P03", b"40P01");
+        }
         let msg = &buf[dir.ready..dir.ready + h.total];
         let error = (h.tag == tag::ERROR_RESPONSE).then(|| wire::error_fields(msg).message);
         let verdict = server
@@ -589,6 +597,23 @@ fn scan_server(
         } else {
             dir.ready += h.total;
         }
+    }
+}
+
+/// Replaces SQLSTATE `from` by `to` (same length) in an ErrorResponse, in place.
+pub fn retag_error(msg: &mut [u8], from: &[u8; 5], to: &[u8; 5]) {
+    let mut pos = 5;
+    while pos < msg.len() && msg[pos] != 0 {
+        let field = msg[pos];
+        let start = pos + 1;
+        let Some(len) = msg[start..].iter().position(|&b| b == 0) else {
+            return;
+        };
+        if field == b'C' && &msg[start..start + len] == from {
+            msg[start..start + len].copy_from_slice(to);
+            return;
+        }
+        pos = start + len + 1;
     }
 }
 

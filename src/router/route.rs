@@ -60,6 +60,7 @@ pub struct ShardRouter {
     pub wal: Arc<super::wal::WalState>,
     pub read_your_writes: crate::config::ReadYourWrites,
     pub two_phase_commit: bool,
+    pub cross_shard_lock_timeout: Duration,
     /// The WAL sampler was started (once, by the first client or at start).
     pub sampler_started: std::sync::atomic::AtomicBool,
     /// A reload replaced this router: its background tasks end.
@@ -104,6 +105,7 @@ impl ShardRouter {
                 crate::config::ReadYourWrites::Off
             },
             two_phase_commit: db.two_phase_commit,
+            cross_shard_lock_timeout: db.cross_shard_lock_timeout,
             sampler_started: std::sync::atomic::AtomicBool::new(false),
             retired: std::sync::atomic::AtomicBool::new(false),
             decisions_ready: db
@@ -616,6 +618,7 @@ mod tests {
             max_replica_lag: Duration::ZERO,
             max_replica_lag_bytes: 0,
             two_phase_commit: false,
+            cross_shard_lock_timeout: std::time::Duration::from_secs(1),
         };
         ShardRouter::new(&db).unwrap()
     }

@@ -8,6 +8,10 @@
 use super::*;
 use crate::backend::twophase;
 
+/// How long recording the commit decision may take (it waits only for other writers of
+/// the decision table, such as recovery).
+const DECISION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A shard server of the open transaction that is not the current one.
 pub(super) struct Parked {
     pub shard: usize,
@@ -107,8 +111,16 @@ impl Session {
             x,
         });
         if let Some(i) = self.sx().parked.iter().position(|p| p.shard == shard) {
-            let p = self.sx().parked.swap_remove(i);
+            let mut p = self.sx().parked.swap_remove(i);
             self.pool = p.x.pool.clone();
+            if let Some(set) = self.lock_timeout_sql() {
+                if !matches!(p.server.exec(&set).await, Ok(TxStatus::InBlock)) {
+                    let msg = format!("could not continue the transaction on shard {shard}");
+                    self.fail("08P01", &msg).await;
+                    return None;
+                }
+                p.x.relay.progress.lock_timeout_is_deadlock = true;
+            }
             self.attach_server(&p.server);
             return Some((p.server, p.x));
         }
@@ -139,12 +151,18 @@ impl Session {
         if self.apply_params(&mut server).await.is_err() {
             return None;
         }
-        let begin = self
+        let mut begin = self
             .sx()
             .begin_sql
             .as_deref()
             .unwrap_or("BEGIN")
             .to_string();
+        let spread = !self.sx().parked.is_empty();
+        let guard = self.lock_timeout_sql().filter(|_| spread);
+        if let Some(set) = &guard {
+            begin.push_str("; ");
+            begin.push_str(set);
+        }
         if !matches!(server.exec(&begin).await, Ok(TxStatus::InBlock)) {
             self.fail(
                 "08P01",
@@ -154,7 +172,17 @@ impl Session {
             return None;
         }
         self.attach_server(&server);
-        Some((server, Xact::new(self.pool.clone(), 0)))
+        let mut x = Xact::new(self.pool.clone(), 0);
+        x.relay.progress.lock_timeout_is_deadlock = guard.is_some();
+        Some((server, x))
+    }
+
+    /// `SET LOCAL lock_timeout` for a server of a transaction spread over shards: a cycle of
+    /// lock waits across servers is invisible to each PostgreSQL, so a wait there is
+    /// bounded by `cross_shard_lock_timeout` (reported as a deadlock, 40P01).
+    fn lock_timeout_sql(&self) -> Option<String> {
+        let t = self.router.as_ref()?.cross_shard_lock_timeout;
+        (!t.is_zero()).then(|| format!("SET LOCAL lock_timeout = '{}ms'", t.as_millis().max(1)))
     }
 
     /// Cancel requests and SHOW CLIENTS follow the current server.
@@ -228,11 +256,12 @@ impl Session {
             let idle = self.abort_multi(server, prepared).await;
             return Err((err, idle));
         }
+        // The decision waits for nothing of the client's: no lock timeout on it.
         let record = format!(
-            "INSERT INTO weir.two_phase_decisions (gid, commit, at) \
+            "SET LOCAL lock_timeout = 0; INSERT INTO weir.two_phase_decisions (gid, commit, at) \
              VALUES ('{base}', true, clock_timestamp())"
         );
-        match tokio::time::timeout(CLEANUP_TIMEOUT, server.exec(&record)).await {
+        match tokio::time::timeout(DECISION_TIMEOUT, server.exec(&record)).await {
             Ok(Ok(TxStatus::InBlock)) => {
                 self.sx().pending = Some(Pending { base, prepared });
                 Ok(())
