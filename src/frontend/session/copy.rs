@@ -583,7 +583,8 @@ impl Session {
             }
         }
         let decide = format!(
-            "INSERT INTO weir.two_phase_decisions (gid, commit, at) \
+            "SET LOCAL synchronous_commit = on; \
+             INSERT INTO weir.two_phase_decisions (gid, commit, at) \
              VALUES ('{base}', true, clock_timestamp()); COMMIT"
         );
         let decided =

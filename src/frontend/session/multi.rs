@@ -256,9 +256,12 @@ impl Session {
             let idle = self.abort_multi(server, prepared).await;
             return Err((err, idle));
         }
-        // The decision waits for nothing of the client's: no lock timeout on it.
+        // The decision waits for nothing of the client's (no lock timeout), and its commit
+        // must be durable whatever the server's synchronous_commit: once it is acknowledged
+        // the prepared shards commit.
         let record = format!(
-            "SET LOCAL lock_timeout = 0; INSERT INTO weir.two_phase_decisions (gid, commit, at) \
+            "SET LOCAL lock_timeout = 0; SET LOCAL synchronous_commit = on; \
+             INSERT INTO weir.two_phase_decisions (gid, commit, at) \
              VALUES ('{base}', true, clock_timestamp())"
         );
         match tokio::time::timeout(DECISION_TIMEOUT, server.exec(&record)).await {
