@@ -36,10 +36,12 @@ fn database() -> Database {
             ShardSection {
                 primary: "127.0.0.1:5433".into(),
                 replicas: vec![],
+                dbname: None,
             },
             ShardSection {
                 primary: "127.0.0.1:5434".into(),
                 replicas: vec![],
+                dbname: None,
             },
         ],
         sharded_tables: vec![ShardedTable {

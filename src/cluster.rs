@@ -129,6 +129,38 @@ impl Cluster {
         new
     }
 
+    /// An empty cluster for `config` sharing this one's connection caps and pause state:
+    /// pools are built and warmed in it before they go live (a reshard's cutover), then
+    /// [`Cluster::adopt`]ed.
+    pub fn staging(&self, config: Arc<Config>) -> Cluster {
+        let mut c = Cluster::new(config);
+        c.caps = self.caps.clone();
+        *c.paused.lock() = self.paused();
+        c
+    }
+
+    /// Takes over the pools of `staged` (see [`Cluster::staging`]) that this cluster lacks
+    /// and would build the same.
+    pub fn adopt(&self, staged: &Cluster) {
+        let from = std::mem::take(&mut *staged.pools.lock());
+        let mut pools = self.pools.lock();
+        for (key, pool) in from {
+            let same = self
+                .config
+                .database(&key.database)
+                .and_then(|d| self.settings_at(&d, &pool.client_user, key.shard, key.replica))
+                .is_some_and(|s| s.same_pool(&pool.settings));
+            if same && !pools.contains_key(&key) {
+                if self.paused.lock().covers(&key.database) {
+                    pool.pause();
+                } else {
+                    pool.resume();
+                }
+                pools.insert(key, pool);
+            }
+        }
+    }
+
     /// Opens the pools PgBouncer keeps warm without any client: those of databases with a
     /// forced `user=` and a `min_pool_size` (their housekeeping opens the connections).
     /// Needs a Tokio runtime; without one (config checks) it does nothing.
@@ -354,6 +386,9 @@ impl Cluster {
             Some(r) => sh.replicas.get(r)?,
         };
         s.target.address = crate::config::parse_address(addr).ok()?;
+        if let Some(name) = &sh.dbname {
+            s.target.dbname = name.clone();
+        }
         s.target.hosts.clear();
         s.shard = Some(shard);
         s.replica = replica;
@@ -376,7 +411,12 @@ impl Cluster {
             user: login_user.clone(),
             target: Target {
                 address: db.address.clone(),
-                dbname: db.dbname.clone(),
+                // A sharded database's own pool is shard 0's primary.
+                dbname: db
+                    .shards
+                    .first()
+                    .and_then(|s| s.dbname.clone())
+                    .unwrap_or_else(|| db.dbname.clone()),
                 params: db.server_params.clone(),
                 connect_timeout: g.server_connect_timeout,
                 tls: self.config.tls.server.clone(),

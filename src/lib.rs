@@ -14,6 +14,7 @@ pub mod fuzzing;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod reshard;
 pub mod router;
 pub mod stats;
 pub mod tls;
@@ -95,6 +96,8 @@ pub struct App {
     pub disabled: parking_lot::Mutex<std::collections::HashSet<String>>,
     /// The admin console's own state (stats periods, open consoles).
     pub admin: admin::State,
+    /// Online resharding: the running job, switched databases, transaction gates.
+    pub reshard: reshard::Registry,
     client_counts: parking_lot::Mutex<ClientCounts>,
 }
 
@@ -118,6 +121,7 @@ impl App {
             started: stats::now_us(),
             disabled: Default::default(),
             admin: admin::State::default(),
+            reshard: reshard::Registry::default(),
             client_counts: Default::default(),
         })
     }
@@ -196,7 +200,9 @@ impl App {
     }
 
     /// Swaps in a new config; unchanged pools keep their connections.
-    pub fn reload(&self, config: Config) {
+    pub fn reload(&self, mut config: Config) {
+        // A database RESHARD switched keeps its new shards whatever the file says.
+        self.reshard.apply(&mut config);
         if let Err(e) = logging::apply(&config.general) {
             tracing::error!("{e}");
         }

@@ -41,6 +41,8 @@ pub enum AdminError {
     SetFailed,
     #[error("RELOAD failed, see logs for additional details")]
     ReloadFailed,
+    #[error("RESHARD: {0}")]
+    Reshard(String),
     #[error("{0} is not supported by Weir")]
     Unsupported(&'static str),
 }

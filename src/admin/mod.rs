@@ -177,6 +177,7 @@ pub async fn serve(
         stream,
         buf,
         role,
+        user,
     };
     console.run().await;
 }
@@ -203,6 +204,8 @@ struct Console {
     stream: Stream,
     buf: BytesMut,
     role: Role,
+    /// Who logged in (RESHARD runs as this user unless the database forces one).
+    user: String,
 }
 
 impl Console {
@@ -292,6 +295,19 @@ impl Console {
             Err(ParseError::Syntax) => Err(AdminError::Syntax(sql.to_string())),
             Err(ParseError::TooLong) => Err(AdminError::BadArguments),
             Ok(Statement::Set { key, value }) => self.set(&key, &value),
+            Ok(Statement::Reshard { source, target }) => {
+                self.require_admin()?;
+                crate::reshard::start(&self.app, &source, &target, &self.user)
+                    .map_err(AdminError::Reshard)?;
+                let notice = build::notice(
+                    "NOTICE",
+                    "00000",
+                    &format!(
+                        "RESHARD {source} TO {target} started; SHOW RESHARD shows its progress"
+                    ),
+                );
+                Ok(Reply::Done(notice, "RESHARD".into()))
+            }
             Ok(Statement::Command { command, arg }) => {
                 self.command(&command, arg.as_deref(), sql).await
             }
@@ -348,6 +364,11 @@ impl Console {
             }
             "pause" | "resume" | "reload" | "suspend" | "kill" | "kill_client" | "reconnect"
             | "wait_close" | "enable" | "disable" => self.require_admin()?,
+            "reshard" if arg.is_some_and(|a| a.eq_ignore_ascii_case("cancel")) => {
+                self.require_admin()?;
+                crate::reshard::cancel(&app).map_err(AdminError::Reshard)?;
+                return Reply::done("RESHARD");
+            }
             _ => return Err(syntax()),
         }
         match command {
@@ -423,7 +444,9 @@ const HELP: &str = "\n\
 \tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION\n\
 \tSHOW LISTS|MEM|STATE|PEERS|PEER_POOLS|DNS_HOSTS|DNS_ZONES\n\
 \tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS\n\
-\tSHOW SHARDS|REPLICATION\n\
+\tSHOW SHARDS|REPLICATION|RESHARD\n\
+\tRESHARD <db> TO <db>\n\
+\tRESHARD CANCEL\n\
 \tSET key = arg\n\
 \tRELOAD\n\
 \tPAUSE [<db>]\n\

@@ -21,6 +21,11 @@ pub enum Statement {
         key: String,
         value: String,
     },
+    /// `RESHARD source TO target` (Weir addition).
+    Reshard {
+        source: String,
+        target: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +37,10 @@ pub enum ParseError {
 }
 
 pub fn parse(query: &str) -> Result<Statement, ParseError> {
+    if let Some(s) = reshard_form(query) {
+        let (source, target) = s?;
+        return Ok(Statement::Reshard { source, target });
+    }
     if let Some(s) = command_form(query) {
         let (command, arg) = s?;
         return Ok(Statement::Command { command, arg });
@@ -67,6 +76,26 @@ fn command_form(query: &str) -> Parsed<(String, Option<String>)> {
         return Some(Err(ParseError::TooLong));
     }
     Some(Ok((command.to_ascii_lowercase(), arg)))
+}
+
+fn reshard_form(query: &str) -> Parsed<(String, String)> {
+    let mut c = Cursor::new(query);
+    c.spaces();
+    if !c.keyword("reshard") || c.spaces() == 0 {
+        return None;
+    }
+    let source = c.word()?;
+    if c.spaces() == 0 || !c.keyword("to") || c.spaces() == 0 {
+        return None;
+    }
+    let target = c.word()?;
+    if !c.end_of_statement() {
+        return None;
+    }
+    if source.chars().count() > MAX_ARG || target.chars().count() > MAX_ARG {
+        return Some(Err(ParseError::TooLong));
+    }
+    Some(Ok((source, target)))
 }
 
 fn set_form(query: &str) -> Parsed<(String, String)> {
@@ -249,6 +278,22 @@ mod tests {
         assert_eq!(parse(r#"PAUSE "unterminated"#), Err(ParseError::Syntax));
         let long = format!("PAUSE {}", "d".repeat(64));
         assert_eq!(parse(&long), Err(ParseError::TooLong));
+    }
+
+    #[test]
+    fn reshard_names_source_and_target() {
+        let r = |a: &str, b: &str| {
+            Ok(Statement::Reshard {
+                source: a.into(),
+                target: b.into(),
+            })
+        };
+        assert_eq!(parse("RESHARD shop TO shop_v2;"), r("shop", "shop_v2"));
+        assert_eq!(parse(" reshard \"My DB\" to b "), r("My DB", "b"));
+        assert_eq!(parse("RESHARD CANCEL"), cmd("reshard", Some("CANCEL")));
+        assert_eq!(parse("RESHARD shop TO"), Err(ParseError::Syntax));
+        assert_eq!(parse("RESHARD shop INTO b"), Err(ParseError::Syntax));
+        assert_eq!(parse("RESHARD a TO b c"), Err(ParseError::Syntax));
     }
 
     #[test]

@@ -712,6 +712,45 @@ pub fn replication(s: &Snapshot) -> ResultSet {
     rs
 }
 
+/// Weir addition: the latest RESHARD's progress (no row if none ran).
+pub fn reshard(s: &Snapshot) -> ResultSet {
+    let mut rs = ResultSet::new(&[
+        ("database", TEXT),
+        ("target", TEXT),
+        ("phase", TEXT),
+        ("tables", INT8),
+        ("tables_done", INT8),
+        ("rows_copied", INT8),
+        ("rows_per_sec", INT8),
+        ("lag_bytes", INT8),
+        ("lag_ms", INT8),
+        ("eta_s", INT8),
+        ("elapsed_s", INT8),
+        ("cutover_ms", INT8),
+        ("changes_applied", INT8),
+        ("error", TEXT),
+    ]);
+    if let Some(r) = &s.reshard {
+        rs.push(vec![
+            text(r.database.clone()),
+            text(r.target.clone()),
+            text(r.phase),
+            num(r.tables),
+            num(r.tables_done),
+            num(r.rows_copied),
+            num(r.rows_per_sec),
+            num(r.lag_bytes),
+            num(r.lag_ms),
+            r.eta_s.map_or(NULL, num),
+            num(r.elapsed_s),
+            r.cutover_ms.map_or(NULL, num),
+            num(r.changes_applied),
+            r.error.clone().map_or(NULL, text),
+        ]);
+    }
+    rs
+}
+
 /// Parameters some drivers SHOW or SET on connect; PgBouncer answers them
 /// with fixed values instead of an error.
 pub const FAKE_PARAMS: [(&str, &str); 6] = [
@@ -757,6 +796,7 @@ pub fn render(what: &str, s: &Snapshot) -> Option<ResultSet> {
         "dns_zones" => dns_zones(),
         "shards" => shards(s),
         "replication" => replication(s),
+        "reshard" => reshard(s),
         _ => return None,
     })
 }
@@ -846,6 +886,7 @@ mod tests {
             }],
             connections: 4,
             consoles: 1,
+            reshard: None,
         }
     }
 

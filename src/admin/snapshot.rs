@@ -94,6 +94,8 @@ pub struct Snapshot {
     pub connections: usize,
     /// Open admin console connections.
     pub consoles: usize,
+    /// The latest RESHARD.
+    pub reshard: Option<crate::reshard::Status>,
 }
 
 impl Snapshot {
@@ -120,6 +122,7 @@ impl Snapshot {
             shards: shard_states(&cluster),
             connections: app.clients.load(Ordering::Relaxed),
             consoles: app.admin.consoles(),
+            reshard: app.reshard.current().map(|p| p.status()),
         }
     }
 

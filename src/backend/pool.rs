@@ -805,7 +805,33 @@ impl Pool {
         ServerConn::connect(&self.settings.target, &self.credentials()).await
     }
 
-    fn credentials(&self) -> Credentials {
+    /// [`Pool::connect_unpooled`] with `extra` startup parameters (`replication=database`
+    /// for resharding's logical replication).
+    pub async fn connect_unpooled_with(
+        &self,
+        extra: &[(&str, &str)],
+    ) -> Result<ServerConn, ConnectError> {
+        let mut target = self.settings.target.clone();
+        for (k, v) in extra {
+            target.params.retain(|(name, _)| name != k);
+            target.params.push((k.to_string(), v.to_string()));
+        }
+        ServerConn::connect(&target, &self.credentials()).await
+    }
+
+    /// Takes over what logins taught `other` (a SCRAM client key, an auth_query secret): a
+    /// pool that replaces it logs in the same way before any client logs in again.
+    pub fn inherit_auth(&self, other: &Pool) {
+        if let Some(k) = *other.scram_key.lock() {
+            self.set_scram_key(k);
+        }
+        if let Some(s) = other.looked_up.lock().clone() {
+            self.set_looked_up_secret(s);
+        }
+    }
+
+    /// The credentials this pool logs in with (Weir's own tools, e.g. pg_dump, use them).
+    pub fn credentials(&self) -> Credentials {
         let mut creds = self.settings.creds.clone();
         creds.scram_client_key = *self.scram_key.lock();
         if creds.secret.is_none() {

@@ -336,6 +336,10 @@ pub struct ShardSection {
     pub primary: String,
     #[serde(default)]
     pub replicas: Vec<String>,
+    /// This shard's database name on its servers (default: the database's `dbname`), so
+    /// several shards can live on one server.
+    #[serde(default)]
+    pub dbname: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

@@ -25,6 +25,9 @@ fn render(statement: &Statement) -> String {
         Statement::Set { key, value } => {
             format!("SET {} = {};", quote(key, '"'), quote(value, '\''))
         }
+        Statement::Reshard { source, target } => {
+            format!("RESHARD {} TO {}", quote(source, '"'), quote(target, '"'))
+        }
     }
 }
 

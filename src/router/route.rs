@@ -601,10 +601,12 @@ mod tests {
                 ShardSection {
                     primary: "a:1".into(),
                     replicas: vec![],
+                    dbname: None,
                 },
                 ShardSection {
                     primary: "b:1".into(),
                     replicas: vec![],
+                    dbname: None,
                 },
             ],
             sharded_tables: vec![ShardedTable {

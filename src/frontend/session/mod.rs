@@ -137,6 +137,7 @@ impl Session {
             key: parts.key,
         };
         let router = cluster.router_started(&parts.db, &parts.user);
+        let gate = router.as_ref().map(|_| app.reshard.gate(&parts.db.name));
         Session {
             _registered: registered,
             shutdown: app.shutdown.subscribe(),
@@ -158,6 +159,7 @@ impl Session {
             router,
             shard: ShardSession::default(),
             multi: None,
+            gate,
         }
     }
 }
@@ -333,6 +335,8 @@ struct Session {
     shard: ShardSession,
     /// Sharded sessions only, made on first use (see `multi::Multi`).
     multi: Option<Box<multi::Multi>>,
+    /// Sharded: the database's transaction gate (see `reshard::Registry::gate`).
+    gate: Option<Arc<tokio::sync::RwLock<()>>>,
 }
 
 /// Where the next transaction goes (sharded databases): a pool and the
@@ -391,6 +395,13 @@ impl Session {
                 Work::Message => {}
                 Work::Closed(reason) => return reason,
             }
+            // Sharded: the transaction holds the database's gate from before it is routed
+            // until its server is back, so a reshard's cutover waits for it and it does not
+            // start during one (it then runs on the new shards: refresh comes after).
+            let _gate = match &self.gate {
+                Some(g) => Some(g.clone().read_owned().await),
+                None => None,
+            };
             self.refresh();
             // Boxed: the task of an idle client keeps only what waiting for its next
             // message needs, not room for a transaction's state.
