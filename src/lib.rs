@@ -105,6 +105,12 @@ impl App {
     pub fn new(config: Config) -> Arc<App> {
         let (shutdown, _) = watch::channel(Shutdown::Running);
         let config_path = config.path.clone();
+        let reshard = reshard::Registry::default();
+        if let Err(e) = reshard.load(&config_path) {
+            tracing::error!("{e}");
+        }
+        let mut config = config;
+        reshard.apply(&mut config);
         let cluster = Cluster::new(Arc::new(config));
         cluster.open_forced_pools();
         Arc::new(App {
@@ -121,7 +127,7 @@ impl App {
             started: stats::now_us(),
             disabled: Default::default(),
             admin: admin::State::default(),
-            reshard: reshard::Registry::default(),
+            reshard,
             client_counts: Default::default(),
         })
     }

@@ -47,6 +47,73 @@ struct Args {
     user: Option<String>,
 }
 
+/// `weir reshard SOURCE TARGET`: runs RESHARD on a running Weir and follows its progress.
+#[derive(Parser, Debug)]
+#[command(name = "weir reshard", bin_name = "weir reshard")]
+struct ReshardArgs {
+    /// The sharded database to move.
+    source: String,
+    /// The configured database whose shards it moves to.
+    target: String,
+    /// The running Weir's config file (for its port, socket and admin user).
+    #[arg(
+        long = "config",
+        short = 'c',
+        value_name = "FILE",
+        default_value = "config/weir.toml"
+    )]
+    config: PathBuf,
+    /// Console host (default: the config's unix_socket_dir, else 127.0.0.1).
+    #[arg(long)]
+    host: Option<String>,
+    /// Console port (default: listen_port).
+    #[arg(long, short = 'p')]
+    port: Option<u16>,
+    /// Admin user (default: the first of admin_users).
+    #[arg(long = "user", short = 'U')]
+    user: Option<String>,
+    /// Start the reshard and return at once (follow it with SHOW RESHARD).
+    #[arg(long)]
+    no_wait: bool,
+}
+
+fn reshard_command(argv: Vec<std::ffi::OsString>) -> ExitCode {
+    let args = ReshardArgs::parse_from(argv);
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let options = weir::reshard::cli::Options {
+        source: args.source,
+        target: args.target,
+        host: args.host,
+        port: args.port,
+        user: args.user,
+        password: None,
+        no_wait: args.no_wait,
+    };
+    match runtime.block_on(weir::reshard::cli::run(&config, options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// Forks: the parent exits, the child leads a new session with stdio on /dev/null.
 /// The write end of the pipe a `-d` parent waits on (-1: not daemonized).
 static DAEMON_READY_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
@@ -191,6 +258,10 @@ impl Drop for PidFile {
 }
 
 fn main() -> ExitCode {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "reshard") {
+        return reshard_command(argv.into_iter().skip(1).collect());
+    }
     let args = Args::parse();
     init_logging(&args);
     if let Some(path) = &args.check {

@@ -330,7 +330,7 @@ pub struct UserSection {
 }
 
 /// One shard of a sharded database (used by the sharding router).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ShardSection {
     pub primary: String,
@@ -338,7 +338,7 @@ pub struct ShardSection {
     pub replicas: Vec<String>,
     /// This shard's database name on its servers (default: the database's `dbname`), so
     /// several shards can live on one server.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dbname: Option<String>,
 }
 

@@ -19,6 +19,7 @@
 //! 5. `done` (or `failed`, `cancelled`): workers stop; slots and publications are dropped.
 
 pub mod apply;
+pub mod cli;
 mod conn;
 pub mod pgoutput;
 pub mod plan;
@@ -217,10 +218,27 @@ impl Progress {
 #[derive(Default)]
 pub struct Registry {
     current: Mutex<Option<Arc<Progress>>>,
-    /// Databases switched by a reshard: name → the database whose shards it now uses.
-    /// Applied to every config loaded later (RELOAD), so a reload keeps the switch.
-    switched: Mutex<BTreeMap<String, Arc<Database>>>,
+    /// Databases switched by a reshard: name → where they moved. Applied to every config
+    /// loaded later (RELOAD, and a restart: see [`Registry::load`]).
+    switched: Mutex<BTreeMap<String, Switched>>,
+    /// The state file that keeps `switched` across restarts.
+    state_file: Mutex<Option<std::path::PathBuf>>,
     gates: Mutex<HashMap<String, Arc<RwLock<()>>>>,
+}
+
+/// Where a reshard moved a database: the target's name and shards (each naming its
+/// database).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Switched {
+    database: String,
+    target: String,
+    shards: Vec<crate::config::ShardSection>,
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct StateFile {
+    #[serde(default)]
+    switched: Vec<Switched>,
 }
 
 impl Registry {
@@ -240,15 +258,71 @@ impl Registry {
         self.current.lock().clone()
     }
 
+    /// The state file of the config at `config_path`: `<config>.reshard` beside it.
+    pub fn state_path(config_path: &std::path::Path) -> std::path::PathBuf {
+        let mut name = config_path.as_os_str().to_owned();
+        name.push(".reshard");
+        std::path::PathBuf::from(name)
+    }
+
+    /// Reads the switches earlier runs made (the state file beside the config), so a
+    /// restart keeps serving a resharded database from its new shards until the config
+    /// file says so itself. A missing file is no switch; a broken one is an error.
+    pub fn load(&self, config_path: &std::path::Path) -> Result<(), String> {
+        let path = Registry::state_path(config_path);
+        *self.state_file.lock() = Some(path.clone());
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        let state: StateFile =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut map = self.switched.lock();
+        for s in state.switched {
+            map.insert(s.database.clone(), s);
+        }
+        Ok(())
+    }
+
+    fn remember(&self, s: Switched) {
+        let mut map = self.switched.lock();
+        map.insert(s.database.clone(), s);
+        let Some(path) = self.state_file.lock().clone() else {
+            return;
+        };
+        let state = StateFile {
+            switched: map.values().cloned().collect(),
+        };
+        let text = match toml::to_string(&state) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write the reshard state");
+                return;
+            }
+        };
+        let text = format!(
+            "# Written by Weir's RESHARD: these databases now use these shards, whatever the\n\
+             # config file says. Once the config file lists the same shards, this file can go.\n{text}"
+        );
+        let tmp = path.with_extension("reshard.tmp");
+        let written = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::error!(file = %path.display(), error = %e,
+                "cannot write the reshard state: after a restart the config file's shards apply; update it");
+        }
+    }
+
     /// Gives switched databases their new shards in a freshly loaded config.
     pub fn apply(&self, config: &mut Config) {
         for (name, to) in self.switched.lock().iter() {
             if let Some(db) = config.databases.get(name) {
-                if db.shards.len() == to.shards.len() && db.shards == shards_of(to) {
+                if db.shards == to.shards {
                     continue;
                 }
-                let db = switched(db, to);
-                config.databases.insert(name.clone(), Arc::new(db));
+                if let Some(d) = switched(db, &to.shards) {
+                    config.databases.insert(name.clone(), Arc::new(d));
+                }
             }
         }
     }
@@ -268,12 +342,12 @@ fn shards_of(to: &Database) -> Vec<crate::config::ShardSection> {
         .collect()
 }
 
-/// `db` served from `to`'s shards.
-fn switched(db: &Database, to: &Database) -> Database {
+/// `db` served from `shards`.
+fn switched(db: &Database, shards: &[crate::config::ShardSection]) -> Option<Database> {
     let mut d = db.clone();
-    d.shards = shards_of(to);
-    d.address = to.address.clone();
-    d
+    d.address = crate::config::parse_address(&shards.first()?.primary).ok()?;
+    d.shards = shards.to_vec();
+    Some(d)
 }
 
 /// Starts `RESHARD source TO target`, run as `user` (the source's `user=` if it forces one).
@@ -742,7 +816,7 @@ async fn stage(app: &App, src: &Database, dst: &Database) -> Staged {
         .config
         .database(&src.name)
         .unwrap_or_else(|| Arc::new(src.clone()));
-    let db = Arc::new(switched(&base, dst));
+    let db = Arc::new(switched(&base, &shards_of(dst)).unwrap_or_else(|| (*base).clone()));
     config.databases.insert(src.name.clone(), db.clone());
     let cluster = live.staging(Arc::new(config));
     let mut users: BTreeMap<String, (usize, Arc<Pool>)> = BTreeMap::new();
@@ -838,10 +912,11 @@ async fn cutover(
         drop(guard);
         return Err("cancelled".into());
     }
-    app.reshard
-        .switched
-        .lock()
-        .insert(src.name.clone(), dst.clone());
+    app.reshard.remember(Switched {
+        database: src.name.clone(),
+        target: dst.name.clone(),
+        shards: shards_of(dst),
+    });
     let config = (*app.cluster().config).clone();
     app.reload(config);
     app.cluster().adopt(&staged.cluster);

@@ -243,6 +243,17 @@ pub enum ServerTlsError {
 }
 
 impl ServerTls {
+    /// No TLS (Weir's own command-line tools talking to its console).
+    pub fn disabled() -> ServerTls {
+        let mut fingerprint = Sha256::new();
+        fingerprint.update([SslMode::Disable as u8]);
+        ServerTls {
+            mode: SslMode::Disable,
+            connector: None,
+            fingerprint: fingerprint.finalize().into(),
+        }
+    }
+
     fn load(files: &Files, g: &General) -> Result<ServerTls, SettingError> {
         let mode = g.server_tls_sslmode;
         let mut fingerprint = Sha256::new();
