@@ -314,7 +314,8 @@ fn data_row(msg: &[u8]) -> Option<Vec<Option<String>>> {
     Some(out)
 }
 
-fn copy_fail(reason: &str) -> BytesMut {
+/// A CopyFail message (Weir refusing a COPY it did not ask for).
+pub fn copy_fail(reason: &str) -> BytesMut {
     use bytes::BufMut;
     let mut b = BytesMut::new();
     b.put_u8(b'f');

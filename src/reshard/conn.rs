@@ -79,20 +79,11 @@ pub async fn finish(conn: &mut ServerConn) -> Result<()> {
                 error = Some(format!("{}: {}", conn.address, error_text(&m)))
             }
             tag::COPY_IN_RESPONSE => {
-                send(conn, &copy_fail_msg("unexpected COPY")).await?;
+                send(conn, &crate::backend::conn::copy_fail("unexpected COPY")).await?;
             }
             _ => {}
         }
     }
-}
-
-fn copy_fail_msg(reason: &str) -> BytesMut {
-    let mut b = BytesMut::new();
-    b.put_u8(b'f');
-    b.put_i32((4 + reason.len() + 1) as i32);
-    b.put_slice(reason.as_bytes());
-    b.put_u8(0);
-    b
 }
 
 /// Starts `COPY … TO STDOUT`: returns once the server is sending data.
