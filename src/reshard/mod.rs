@@ -160,6 +160,14 @@ impl Progress {
         }
     }
 
+    /// The rows are copied (the rate stops counting; indexes are built next).
+    fn copied(&self) {
+        let mut copy = self.copy.lock();
+        if copy.1.is_none() {
+            copy.1 = copy.0.map(|s| s.elapsed());
+        }
+    }
+
     pub fn status(&self) -> Status {
         let phase = self.phase();
         let copied = self.rows_copied.load(Ordering::Relaxed);
@@ -661,11 +669,16 @@ async fn stream_and_switch(
         if progress.phase() == Phase::Copy
             && states.iter().all(|s| s.copied.load(Ordering::Acquire))
         {
+            progress.copied();
             let post = schema::dump(&old_pools[0], schema::Section::PostData).await?;
             for (j, c) in news.iter_mut().enumerate() {
                 schema::apply(c, &post)
                     .await
                     .map_err(|e| format!("indexes and constraints on new shard {j}: {e}"))?;
+                // Statistics now, not from autovacuum just as the traffic arrives.
+                conn::query(c, "ANALYZE")
+                    .await
+                    .map_err(|e| format!("ANALYZE on new shard {j}: {e}"))?;
             }
             post_tx.send_replace(true);
             progress.set_phase(Phase::Streaming);
@@ -692,7 +705,7 @@ async fn stream_and_switch(
             && progress.lag_ms.load(Ordering::Relaxed) <= CUTOVER_LAG_MS
         {
             if staged.is_none() {
-                staged = Some(stage(app, src, dst).await);
+                staged = Some(stage(app, src, dst, &job.tables).await);
             }
             let Some(staged) = &staged else { continue };
             token += 1;
@@ -805,11 +818,20 @@ impl Lag {
 /// transactions waiting at the gate find servers ready instead of all connecting at once.
 struct Staged {
     cluster: crate::cluster::Cluster,
+    /// A user of the database's pools (its router's background work runs as one).
+    user: Option<String>,
 }
 
 /// Builds [`Staged`]: for every user with pools on `src`, a pool per new shard primary
 /// with as many servers as that user's busiest old pool has (at most its pool size).
-async fn stage(app: &App, src: &Database, dst: &Database) -> Staged {
+async fn stage(app: &App, src: &Database, dst: &Database, tables: &[plan::Table]) -> Staged {
+    // Each new server reads the tables' catalog entries once before traffic arrives (a
+    // fresh backend's first statement on a table costs milliseconds of CPU).
+    let warm: Arc<str> = tables
+        .iter()
+        .map(|t| format!("SELECT FROM {} LIMIT 0;", t.qualified()))
+        .collect::<String>()
+        .into();
     let live = app.cluster();
     let mut config = (*live.config).clone();
     let base = live
@@ -839,7 +861,16 @@ async fn stage(app: &App, src: &Database, dst: &Database) -> Staged {
             pool.inherit_auth(old);
             for _ in 0..(*n).clamp(1, pool.settings.pool_size.max(1)) {
                 let p = pool.clone();
-                opening.spawn(async move { (p.clone(), p.checkout().await) });
+                let warm = warm.clone();
+                opening.spawn(async move {
+                    let mut got = p.checkout().await;
+                    if let Ok(c) = &mut got {
+                        if !warm.is_empty() && c.exec(&warm).await.is_err() {
+                            got = Err(crate::backend::CheckoutError::WaitTimeout);
+                        }
+                    }
+                    (p.clone(), got)
+                });
             }
         }
     }
@@ -853,7 +884,10 @@ async fn stage(app: &App, src: &Database, dst: &Database) -> Staged {
     for (pool, conn) in opened {
         pool.checkin(conn);
     }
-    Staged { cluster }
+    Staged {
+        cluster,
+        user: users.keys().next().cloned(),
+    }
 }
 
 /// One cutover attempt: true once `src` uses the new shards, false if it was undone.
@@ -919,7 +953,14 @@ async fn cutover(
     });
     let config = (*app.cluster().config).clone();
     app.reload(config);
-    app.cluster().adopt(&staged.cluster);
+    tracing::debug!("reshard cutover: reloaded");
+    let live = app.cluster();
+    live.adopt(&staged.cluster);
+    // The new router (and its catalog read) before the waiting transactions need it.
+    if let (Some(db), Some(user)) = (live.config.database(&src.name), &staged.user) {
+        live.router_started(&db, user);
+    }
+    tracing::debug!("reshard cutover: adopted");
     drop(guard);
     let ms = started.elapsed().as_millis() as u64;
     progress.cutover_ms.store(ms, Ordering::Relaxed);
