@@ -523,27 +523,30 @@ async fn drive(
         }
     }
     let slot = |i: usize| format!("{names}_{i}");
+    // Leftovers of an interrupted run go; a slot in use means another run: nothing is touched.
     for (i, c) in olds.iter_mut().enumerate() {
         drop_slot_and_publication(c, &slot(i), false).await?;
-        let list: Vec<String> = tables
-            .iter()
-            .filter(|t| i == 0 || t.key.is_some())
-            .map(plan::Table::qualified)
-            .collect();
-        let sql = if list.is_empty() {
-            format!("CREATE PUBLICATION \"{}\"", slot(i))
-        } else {
-            format!(
-                "CREATE PUBLICATION \"{}\" FOR TABLE {}",
-                slot(i),
-                list.join(", ")
-            )
-        };
-        conn::query(c, &sql)
-            .await
-            .map_err(|e| format!("creating publication on old shard {i}: {e}"))?;
     }
     let result = async {
+        for (i, c) in olds.iter_mut().enumerate() {
+            let list: Vec<String> = tables
+                .iter()
+                .filter(|t| i == 0 || t.key.is_some())
+                .map(plan::Table::qualified)
+                .collect();
+            let sql = if list.is_empty() {
+                format!("CREATE PUBLICATION \"{}\"", slot(i))
+            } else {
+                format!(
+                    "CREATE PUBLICATION \"{}\" FOR TABLE {}",
+                    slot(i),
+                    list.join(", ")
+                )
+            };
+            conn::query(c, &sql)
+                .await
+                .map_err(|e| format!("creating publication on old shard {i}: {e}"))?;
+        }
         let pre = schema::dump(&old_pools[0], schema::Section::PreData).await?;
         for (j, c) in news.iter_mut().enumerate() {
             schema::apply(c, &pre)

@@ -31,6 +31,8 @@ pub const MARKER_PREFIX: &str = "weir_reshard";
 const COPY_CHUNK: usize = 256 * 1024;
 /// Statements applied in one round trip at most.
 const MAX_BATCH: usize = 5_000;
+/// Replicated bytes behind one round trip at most (a batch of big rows is flushed early).
+const MAX_BATCH_BYTES: usize = 8 << 20;
 
 /// What the coordinator sees of a worker.
 pub struct WorkerState {
@@ -274,6 +276,7 @@ async fn stream(
     let mut rels: HashMap<u32, Rel> = HashMap::new();
     let mut out: Vec<Out> = vec![Out::new(); targets.len()];
     let mut pending = 0usize;
+    let mut pending_bytes = 0usize;
     let mut in_tx = false;
     // Position of the last commit seen, and of everything committed on the new shards.
     let mut seen = from;
@@ -312,7 +315,9 @@ async fn stream(
                     conn::send(repl, &conn::status_update(flushed)).await?;
                 }
             }
-            Stream::XLogData { data, .. } => match pgoutput::message(data)? {
+            Stream::XLogData { data, .. } => match pgoutput::message(data).inspect(|_| {
+                pending_bytes += data.len();
+            })? {
                 Message::Begin => in_tx = true,
                 Message::Commit { end_lsn } => {
                     in_tx = false;
@@ -353,12 +358,14 @@ async fn stream(
             },
         }
         let idle = !conn::has_buffered_message(repl);
-        if pending > 0 && ((!in_tx && idle) || pending >= MAX_BATCH || marker.is_some()) {
+        let full = pending >= MAX_BATCH || pending_bytes >= MAX_BATCH_BYTES;
+        if pending > 0 && ((!in_tx && idle) || full || marker.is_some()) {
             apply_batch(&mut targets, &mut out).await?;
             job.progress
                 .changes_applied
                 .fetch_add(pending as u64, Ordering::Relaxed);
             pending = 0;
+            pending_bytes = 0;
             if !in_tx {
                 flushed = seen;
             }
@@ -366,6 +373,9 @@ async fn stream(
         } else if pending == 0 && !in_tx && seen > flushed {
             // Transactions that touched nothing of ours.
             flushed = seen;
+        }
+        if pending == 0 {
+            pending_bytes = 0;
         }
         if let Some(token) = marker.take() {
             tracing::debug!(shard, token, "reshard marker applied");
