@@ -1043,6 +1043,7 @@ mod tests {
             "state",
             "shards",
             "replication",
+            "reshard",
         ] {
             assert!(render(name, &s).is_some(), "{name}");
         }

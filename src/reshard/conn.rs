@@ -86,21 +86,26 @@ pub async fn finish(conn: &mut ServerConn) -> Result<()> {
     }
 }
 
-/// Starts `COPY … TO STDOUT`: returns once the server is sending data.
-pub async fn copy_out_start(conn: &mut ServerConn, sql: &str) -> Result<()> {
+/// Sends `sql` and waits for the server to answer it with a message tagged `wanted`; an
+/// error instead is the result (the server is then ready again).
+pub async fn start_expecting(conn: &mut ServerConn, sql: &str, wanted: u8) -> Result<()> {
     start(conn, sql).await?;
     loop {
         let m = recv(conn).await?;
-        match m[0] {
-            tag::COPY_OUT_RESPONSE => return Ok(()),
-            tag::ERROR_RESPONSE => {
-                let e = format!("{}: {}", conn.address, error_text(&m));
-                finish(conn).await.ok();
-                return Err(e);
-            }
-            _ => {}
+        if m[0] == wanted {
+            return Ok(());
+        }
+        if m[0] == tag::ERROR_RESPONSE {
+            let e = format!("{}: {}", conn.address, error_text(&m));
+            finish(conn).await.ok();
+            return Err(e);
         }
     }
+}
+
+/// Starts `COPY … TO STDOUT`: returns once the server is sending data.
+pub async fn copy_out_start(conn: &mut ServerConn, sql: &str) -> Result<()> {
+    start_expecting(conn, sql, tag::COPY_OUT_RESPONSE).await
 }
 
 /// The next chunk of COPY data, or `None` at its end (the server is then ready again).
@@ -125,19 +130,7 @@ pub async fn copy_out_next(conn: &mut ServerConn) -> Result<Option<BytesMut>> {
 
 /// Starts `COPY … FROM STDIN`: returns once the server takes data.
 pub async fn copy_in_start(conn: &mut ServerConn, sql: &str) -> Result<()> {
-    start(conn, sql).await?;
-    loop {
-        let m = recv(conn).await?;
-        match m[0] {
-            tag::COPY_IN_RESPONSE => return Ok(()),
-            tag::ERROR_RESPONSE => {
-                let e = format!("{}: {}", conn.address, error_text(&m));
-                finish(conn).await.ok();
-                return Err(e);
-            }
-            _ => {}
-        }
-    }
+    start_expecting(conn, sql, tag::COPY_IN_RESPONSE).await
 }
 
 /// Ends a COPY FROM STDIN with `last` data (may be empty) and waits for its outcome.

@@ -253,20 +253,9 @@ async fn stream(
         "START_REPLICATION SLOT \"{slot}\" LOGICAL {} (proto_version '1', publication_names '\"{slot}\"', messages 'true')",
         crate::router::wal::format_lsn(from)
     );
-    conn::start(repl, &start).await?;
-    loop {
-        let m = conn::recv(repl).await?;
-        match m[0] {
-            tag::COPY_BOTH_RESPONSE => break,
-            tag::ERROR_RESPONSE => {
-                return Err(format!(
-                    "START_REPLICATION on old shard {shard}: {}",
-                    conn::error_text(&m)
-                ))
-            }
-            _ => {}
-        }
-    }
+    conn::start_expecting(repl, &start, tag::COPY_BOTH_RESPONSE)
+        .await
+        .map_err(|e| format!("START_REPLICATION on old shard {shard}: {e}"))?;
     state.streaming.store(true, Ordering::Release);
     let layout = Layout {
         old_shard: shard,
