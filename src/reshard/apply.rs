@@ -50,7 +50,19 @@ impl Rel {
                 Some((at, kt))
             }
         };
-        let ident: Vec<usize> = (0..r.columns.len()).filter(|&i| r.columns[i].1).collect();
+        let mut ident: Vec<usize> = (0..r.columns.len()).filter(|&i| r.columns[i].1).collect();
+        let key_in_ident = key.is_some_and(|(k, _)| ident.contains(&k));
+        // REPLICA IDENTITY FULL (every column sent, as RESHARD sets it where the key is not
+        // in the identity): rows are found by the primary key, which types without `=` (json)
+        // cannot spoil, and which is unique on a new shard as on its old one.
+        if ident.len() == r.columns.len() && !table.pk.is_empty() {
+            let pk: Vec<usize> = (0..r.columns.len())
+                .filter(|&i| table.pk.contains(&r.columns[i].0))
+                .collect();
+            if pk.len() == table.pk.len() {
+                ident = pk;
+            }
+        }
         if ident.is_empty() {
             return Err(format!(
                 "table {}.{} has no replica identity",
@@ -60,7 +72,7 @@ impl Rel {
         Ok(Rel {
             qualified: format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.name)),
             columns: r.columns.iter().map(|(c, _)| quote_ident(c)).collect(),
-            key_in_ident: key.is_some_and(|(k, _)| ident.contains(&k)),
+            key_in_ident,
             ident,
             key,
         })
@@ -123,7 +135,7 @@ fn insert_sql(rel: &Rel, row: &[Value]) -> Result<String, String> {
         ));
     }
     let mut sql = format!(
-        "INSERT INTO {} ({}) VALUES (",
+        "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES (",
         rel.qualified,
         rel.columns.join(", ")
     );
@@ -155,11 +167,13 @@ fn where_ident(rel: &Rel, row: &[Value]) -> String {
     sql
 }
 
-fn update_sql(rel: &Rel, ident_row: &[Value], new: &[Value]) -> String {
+/// `UPDATE … SET` the values sent (not unchanged TOAST values, nor the identity when it did
+/// not change: `GENERATED ALWAYS` identity columns may not be set) `WHERE` the identity.
+fn update_sql(rel: &Rel, ident_row: &[Value], new: &[Value], ident_changed: bool) -> String {
     let mut sql = format!("UPDATE {} SET ", rel.qualified);
     let mut first = true;
     for (i, v) in new.iter().enumerate() {
-        if *v == Value::Unchanged {
+        if *v == Value::Unchanged || (!ident_changed && rel.ident.contains(&i)) {
             continue;
         }
         if !first {
@@ -171,7 +185,7 @@ fn update_sql(rel: &Rel, ident_row: &[Value], new: &[Value]) -> String {
         push_value(&mut sql, v);
     }
     if first {
-        // Nothing sent changed: touch the identity so the statement stays valid.
+        // Nothing but the identity: a statement that changes nothing, still valid.
         let c = &rel.columns[rel.ident[0]];
         sql.push_str(&format!("{c} = {c}"));
     }
@@ -206,6 +220,7 @@ fn unsharded(layout: &Layout) -> Option<usize> {
 }
 
 pub fn insert(rel: &Rel, l: &Layout, new: &[Value], out: &mut [Out]) -> Result<(), String> {
+    check_len(rel, new)?;
     let target = match rel.key {
         Some((k, kt)) => shard_of(kt, value(new, k)?, l.new_shards)?,
         None => match unsharded(l) {
@@ -214,6 +229,19 @@ pub fn insert(rel: &Rel, l: &Layout, new: &[Value], out: &mut [Out]) -> Result<(
         },
     };
     out[target].push(insert_sql(rel, new)?);
+    Ok(())
+}
+
+/// A tuple must have its relation's columns (indexes below rely on it).
+fn check_len(rel: &Rel, row: &[Value]) -> Result<(), String> {
+    if row.len() != rel.columns.len() {
+        return Err(format!(
+            "{}: replicated row has {} values for {} columns",
+            rel.qualified,
+            row.len(),
+            rel.columns.len()
+        ));
+    }
     Ok(())
 }
 
@@ -229,10 +257,20 @@ pub fn update(
     new: &[Value],
     out: &mut [Out],
 ) -> Result<(), String> {
+    check_len(rel, new)?;
+    if let Some(o) = old {
+        check_len(rel, o)?;
+    }
     let ident_row = old.unwrap_or(new);
+    // Whether the identity itself changed (a FULL identity sends the old row every time).
+    let ident_changed = old.is_some_and(|o| {
+        rel.ident
+            .iter()
+            .any(|&i| new[i] != Value::Unchanged && o[i] != new[i])
+    });
     let Some((k, kt)) = rel.key else {
         if let Some(t) = unsharded(l) {
-            out[t].push(update_sql(rel, ident_row, new));
+            out[t].push(update_sql(rel, ident_row, new, ident_changed));
         }
         return Ok(());
     };
@@ -247,7 +285,7 @@ pub fn update(
             None => to,
         };
         if from == to {
-            out[to].push(update_sql(rel, ident_row, new));
+            out[to].push(update_sql(rel, ident_row, new, ident_changed));
         } else {
             out[from].push(delete_sql(rel, ident_row));
             out[to].push(insert_sql(rel, new)?);
@@ -262,7 +300,12 @@ pub fn update(
         }
     }
     if new.contains(&Value::Unchanged) {
-        out[to].push(update_sql(rel, ident_row, new));
+        // The row may be arriving from another shard: an UPDATE would find nothing there.
+        return Err(format!(
+            "{}: an update whose old row cannot be located carries an unchanged TOAST value \
+             (make the sharding key part of the replica identity, or REPLICA IDENTITY FULL)",
+            rel.qualified
+        ));
     } else {
         if old.is_some() {
             out[to].push(delete_sql(rel, ident_row));
@@ -273,6 +316,7 @@ pub fn update(
 }
 
 pub fn delete(rel: &Rel, l: &Layout, old: &[Value], out: &mut [Out]) -> Result<(), String> {
+    check_len(rel, old)?;
     match rel.key {
         Some((k, kt)) if rel.key_in_ident => {
             let from = shard_of(kt, value(old, k)?, l.new_shards)?;
@@ -292,18 +336,35 @@ pub fn delete(rel: &Rel, l: &Layout, old: &[Value], out: &mut [Out]) -> Result<(
     Ok(())
 }
 
-/// TRUNCATE of sharded tables empties the new shards this old shard's rows went to.
-pub fn truncate(rels: &[&Rel], l: &Layout, cascade: bool, out: &mut [Out]) {
-    let suffix = if cascade { " CASCADE" } else { "" };
+/// TRUNCATE of sharded tables empties the new shards this old shard's rows went to (one
+/// statement per new shard naming every table, as the source ran it; no CASCADE: the
+/// tables a cascade reached come in the same message). When the new count is not a
+/// multiple of the old, those rows are spread over shards that hold other old shards'
+/// rows too, and the reshard fails rather than empty them.
+pub fn truncate(rels: &[&Rel], l: &Layout, out: &mut [Out]) -> Result<(), String> {
+    let mut per: Vec<Vec<&str>> = vec![Vec::new(); out.len()];
     for rel in rels {
         let targets = match rel.key {
+            Some(_) if !l.new_shards.is_multiple_of(l.old_shards) => {
+                return Err(format!(
+                    "TRUNCATE {} during a reshard to {} shards from {} (not a multiple): its \
+                     rows share new shards with other old shards' rows",
+                    rel.qualified, l.new_shards, l.old_shards
+                ))
+            }
             Some(_) => l.candidates(),
             None => unsharded(l).into_iter().collect(),
         };
         for j in targets {
-            out[j].push(format!("TRUNCATE {}{suffix}", rel.qualified));
+            per[j].push(&rel.qualified);
         }
     }
+    for (j, names) in per.into_iter().enumerate() {
+        if !names.is_empty() {
+            out[j].push(format!("TRUNCATE {}", names.join(", ")));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -324,6 +385,9 @@ mod tests {
                 ],
                 key: Some((0, KeyType::Bigint)),
                 estimate: 0,
+                key_in_identity: true,
+                pk: vec!["aid".into()],
+                identity_sql: String::new(),
             },
             Table {
                 schema: "public".into(),
@@ -331,6 +395,9 @@ mod tests {
                 columns: vec![Column { name: "id".into() }, Column { name: "aid".into() }],
                 key: Some((1, KeyType::Bigint)),
                 estimate: 0,
+                key_in_identity: false,
+                pk: vec!["id".into()],
+                identity_sql: String::new(),
             },
         ]
     }
@@ -435,6 +502,8 @@ mod tests {
         update(&accounts, &l, None, &[t("1"), Value::Unchanged], &mut out).unwrap();
         let sql = out.concat().join(";");
         assert!(!sql.contains("balance"), "{sql}");
+        // The identity did not change: it is not SET (GENERATED ALWAYS would refuse it).
+        assert!(!sql.contains("SET \"aid\" = E"), "{sql}");
         let mut out = vec![Out::new(); 2];
         delete(&accounts, &l, &[Value::Null, Value::Null], &mut out).unwrap();
         assert!(out.concat()[0].ends_with("\"aid\" IS NULL"));

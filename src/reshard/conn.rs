@@ -62,6 +62,23 @@ pub async fn query(conn: &mut ServerConn, sql: &str) -> Result<Vec<Vec<Option<St
     }
 }
 
+/// [`query`] without a time limit: building a big table's indexes takes what it takes.
+pub async fn query_long(conn: &mut ServerConn, sql: &str) -> Result<()> {
+    let addr = conn.address.to_string();
+    conn.query_rows(sql)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("{addr}: {e}"))
+}
+
+/// Session settings for every connection resharding opens: values travel as text, so both
+/// sides must write and read them alike (as pg_dump pins them).
+pub const SESSION: &[(&str, &str)] = &[
+    ("DateStyle", "ISO"),
+    ("IntervalStyle", "postgres"),
+    ("extra_float_digits", "3"),
+];
+
 /// Sends `sql` without waiting for the answer (see [`finish`]).
 pub async fn start(conn: &mut ServerConn, sql: &str) -> Result<()> {
     send(conn, &build::query(sql)).await

@@ -293,32 +293,29 @@ impl Registry {
         Ok(())
     }
 
-    fn remember(&self, s: Switched) {
-        let mut map = self.switched.lock();
-        map.insert(s.database.clone(), s);
-        let Some(path) = self.state_file.lock().clone() else {
-            return;
-        };
-        let state = StateFile {
-            switched: map.values().cloned().collect(),
-        };
-        let text = match toml::to_string(&state) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot write the reshard state");
-                return;
-            }
-        };
-        let text = format!(
-            "# Written by Weir's RESHARD: these databases now use these shards, whatever the\n\
-             # config file says. Once the config file lists the same shards, this file can go.\n{text}"
-        );
-        let tmp = path.with_extension("reshard.tmp");
-        let written = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &path));
-        if let Err(e) = written {
-            tracing::error!(file = %path.display(), error = %e,
-                "cannot write the reshard state: after a restart the config file's shards apply; update it");
+    /// Records a switch, in the state file first (written whole, synced, renamed): an error
+    /// leaves nothing switched.
+    fn remember(&self, s: Switched) -> Result<(), String> {
+        let mut all: BTreeMap<String, Switched> = self.switched.lock().clone();
+        all.insert(s.database.clone(), s);
+        if let Some(path) = self.state_file.lock().clone() {
+            let state = StateFile {
+                switched: all.values().cloned().collect(),
+            };
+            let text = toml::to_string(&state).map_err(|e| e.to_string())?;
+            let text = format!(
+                "# Written by Weir's RESHARD: these databases now use these shards, whatever the\n\
+                 # config file says. Once the config file lists the same shards, this file can go.\n{text}"
+            );
+            write_durably(&path, text.as_bytes()).map_err(|e| {
+                format!(
+                    "cannot write the reshard state {}: {e} (nothing switched)",
+                    path.display()
+                )
+            })?;
         }
+        *self.switched.lock() = all;
+        Ok(())
     }
 
     /// Gives switched databases their new shards in a freshly loaded config.
@@ -334,6 +331,23 @@ impl Registry {
             }
         }
     }
+}
+
+/// Writes `path` whole or not at all: a synced temporary file renamed over it, then the
+/// directory synced.
+fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// `to`'s shards, each naming its database.
@@ -527,7 +541,30 @@ async fn drive(
     for (i, c) in olds.iter_mut().enumerate() {
         drop_slot_and_publication(c, &slot(i), false).await?;
     }
+    // Sharded tables whose key is not in their replica identity: an update or delete would
+    // not say which new shard its row is on. FULL identity sends the whole old row (key
+    // included) for the duration; the cleanup puts the identity back.
+    let widened: Vec<plan::Table> = tables
+        .iter()
+        .filter(|t| t.key.is_some() && !t.key_in_identity)
+        .cloned()
+        .collect();
     let result = async {
+        for t in &widened {
+            for (i, c) in olds.iter_mut().enumerate() {
+                conn::query(
+                    c,
+                    &format!(
+                        "SET lock_timeout = '10s'; ALTER TABLE {} REPLICA IDENTITY FULL; RESET lock_timeout",
+                        t.qualified()
+                    ),
+                )
+                .await
+                .map_err(|e| format!("old shard {i}: {e}"))?;
+            }
+            tracing::info!(database = %src.name, table = %t.qualified(),
+                "RESHARD: replica identity FULL while it runs (the sharding key is not in the identity)");
+        }
         for (i, c) in olds.iter_mut().enumerate() {
             let list: Vec<String> = tables
                 .iter()
@@ -570,10 +607,32 @@ async fn drive(
         .await
     }
     .await;
-    // Phase 5: whatever happened, the slots and publications go.
-    for (i, c) in olds.iter_mut().enumerate() {
-        if let Err(e) = drop_slot_and_publication(c, &slot(i), true).await {
-            tracing::warn!(database = %src.name, shard = i, error = %e, "RESHARD could not clean up");
+    // Phase 5: whatever happened, the slots and publications go, on fresh connections (the
+    // failure may have been one of the coordinator's).
+    drop(olds);
+    for (i, pool) in old_pools.iter().enumerate() {
+        let cleaned = async {
+            let mut c = tokio::time::timeout(Duration::from_secs(10), pool.connect_unpooled())
+                .await
+                .map_err(|_| "connect timed out".to_string())?
+                .map_err(|e| e.to_string())?;
+            drop_slot_and_publication(&mut c, &slot(i), true).await?;
+            for t in &widened {
+                conn::query(
+                    &mut c,
+                    &format!(
+                        "SET lock_timeout = '10s'; ALTER TABLE {} {}",
+                        t.qualified(),
+                        t.identity_sql
+                    ),
+                )
+                .await?;
+            }
+            Ok::<(), String>(())
+        };
+        if let Err(e) = cleaned.await {
+            tracing::warn!(database = %src.name, shard = i, error = %e,
+                "RESHARD could not clean up its replication slot, publication or replica identities: drop the slot by hand (pg_drop_replication_slot)");
         }
     }
     result
@@ -678,8 +737,21 @@ async fn stream_and_switch(
                 schema::apply(c, &post)
                     .await
                     .map_err(|e| format!("indexes and constraints on new shard {j}: {e}"))?;
+                // The dump carries the FULL identity RESHARD gave such tables: not theirs.
+                for t in job
+                    .tables
+                    .iter()
+                    .filter(|t| t.key.is_some() && !t.key_in_identity)
+                {
+                    conn::query(
+                        c,
+                        &format!("ALTER TABLE {} {}", t.qualified(), t.identity_sql),
+                    )
+                    .await
+                    .map_err(|e| format!("replica identity on new shard {j}: {e}"))?;
+                }
                 // Statistics now, not from autovacuum just as the traffic arrives.
-                conn::query(c, "ANALYZE")
+                conn::query_long(c, "ANALYZE")
                     .await
                     .map_err(|e| format!("ANALYZE on new shard {j}: {e}"))?;
             }
@@ -893,6 +965,72 @@ async fn stage(app: &App, src: &Database, dst: &Database, tables: &[plan::Table]
     }
 }
 
+/// The part of a cutover under the closed gate before the switch: no two-phase transaction
+/// left between its phases on an old shard, every change before a last marker applied,
+/// sequences advanced, the switch recorded. False: try again later.
+#[allow(clippy::too_many_arguments)]
+async fn catch_up(
+    app: &App,
+    progress: &Progress,
+    src: &Database,
+    dst: &Database,
+    states: &[Arc<WorkerState>],
+    olds: &mut [ServerConn],
+    news: &mut [ServerConn],
+    token: u64,
+) -> Result<bool, String> {
+    for (i, c) in olds.iter_mut().enumerate() {
+        // A transaction prepared but not yet settled (its COMMIT PREPARED comes from
+        // recovery) would commit on the old shard after the switch.
+        let rows = conn::query(
+            c,
+            "SELECT count(*) FROM pg_catalog.pg_prepared_xacts WHERE gid LIKE 'weir\\_%' \
+             AND database = current_database()",
+        )
+        .await?;
+        let n = rows.first().and_then(|r| r.first().cloned().flatten());
+        if n.as_deref() != Some("0") {
+            tracing::info!(database = %src.name, shard = i, "RESHARD cutover waits for prepared transactions to settle");
+            return Ok(false);
+        }
+        emit_marker(c, token)
+            .await
+            .map_err(|e| format!("cutover marker on old shard {i}: {e}"))?;
+    }
+    for s in states {
+        let mut rx = s.marker.subscribe();
+        if rx.wait_for(|t| *t >= token).await.is_err() {
+            return Ok(false);
+        }
+    }
+    tracing::debug!(token, "reshard cutover: caught up");
+    let mut seen: BTreeMap<String, i64> = BTreeMap::new();
+    for c in olds.iter_mut() {
+        for (name, v) in plan::sequences(c).await? {
+            let e = seen.entry(name).or_insert(v);
+            *e = (*e).max(v);
+        }
+    }
+    let setval = plan::setval_sql(&seen);
+    if !setval.is_empty() {
+        for (j, c) in news.iter_mut().enumerate() {
+            conn::query(c, &setval)
+                .await
+                .map_err(|e| format!("advancing sequences on new shard {j}: {e}"))?;
+        }
+    }
+    if progress.cancel.is_cancelled() {
+        return Err("cancelled".into());
+    }
+    // Durable before any client runs on the new shards: a restart must not go back.
+    app.reshard.remember(Switched {
+        database: src.name.clone(),
+        target: dst.name.clone(),
+        shards: shards_of(dst),
+    })?;
+    Ok(true)
+}
+
 /// One cutover attempt: true once `src` uses the new shards, false if it was undone.
 #[allow(clippy::too_many_arguments)]
 async fn cutover(
@@ -915,45 +1053,25 @@ async fn cutover(
     };
     let gated = started.elapsed();
     tracing::debug!(token, "reshard cutover: gate closed");
-    for (i, c) in olds.iter_mut().enumerate() {
-        emit_marker(c, token)
-            .await
-            .map_err(|e| format!("cutover marker on old shard {i}: {e}"))?;
-    }
-    for s in states {
-        let mut rx = s.marker.subscribe();
-        let wait = async { rx.wait_for(|t| *t >= token).await.is_ok() };
-        if !matches!(tokio::time::timeout_at(deadline, wait).await, Ok(true)) {
-            drop(guard);
-            return Ok(false);
-        }
-    }
+    // Everything under the closed gate is bounded: a server that stops answering fails the
+    // reshard (nothing switched) instead of holding the database's transactions.
+    let ready = tokio::time::timeout_at(
+        deadline,
+        catch_up(app, progress, src, dst, states, olds, news, token),
+    )
+    .await;
     let caught_up = started.elapsed();
-    tracing::debug!(token, "reshard cutover: caught up");
-    let mut seen: BTreeMap<String, i64> = BTreeMap::new();
-    for c in olds.iter_mut() {
-        for (name, v) in plan::sequences(c).await? {
-            let e = seen.entry(name).or_insert(v);
-            *e = (*e).max(v);
+    match ready {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => return Ok(false),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            return Err(format!(
+                "cutover: the shards did not answer within {} ms",
+                CUTOVER_LIMIT.as_millis()
+            ))
         }
     }
-    let setval = plan::setval_sql(&seen);
-    if !setval.is_empty() {
-        for (j, c) in news.iter_mut().enumerate() {
-            conn::query(c, &setval)
-                .await
-                .map_err(|e| format!("advancing sequences on new shard {j}: {e}"))?;
-        }
-    }
-    if progress.cancel.is_cancelled() {
-        drop(guard);
-        return Err("cancelled".into());
-    }
-    app.reshard.remember(Switched {
-        database: src.name.clone(),
-        target: dst.name.clone(),
-        shards: shards_of(dst),
-    });
     let config = (*app.cluster().config).clone();
     app.reload(config);
     tracing::debug!("reshard cutover: reloaded");

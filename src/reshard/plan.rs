@@ -27,6 +27,14 @@ pub struct Table {
     pub key: Option<(usize, KeyType)>,
     /// Estimated rows (pg_class.reltuples), for the ETA.
     pub estimate: u64,
+    /// The sharding key is part of the replica identity (so an update or delete says
+    /// where the row was).
+    pub key_in_identity: bool,
+    /// Primary key columns (empty: none).
+    pub pk: Vec<String>,
+    /// How to put the replica identity back after RESHARD made it FULL
+    /// (`REPLICA IDENTITY DEFAULT` or `… USING INDEX x`).
+    pub identity_sql: String,
 }
 
 impl Table {
@@ -79,6 +87,25 @@ pub async fn tables(conn: &mut ServerConn, sharded: &[ShardedTable]) -> Result<V
             .filter_map(|c| c.into_iter().next().flatten())
             .map(|name| Column { name })
             .collect();
+        // The replica identity's columns: every column (FULL), else the identity index's.
+        let ident_cols: Vec<String> = if ident == "f" {
+            columns.iter().map(|c| c.name.clone()).collect()
+        } else {
+            query(
+                conn,
+                &format!(
+                    "SELECT a.attname FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a \
+                     ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+                     WHERE i.indrelid = {} AND ((i.indisprimary AND '{ident}' = 'd') \
+                     OR (i.indisreplident AND '{ident}' = 'i'))",
+                    oid.parse::<i64>().map_err(|_| "bad oid".to_string())?
+                ),
+            )
+            .await?
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().flatten())
+            .collect()
+        };
         let spec = sharded
             .iter()
             .find(|t| matches_table(&t.table, &schema, &name));
@@ -96,12 +123,46 @@ pub async fn tables(conn: &mut ServerConn, sharded: &[ShardedTable]) -> Result<V
                 Some((i, kt))
             }
         };
+        let key_in_identity = spec.is_some_and(|t| ident_cols.contains(&t.column));
+        let oid_num = oid.parse::<i64>().map_err(|_| "bad oid".to_string())?;
+        let pk: Vec<String> = query(
+            conn,
+            &format!(
+                "SELECT a.attname FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a \
+                 ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+                 WHERE i.indrelid = {oid_num} AND i.indisprimary"
+            ),
+        )
+        .await?
+        .into_iter()
+        .filter_map(|r| r.into_iter().next().flatten())
+        .collect();
+        let identity_sql = match ident.as_str() {
+            "i" => query(
+                conn,
+                &format!(
+                    "SELECT c.relname FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c \
+                     ON c.oid = i.indexrelid WHERE i.indrelid = {oid_num} AND i.indisreplident"
+                ),
+            )
+            .await?
+            .into_iter()
+            .next()
+            .and_then(|r| r.into_iter().next().flatten())
+            .map(|idx| format!("REPLICA IDENTITY USING INDEX {}", quote_ident(&idx)))
+            .unwrap_or_else(|| "REPLICA IDENTITY DEFAULT".into()),
+            "f" => "REPLICA IDENTITY FULL".into(),
+            _ => "REPLICA IDENTITY DEFAULT".into(),
+        };
         out.push(Table {
             schema,
             name,
             columns,
             key,
             estimate: get(5).parse().unwrap_or(0),
+            key_in_identity,
+            pk,
+            identity_sql,
         });
     }
     if !unfollowable.is_empty() {

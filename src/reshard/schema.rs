@@ -3,7 +3,7 @@
 //! goes first; the part after it (primary keys, indexes, constraints, triggers) once the
 //! rows are copied, so the bulk copy does not maintain indexes row by row.
 
-use super::conn::{query, Result};
+use super::conn::{query_long, Result};
 use crate::backend::{Pool, ServerConn};
 use crate::config::Secret;
 use std::path::PathBuf;
@@ -110,7 +110,7 @@ pub async fn apply(conn: &mut ServerConn, sql: &str) -> Result<()> {
     if sql.trim().is_empty() {
         return Ok(());
     }
-    query(conn, sql).await.map(|_| ())
+    query_long(conn, sql).await
 }
 
 #[cfg(test)]

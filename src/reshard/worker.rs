@@ -85,8 +85,10 @@ impl Job {
 /// Runs old shard `state.old_shard`'s copy and stream until cancelled or failed.
 pub async fn run(job: Arc<Job>, state: Arc<WorkerState>, pool: Arc<Pool>) -> Result<()> {
     let shard = state.old_shard;
+    let mut params = conn::SESSION.to_vec();
+    params.push(("replication", "database"));
     let mut repl = pool
-        .connect_unpooled_with(&[("replication", "database")])
+        .connect_unpooled_with(&params)
         .await
         .map_err(|e| format!("replication connection to old shard {shard}: {e}"))?;
     let slot = job.slot(shard);
@@ -111,14 +113,21 @@ pub async fn run(job: Arc<Job>, state: Arc<WorkerState>, pool: Arc<Pool>) -> Res
 
     let mut targets = Vec::with_capacity(job.new_pools.len());
     for (j, p) in job.new_pools.iter().enumerate() {
-        targets.push(
-            p.connect_unpooled()
-                .await
-                .map_err(|e| format!("connection to new shard {j}: {e}"))?,
-        );
+        let mut c = p
+            .connect_unpooled_with(conn::SESSION)
+            .await
+            .map_err(|e| format!("connection to new shard {j}: {e}"))?;
+        // Replicated changes must not fire the new shards' triggers (or foreign-key
+        // checks, which run before the rows of other old shards arrived).
+        conn::query(&mut c, "SET session_replication_role = replica")
+            .await
+            .map_err(|e| {
+                format!("new shard {j}: {e} (RESHARD applies changes as a superuser would)")
+            })?;
+        targets.push(c);
     }
     let mut source = pool
-        .connect_unpooled()
+        .connect_unpooled_with(conn::SESSION)
         .await
         .map_err(|e| format!("connection to old shard {shard}: {e}"))?;
     conn::query(
@@ -328,14 +337,12 @@ async fn stream(
                     apply::delete(rel_of(&rels, rel)?, &layout, &old, &mut out)?;
                     pending += 1;
                 }
-                Message::Truncate {
-                    rels: ids, cascade, ..
-                } => {
+                Message::Truncate { rels: ids, .. } => {
                     let list: Vec<&Rel> = ids
                         .iter()
                         .map(|id| rel_of(&rels, *id))
                         .collect::<Result<_>>()?;
-                    apply::truncate(&list, &layout, cascade, &mut out);
+                    apply::truncate(&list, &layout, &mut out)?;
                     pending += 1;
                 }
                 Message::Emitted { prefix, content } if prefix == MARKER_PREFIX => {

@@ -603,11 +603,19 @@ impl Session {
                 self.router = self.cluster.router_started(&self.db, &self.user);
                 self.shard.pools.clear();
                 if let Some(r) = &self.router {
-                    // Sample numbers are the old router's: wait for the new one's next.
                     let written = self.multi.as_deref_mut().map(|m| &mut m.written);
-                    for (shard, need) in written.into_iter().flatten().enumerate() {
-                        if need.seq != 0 && need.lsn == 0 {
-                            *need = r.wal.mark(shard);
+                    if let Some(written) = written {
+                        if written.len() != r.shards && written.iter().any(|n| n.seq != 0) {
+                            // A reshard moved the rows: what this client wrote may now be
+                            // on any shard; each waits for a sample of the new primaries.
+                            *written = (0..r.shards).map(|s| r.wal.mark(s)).collect();
+                        } else {
+                            // Sample numbers are the old router's: wait for the new one's next.
+                            for (shard, need) in written.iter_mut().enumerate() {
+                                if need.seq != 0 && need.lsn == 0 {
+                                    *need = r.wal.mark(shard);
+                                }
+                            }
                         }
                     }
                 }
