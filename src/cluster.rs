@@ -109,11 +109,7 @@ impl Cluster {
         let old_pools = std::mem::take(&mut *old.pools.lock());
         let mut kept = HashMap::new();
         for (key, pool) in old_pools {
-            let settings = new
-                .config
-                .database(&key.database)
-                .and_then(|d| new.settings_at(&d, &pool.client_user, key.shard, key.replica));
-            if let Some(s) = settings.filter(|s| s.same_pool(&pool.settings)) {
+            if let Some(s) = new.same_settings(&key, &pool) {
                 // Sizes, timeouts and lifetimes change in place; waiting clients stay queued.
                 pool.retune(&s);
                 if let Some(db) = new.config.database(&key.database) {
@@ -127,6 +123,15 @@ impl Cluster {
         }
         *new.pools.lock() = kept;
         new
+    }
+
+    /// This cluster's settings for `pool` (under `key`) when it would build that pool the
+    /// same way, so the pool can be kept (reload) or taken over (adopt).
+    fn same_settings(&self, key: &PoolKey, pool: &Pool) -> Option<PoolSettings> {
+        self.config
+            .database(&key.database)
+            .and_then(|d| self.settings_at(&d, &pool.client_user, key.shard, key.replica))
+            .filter(|s| s.same_pool(&pool.settings))
     }
 
     /// An empty cluster for `config` sharing this one's connection caps and pause state:
@@ -145,12 +150,7 @@ impl Cluster {
         let from = std::mem::take(&mut *staged.pools.lock());
         let mut pools = self.pools.lock();
         for (key, pool) in from {
-            let same = self
-                .config
-                .database(&key.database)
-                .and_then(|d| self.settings_at(&d, &pool.client_user, key.shard, key.replica))
-                .is_some_and(|s| s.same_pool(&pool.settings));
-            if same && !pools.contains_key(&key) {
+            if self.same_settings(&key, &pool).is_some() && !pools.contains_key(&key) {
                 if self.paused.lock().covers(&key.database) {
                     pool.pause();
                 } else {

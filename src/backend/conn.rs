@@ -285,7 +285,7 @@ impl ServerConn {
                 }
                 tag::COPY_IN_RESPONSE => {
                     self.stream
-                        .write_all(&copy_fail("internal query cannot COPY"))
+                        .write_all(&build::copy_fail("internal query cannot COPY"))
                         .await?;
                 }
                 _ => {}
@@ -312,17 +312,6 @@ fn data_row(msg: &[u8]) -> Option<Vec<Option<String>>> {
         }
     }
     Some(out)
-}
-
-/// A CopyFail message (Weir refusing a COPY it did not ask for).
-pub fn copy_fail(reason: &str) -> BytesMut {
-    use bytes::BufMut;
-    let mut b = BytesMut::new();
-    b.put_u8(b'f');
-    b.put_i32((4 + reason.len() + 1) as i32);
-    b.put_slice(reason.as_bytes());
-    b.put_u8(0);
-    b
 }
 
 impl Drop for ServerConn {

@@ -113,17 +113,11 @@ fn shard_of(kt: KeyType, v: &Value, shards: usize) -> Result<usize, String> {
         .map_err(|e| format!("sharding key: {e}"))
 }
 
-fn literal(v: &Value) -> &str {
-    match v {
-        Value::Null => "NULL",
-        _ => "",
-    }
-}
-
+/// A value as a SQL literal (NULL for a null; never called for an unchanged TOAST value).
 fn push_value(sql: &mut String, v: &Value) {
     match v {
         Value::Text(s) => sql.push_str(&quote_literal(s)),
-        other => sql.push_str(literal(other)),
+        _ => sql.push_str("NULL"),
     }
 }
 

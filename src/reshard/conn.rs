@@ -13,18 +13,6 @@ pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub type Result<T> = std::result::Result<T, String>;
 
-/// A CopyData message carrying `payload`.
-pub fn copy_data(out: &mut BytesMut, payload: &[u8]) {
-    out.put_u8(b'd');
-    out.put_i32((payload.len() + 4) as i32);
-    out.put_slice(payload);
-}
-
-fn copy_done(out: &mut BytesMut) {
-    out.put_u8(b'c');
-    out.put_i32(4);
-}
-
 /// The next message from the server, or an error if it closed.
 pub async fn recv(conn: &mut ServerConn) -> Result<BytesMut> {
     match read_message(&mut conn.stream, &mut conn.buf).await {
@@ -96,7 +84,7 @@ pub async fn finish(conn: &mut ServerConn) -> Result<()> {
                 error = Some(format!("{}: {}", conn.address, error_text(&m)))
             }
             tag::COPY_IN_RESPONSE => {
-                send(conn, &crate::backend::conn::copy_fail("unexpected COPY")).await?;
+                send(conn, &build::copy_fail("unexpected COPY")).await?;
             }
             _ => {}
         }
@@ -154,9 +142,9 @@ pub async fn copy_in_start(conn: &mut ServerConn, sql: &str) -> Result<()> {
 pub async fn copy_in_end(conn: &mut ServerConn, last: &[u8]) -> Result<()> {
     let mut out = BytesMut::with_capacity(last.len() + 16);
     if !last.is_empty() {
-        copy_data(&mut out, last);
+        build::put_copy_data(&mut out, last);
     }
-    copy_done(&mut out);
+    out.extend_from_slice(&build::copy_done());
     send(conn, &out).await?;
     finish(conn).await
 }
@@ -171,7 +159,7 @@ pub fn status_update(lsn: u64) -> BytesMut {
     body.put_i64(pg_now_us());
     body.put_u8(0);
     let mut out = BytesMut::with_capacity(40);
-    copy_data(&mut out, &body);
+    build::put_copy_data(&mut out, &body);
     out
 }
 

@@ -150,13 +150,10 @@ impl Progress {
 
     fn set_phase(&self, p: Phase) {
         *self.phase.lock() = p;
-        let mut copy = self.copy.lock();
-        match p {
-            Phase::Copy => copy.0 = Some(Instant::now()),
-            _ if copy.1.is_none() && copy.0.is_some() && p != Phase::Copy => {
-                copy.1 = copy.0.map(|s| s.elapsed());
-            }
-            _ => {}
+        if p == Phase::Copy {
+            self.copy.lock().0 = Some(Instant::now());
+        } else {
+            self.copied();
         }
     }
 
@@ -568,7 +565,7 @@ async fn drive(
         for (i, c) in olds.iter_mut().enumerate() {
             let list: Vec<String> = tables
                 .iter()
-                .filter(|t| i == 0 || t.key.is_some())
+                .filter(|t| t.on_old_shard(i))
                 .map(plan::Table::qualified)
                 .collect();
             let sql = if list.is_empty() {
@@ -591,7 +588,7 @@ async fn drive(
                 .map_err(|e| format!("schema on new shard {j}: {e}"))?;
         }
         let copies: usize = (0..olds.len())
-            .map(|i| tables.iter().filter(|t| i == 0 || t.key.is_some()).count())
+            .map(|i| tables.iter().filter(|t| t.on_old_shard(i)).count())
             .sum();
         progress.tables.store(copies as u64, Ordering::Relaxed);
         // Shard 0's estimate stands for every old shard's share of a sharded table.

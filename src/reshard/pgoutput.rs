@@ -43,10 +43,10 @@ pub enum Message {
         rel: u32,
         old: Vec<Value>,
     },
+    /// (CASCADE and RESTART IDENTITY are not applied: the tables a cascade reached come
+    /// in the same message; sequences are set at the cutover.)
     Truncate {
         rels: Vec<u32>,
-        cascade: bool,
-        restart_identity: bool,
     },
     /// A logical decoding message (`pg_logical_emit_message`).
     Emitted {
@@ -222,16 +222,12 @@ pub fn message(data: &[u8]) -> Result<Message, String> {
         }
         b'T' => {
             let n = c.u32()? as usize;
-            let options = c.u8()?;
+            let _options = c.u8()?;
             let mut rels = Vec::with_capacity(n.min(4096));
             for _ in 0..n {
                 rels.push(c.u32()?);
             }
-            Message::Truncate {
-                rels,
-                cascade: options & 1 != 0,
-                restart_identity: options & 2 != 0,
-            }
+            Message::Truncate { rels }
         }
         b'M' => {
             let _flags = c.u8()?;

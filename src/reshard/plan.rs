@@ -43,6 +43,11 @@ impl Table {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
     }
 
+    /// Whether old shard `shard` holds rows of this table (unsharded tables live on shard 0).
+    pub fn on_old_shard(&self, shard: usize) -> bool {
+        shard == 0 || self.key.is_some()
+    }
+
     /// The column list `(a, b, …)`, quoted.
     pub fn column_list(&self) -> String {
         let names: Vec<String> = self.columns.iter().map(|c| quote_ident(&c.name)).collect();

@@ -76,9 +76,7 @@ impl Job {
 
     /// Tables old shard `shard` holds rows of.
     pub fn tables_of(&self, shard: usize) -> impl Iterator<Item = &Table> {
-        self.tables
-            .iter()
-            .filter(move |t| shard == 0 || t.key.is_some())
+        self.tables.iter().filter(move |t| t.on_old_shard(shard))
     }
 }
 
@@ -202,13 +200,13 @@ async fn copy_table(
                         }
                     };
                     let to = shard_for(kt, &key, n as u64).map_err(|e| e.to_string())? as usize;
-                    conn::copy_data(&mut out[to], &row.bytes);
+                    crate::wire::build::put_copy_data(&mut out[to], &row.bytes);
                     count += 1;
                 }
             }
             _ => {
                 // Unsharded: shard 0's rows go to new shard 0 as they are.
-                conn::copy_data(&mut out[0], data);
+                crate::wire::build::put_copy_data(&mut out[0], data);
                 count += data.iter().filter(|&&b| b == b'\n').count() as u64;
             }
         }
@@ -337,7 +335,7 @@ async fn stream(
                     apply::delete(rel_of(&rels, rel)?, &layout, &old, &mut out)?;
                     pending += 1;
                 }
-                Message::Truncate { rels: ids, .. } => {
+                Message::Truncate { rels: ids } => {
                     let list: Vec<&Rel> = ids
                         .iter()
                         .map(|id| rel_of(&rels, *id))

@@ -152,6 +152,38 @@ pub fn sasl_initial(mechanism: &str, data: &[u8]) -> BytesMut {
     buf
 }
 
+/// Appends a CopyData message carrying `payload` to `out`.
+pub fn put_copy_data(out: &mut BytesMut, payload: &[u8]) {
+    out.reserve(payload.len() + 5);
+    let at = begin(out, b'd');
+    out.put_slice(payload);
+    finish(out, at);
+}
+
+/// CopyData carrying `payload`.
+pub fn copy_data(payload: &[u8]) -> BytesMut {
+    let mut buf = BytesMut::new();
+    put_copy_data(&mut buf, payload);
+    buf
+}
+
+/// CopyDone.
+pub fn copy_done() -> BytesMut {
+    let mut buf = BytesMut::with_capacity(5);
+    let at = begin(&mut buf, b'c');
+    finish(&mut buf, at);
+    buf
+}
+
+/// CopyFail with its reason.
+pub fn copy_fail(reason: &str) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(reason.len() + 6);
+    let at = begin(&mut buf, b'f');
+    put_cstr(&mut buf, reason);
+    finish(&mut buf, at);
+    buf
+}
+
 /// Terminate.
 pub fn terminate() -> BytesMut {
     let mut buf = BytesMut::with_capacity(5);

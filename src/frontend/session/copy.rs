@@ -13,31 +13,6 @@ use crate::router::{parse_binary_key, parse_key, shard_for, KeyValue};
 /// Rows for one shard are sent once this many bytes have gathered.
 const FLUSH_AT: usize = 64 * 1024;
 
-/// A CopyData message around `payload`.
-fn copy_data(payload: &[u8]) -> BytesMut {
-    let mut m = BytesMut::with_capacity(payload.len() + 5);
-    m.put_u8(b'd');
-    m.put_i32((payload.len() + 4) as i32);
-    m.put_slice(payload);
-    m
-}
-
-fn copy_done() -> BytesMut {
-    let mut m = BytesMut::with_capacity(5);
-    m.put_u8(b'c');
-    m.put_i32(4);
-    m
-}
-
-fn copy_fail(why: &str) -> BytesMut {
-    let mut m = BytesMut::with_capacity(why.len() + 6);
-    m.put_u8(b'f');
-    m.put_i32((why.len() + 5) as i32);
-    m.put_slice(why.as_bytes());
-    m.put_u8(0);
-    m
-}
-
 /// What PostgreSQL answers the messages of an extended-protocol COPY unit before its
 /// Execute starts the copy: ParseComplete, BindComplete, and for Describe no row
 /// description (a statement describes no parameters).
@@ -397,7 +372,7 @@ impl Session {
             let mut lost = false;
             for s in &mut shards {
                 if s.out.len() >= FLUSH_AT || (done && !s.out.is_empty()) {
-                    let m = copy_data(&s.out);
+                    let m = build::copy_data(&s.out);
                     s.out.clear();
                     lost |= s.server.stream.write_all(&m).await.is_err();
                 }
@@ -425,9 +400,9 @@ impl Session {
         for s in &mut shards {
             let mut end = BytesMut::new();
             if stmt.options.format == CopyFormat::Binary && headed {
-                end.extend_from_slice(&copy_data(&cp::BINARY_TRAILER));
+                end.extend_from_slice(&build::copy_data(&cp::BINARY_TRAILER));
             }
-            end.extend_from_slice(&copy_done());
+            end.extend_from_slice(&build::copy_done());
             s.copying = false;
             if s.server.stream.write_all(&end).await.is_err() {
                 error.get_or_insert(build::error("ERROR", "08006", "shard connection lost"));
@@ -649,7 +624,12 @@ impl Session {
             let ended = tokio::time::timeout(CLEANUP_TIMEOUT, async {
                 if copying {
                     // The open COPY answers the CopyFail with an error and ReadyForQuery.
-                    if s.server.stream.write_all(&copy_fail(why)).await.is_err() {
+                    if s.server
+                        .stream
+                        .write_all(&build::copy_fail(why))
+                        .await
+                        .is_err()
+                    {
                         return None;
                     }
                     let _ = s.server.drain_until_ready().await;
@@ -820,7 +800,7 @@ impl Session {
                     _ => {}
                 }
                 if !out.is_empty() {
-                    pending.extend_from_slice(&copy_data(&out));
+                    pending.extend_from_slice(&build::copy_data(&out));
                 }
             }
         }
@@ -835,9 +815,9 @@ impl Session {
         }
         let mut end = BytesMut::new();
         if !out.is_empty() {
-            end.extend_from_slice(&copy_data(&out));
+            end.extend_from_slice(&build::copy_data(&out));
         }
-        end.extend_from_slice(&copy_done());
+        end.extend_from_slice(&build::copy_done());
         end.extend_from_slice(&build::command_complete(&format!("COPY {total}")));
         end.extend_from_slice(&build::ready_for_query(TxStatus::Idle));
         match self.client.write_all(&end).await {
